@@ -1,0 +1,3 @@
+from msgsnn.cli import app
+
+app(prog_name="msgsnn")

@@ -1,0 +1,63 @@
+"""Shared pieces of the spiking backbones: input encoding, conv-BN units, initialisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msgsnn.snn.layers import Folded, TemporalBatchNorm
+from msgsnn.snn.neuron import LIF
+
+
+class SpikingNet(nn.Module):
+    """Base class: turns the input into ``[T, B, C, H, W]`` and returns ``[T, B, K]``.
+
+    Event clips arrive as ``[B, T, C, H, W]``; static images as ``[B, C, H, W]``
+    are repeated T times (direct encoding: the first conv+BN+LIF is the encoder).
+    Subclasses implement :meth:`forward_time` on ``[T, B, ...]``.
+    """
+
+    def __init__(self, T: int, in_channels: int) -> None:
+        super().__init__()
+        self.T = T
+        self.in_channels = in_channels
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            if x.shape[1] != self.T:
+                raise ValueError(f"input T: the model was built for T={self.T}, got clips with T={x.shape[1]} (shape {tuple(x.shape)})")
+            seq = x.transpose(0, 1)
+        elif x.dim() == 4:
+            seq = x.unsqueeze(0).expand(self.T, *x.shape)
+        else:
+            raise ValueError(f"input: expected [B, T, C, H, W] events or [B, C, H, W] images, got shape {tuple(x.shape)}")
+        if seq.shape[2] != self.in_channels:
+            raise ValueError(f"input channels: the model expects {self.in_channels}, got {seq.shape[2]} (shape {tuple(x.shape)})")
+        return seq.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_time(self.encode(x))
+
+    def forward_time(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def conv_bn(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, bn_mode: str = "per_step") -> nn.Sequential:
+    """Conv (no bias) on the folded batch, then BatchNorm over time."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return nn.Sequential(Folded(conv), TemporalBatchNorm(out_ch, mode=bn_mode))
+
+
+def conv_bn_lif(in_ch: int, out_ch: int, neuron: dict, kernel: int = 3, stride: int = 1, bn_mode: str = "per_step") -> nn.Sequential:
+    return nn.Sequential(*conv_bn(in_ch, out_ch, kernel, stride, bn_mode), LIF(**neuron))
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """Kaiming-normal convolutions, unit BatchNorm, PyTorch-default linear layers."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model

@@ -1,0 +1,50 @@
+"""Models registered by name and created by one call, as in timm."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from msgsnn.snn.neuron import LIF
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+NEURON_OPTIONS = tuple(inspect.signature(LIF).parameters)
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(name: str, in_channels: int, num_classes: int, T: int, **options) -> nn.Module:
+    """Create a registered spiking network.
+
+    ``options`` holds LIF options (``tau``, ``surrogate``, ``mask_p``, ...) and the
+    model's own (``bn_mode``, ``stem`` for ResNets, ``input_size`` for VGGs).
+    The model maps ``[B, T, C, H, W]`` events or ``[B, C, H, W]`` images to
+    per-timestep logits ``[T, B, num_classes]``.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"model name: unknown '{name}'{hint}; choose one of {', '.join(list_models())}")
+    for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("T", T)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    neuron = {k: v for k, v in options.items() if k in NEURON_OPTIONS}
+    model_options = {k: v for k, v in options.items() if k not in NEURON_OPTIONS}
+    builder = _MODELS[name]
+    accepted = set(inspect.signature(builder).parameters)
+    unknown = sorted(set(model_options) - accepted)
+    if unknown:
+        allowed = sorted((accepted - {"in_channels", "num_classes", "T", "neuron"}) | set(NEURON_OPTIONS))
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)

@@ -1,0 +1,180 @@
+"""Multi-step leaky integrate-and-fire neuron over a whole ``[T, B, ...]`` sequence.
+
+A neuron step is three named parts, as in METHOD.md:
+
+* charge: ``H[t] = V[t-1] + (I[t] - V[t-1]) / tau``
+* fire:   ``S[t] = H(H[t] - V_th)`` with a (masked) surrogate derivative
+* reset:  hard ``V[t] = H[t] (1 - S[t])`` or soft ``V[t] = H[t] - V_th S[t]``;
+  the release keeps the gradient through ``S`` in the reset (``detach_reset=False``).
+
+The membrane starts at 0 on every call: the module keeps no state between calls.
+Two implementations sit behind :class:`LIF`: a plain-autograd reference written
+for reading, and a fused autograd Function that runs the time loop itself and
+saves only ``H`` (one tensor of activation size per timestep) for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msgsnn.snn.surrogate import SpikeSpec
+
+RESETS = ("hard", "soft")
+BACKENDS = ("auto", "reference", "fused", "triton")
+
+
+def charge(v: torch.Tensor | float, current: torch.Tensor, tau: float) -> torch.Tensor:
+    return v + (current - v) / tau
+
+
+def reset(h: torch.Tensor, spike: torch.Tensor, mode: str, v_threshold: float) -> torch.Tensor:
+    if mode == "hard":
+        return h * (1.0 - spike)
+    return h - v_threshold * spike
+
+
+class _SpikeFunction(torch.autograd.Function):
+    """Heaviside forward, MSG surrogate backward, for one timestep (reference path)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: SpikeSpec) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.spec = spec
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_spike * ctx.spec.masked_derivative(x), None
+
+
+def lif_reference(
+    current: torch.Tensor, tau: float, v_threshold: float, spec: SpikeSpec, reset_mode: str, detach_reset: bool
+) -> torch.Tensor:
+    """Readable LIF with autograd through every step; the yardstick for the fused path."""
+    v: torch.Tensor | float = 0.0
+    spikes = []
+    for t in range(current.shape[0]):
+        h = charge(v, current[t], tau)
+        s = _SpikeFunction.apply(h - v_threshold, spec)
+        v = reset(h, s.detach() if detach_reset else s, reset_mode, v_threshold)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def lif_forward(
+    current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Spikes ``[T, B, ...]`` without autograd, and the pre-spike membrane ``H`` if asked."""
+    spikes = torch.empty_like(current)
+    membrane = torch.empty_like(current) if keep_membrane else None
+    v = torch.zeros_like(current[0])
+    for t in range(current.shape[0]):
+        h = charge(v, current[t], tau)
+        s = (h - v_threshold >= 0).to(h.dtype)
+        v = reset(h, s, reset_mode, v_threshold)
+        spikes[t] = s
+        if membrane is not None:
+            membrane[t] = h
+    return spikes, membrane
+
+
+class _FusedLIF(torch.autograd.Function):
+    """The whole time loop as one autograd node.
+
+    Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
+    else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
+    backward, timestep T-1 first, exactly as the reference's autograd does.
+    """
+
+    @staticmethod
+    def forward(ctx, current, tau, v_threshold, spec, reset_mode, detach_reset):
+        spikes, membrane = lif_forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
+        ctx.save_for_backward(membrane)
+        ctx.params = (tau, v_threshold, spec, reset_mode, detach_reset)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (membrane,) = ctx.saved_tensors
+        tau, v_threshold, spec, reset_mode, detach_reset = ctx.params
+        leak = 1.0 - 1.0 / tau
+        grad_current = torch.empty_like(membrane)
+        grad_v = torch.zeros_like(membrane[0])
+        for t in reversed(range(membrane.shape[0])):
+            h = membrane[t]
+            x = h - v_threshold
+            surrogate = spec.masked_derivative(x)
+            grad_s = grad_spikes[t]
+            if reset_mode == "hard":
+                not_spiked = (x < 0).to(h.dtype)
+                if not detach_reset:
+                    grad_s = grad_s - grad_v * h
+                grad_h = grad_v * not_spiked + grad_s * surrogate
+            else:
+                if not detach_reset:
+                    grad_s = grad_s - v_threshold * grad_v
+                grad_h = grad_v + grad_s * surrogate
+            grad_current[t] = grad_h / tau
+            grad_v = grad_h * leak
+        return grad_current, None, None, None, None, None
+
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire neurons over ``[T, B, ...]``, returning spikes of the same shape.
+
+    ``mask_p`` is MSG's probability of dropping a surrogate-gradient entry
+    (0: plain surrogate gradient). ``backend``: ``reference`` (autograd per
+    step), ``fused`` (one autograd Function), ``triton`` (CUDA kernel), or
+    ``auto`` (triton on CUDA when available, else fused).
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 0.5,
+        surrogate: str = "piecewise_linear",
+        alpha: float = 2.0,
+        mask_p: float = 0.0,
+        reset: str = "hard",
+        detach_reset: bool = False,
+        mask_mode: str = "element",
+        mask_fill: str = "zero",
+        rescale: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(tau, (int, float)) and tau >= 1.0):
+            raise ValueError(f"tau: must be a number >= 1, got {tau!r}")
+        if reset not in RESETS:
+            raise ValueError(f"reset: unknown '{reset}'; choose one of {', '.join(RESETS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
+        self.tau = float(tau)
+        self.v_threshold = float(v_threshold)
+        self.reset = reset
+        self.detach_reset = bool(detach_reset)
+        self.backend = backend
+        self.spec = SpikeSpec(surrogate, float(alpha), float(mask_p), mask_mode, mask_fill, bool(rescale))
+
+    @property
+    def mask_p(self) -> float:
+        return self.spec.mask_p
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"tau={self.tau}, v_threshold={self.v_threshold}, surrogate={s.surrogate}, alpha={s.alpha}, "
+            f"mask_p={s.mask_p}, mask_mode={s.mask_mode}, reset={self.reset}, detach_reset={self.detach_reset}"
+        )
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if current.dim() < 2:
+            raise ValueError(f"LIF input: expected a tensor [T, B, ...] with at least 2 dims, got shape {tuple(current.shape)}")
+        args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
+        if self.backend == "reference":
+            return lif_reference(current, *args)
+        if not (torch.is_grad_enabled() and current.requires_grad):
+            return lif_forward(current, self.tau, self.v_threshold, self.reset, keep_membrane=False)[0]
+        return _FusedLIF.apply(current, *args)

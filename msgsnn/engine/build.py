@@ -1,0 +1,36 @@
+"""Turn a RunConfig into the model and decoder it describes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from msgsnn.config import RunConfig
+from msgsnn.snn import LIF, TWO, build_model
+
+
+def neuron_options(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg.model.neuron)
+
+
+def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The backbone named in ``cfg.model`` with the configured neuron, BN mode and input size."""
+    options = neuron_options(cfg)
+    options["bn_mode"] = cfg.model.bn_mode
+    if cfg.model.name.startswith(("resnet", "sew_resnet")):
+        options["stem"] = cfg.model.stem
+    if cfg.model.name.startswith("vggsnn"):
+        options["input_size"] = cfg.data.size
+    return build_model(cfg.model.name, in_channels, num_classes, cfg.T, **options)
+
+
+def build_two(cfg: RunConfig) -> TWO:
+    t = cfg.two
+    return TWO(cfg.T, rule=t.rule, warmup_epochs=t.warmup_epochs, momentum=t.momentum, enabled=t.enabled)
+
+
+def spiking_layers(model: nn.Module) -> dict[str, LIF]:
+    """Every LIF layer by module path (``features.0.2``), DDP/compile wrappers stripped."""
+    inner = getattr(model, "module", model)
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}

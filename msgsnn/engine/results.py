@@ -1,0 +1,99 @@
+"""The run directory: config, per-epoch metrics, checkpoints, log and summary.
+
+Every file is replaced atomically (temporary file + rename), so a crash leaves
+either the previous complete file or the new complete file, never half of one.
+``<out>/runs.csv`` gets one appended row per finished run, under a file lock so
+that parallel runs cannot interleave.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from msgsnn.engine.errors import RunExists, UserError
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def append_row_locked(path: Path, row: dict[str, Any]) -> None:
+    """Append one CSV row (header first if the file is new) while holding an exclusive lock."""
+    with open(path, "a+", newline="") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            header = fh.readline().strip()
+            columns = header.split(",") if header else list(row)
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            if not header:
+                writer.writeheader()
+            writer.writerow(row)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class RunDirectory:
+    """Paths and writers of one run, ``<out>/<name>/``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.csv")
+    summary = property(lambda self: self.path / "summary.json")
+    log = property(lambda self: self.path / "train.log")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    last = property(lambda self: self.path / "checkpoints" / "last.pt")
+    best = property(lambda self: self.path / "checkpoints" / "best.pt")
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create the folder, refusing to clobber an existing run unless asked to."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.path)
+            elif not resume:
+                raise RunExists(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
+        elif resume:
+            raise UserError(f"--resume: there is no run at {self.path} to resume")
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        write_atomic(self.metrics, csv_text(rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary.read_text()) if self.summary.exists() else None

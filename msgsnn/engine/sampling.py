@@ -1,0 +1,78 @@
+"""Sampling that makes every epoch reproducible from (seed, epoch), and resumable mid-epoch.
+
+The sampler yields ``(index, sample_seed)`` pairs; :class:`SeededDataset` seeds the
+augmentation RNGs with ``sample_seed`` around each item. A sample's augmentation
+then depends only on its position in the epoch, not on which worker loads it or
+on how many batches ran before a resume.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or class-balanced, with ``weights``) indices for one epoch, sharded over ranks.
+
+    Like DistributedSampler: each of ``world_size`` ranks takes every
+    ``world_size``-th index of one shared permutation, padded to equal length.
+    ``skip`` drops the first samples of this rank (a resume in mid-epoch).
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 weights: torch.Tensor | None = None, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.rank, self.world_size = n, seed, epoch, rank, world_size
+        self.weights, self.skip = weights, skip
+        self.per_rank = -(-n // world_size)
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.skip, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = epoch_generator(self.seed, self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights.double(), self.n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world_size
+        order = torch.cat([order, order[: total - self.n]])  # pad so every rank gets the same count
+        mine = order[self.rank :: self.world_size].tolist()
+        seeds = torch.randint(0, 2**62, (total,), generator=g)[self.rank :: self.world_size].tolist()
+        for pos in range(self.skip, len(mine)):
+            yield mine[pos], seeds[pos]
+
+
+class SeededDataset(Dataset):
+    """Runs ``dataset[index]`` with python, numpy and torch RNGs seeded by the sample's seed.
+
+    The caller's RNG states are restored afterwards, so with ``num_workers=0``
+    the training RNG stream (MSG masks) is unaffected.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])

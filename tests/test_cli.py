@@ -1,0 +1,66 @@
+"""The command line as a user meets it: help, errors as one line with a non-zero exit, train and eval."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from msgsnn.cli import app
+from tests.conftest import tiny_cli_args
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_help_on_every_command():
+    for command in ([], ["train"], ["eval"], ["presets"], ["sweep"], ["analyze"], ["analyze", "grads"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output
+
+
+def test_presets_lists_the_paper_numbers():
+    result = invoke("presets")
+    assert result.exit_code == 0
+    assert "dvs-vgg" in result.output and "83.97" in result.output and "digits-dvs" in result.output
+
+
+def test_config_errors_are_one_line_with_exit_2(tmp_path):
+    cases = [
+        (["--preset", "dvs-vg"], "did you mean 'dvs-vgg'"),
+        (["--set", "model.neuron.mask_pp=0.2"], "did you mean 'model.neuron.mask_p'"),
+        (["--mask-p", "1.5"], "model.neuron.mask_p: 1.5 is outside the allowed range"),
+        (["--set", "train.epochs=many"], "train.epochs: expected an integer"),
+    ]
+    for args, message in cases:
+        result = invoke("train", *args, "--out", str(tmp_path))
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output
+        assert "Traceback" not in result.output
+
+
+def test_missing_dataset_stops_before_download_with_exit_2(tmp_path):
+    result = invoke("train", "--preset", "dvs-vgg", "--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "CIFAR10DVS" in result.output and "Traceback" not in result.output
+
+
+def test_train_then_eval_then_refuse_to_clobber(tmp_path):
+    out = tmp_path / "out"
+    args = ["train", *tiny_cli_args(tmp_path), "--epochs", "1", "--out", str(out), "--quiet"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    again = invoke(*args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    result = invoke("eval", str(out / "digits-dvs"), "--checkpoint", "last")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "digits-dvs" / "eval-last.json").read_text())
+    assert len(report["test_acc_per_timestep"]) == 4
+    summary = json.loads((out / "digits-dvs" / "summary.json").read_text())
+    assert abs(report["test_acc"] - summary["final_test_acc"]) < 1e-6  # same checkpoint, same test set
+    bad = invoke("eval", str(tmp_path))
+    assert bad.exit_code != 0 and "not a run directory" in bad.output

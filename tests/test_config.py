@@ -1,0 +1,51 @@
+import pytest
+
+from msgsnn import config as config_io
+from msgsnn.config import ConfigError, RunConfig
+
+
+def test_every_preset_loads_and_records_its_setup():
+    names = config_io.list_presets()
+    expected = {"digits-dvs", "dvs-vgg", "dvs-resnet18", "ncaltech-vgg", "ncaltech-resnet18", "cifar10-cifarnet",
+                "cifar10-cifarnet-noaa", "cifar100-cifarnet", "cifar100-resnet18", "imagenet-sew34",
+                "dvsgesture-vgg", "nmnist-vgg"}
+    assert expected <= set(names)
+    for name in names:
+        cfg = config_io.load_preset(name)
+        assert cfg.preset == name
+    dvs = config_io.load_preset("dvs-vgg")
+    assert (dvs.T, dvs.model.name, dvs.data.name, dvs.paper.accuracy) == (10, "vggsnn", "cifar10dvs", 83.97)
+    # the release's lr scaling: 0.05 * 64 / 1024
+    assert dvs.lr == pytest.approx(3.125e-3)
+    assert dvs.model.neuron.mask_p == 0.5 and dvs.two.enabled and dvs.two.rule == "release"
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"model\.neuron\.mask_pp.*did you mean 'model\.neuron\.mask_p'"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.mask_pp": "0.3"})
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        config_io.from_dict({"trian": {"epochs": 3}})
+
+
+def test_wrong_type_and_range_name_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):
+        config_io.apply_overrides(RunConfig(), {"train.epochs": "ten"})
+    with pytest.raises(ConfigError, match=r"model\.neuron\.mask_p: 1\.5 is outside the allowed range \[0\.0, 1\.0\]"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.mask_p": "1.5"})
+    with pytest.raises(ConfigError, match=r"model\.neuron\.surrogate: 'tanh' is not allowed; choose one of piecewise_linear"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.surrogate": "tanh"})
+    with pytest.raises(ConfigError, match=r"two\.enabled: expected true or false"):
+        config_io.apply_overrides(RunConfig(), {"two.enabled": "maybe"})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match=r"unknown preset 'dvs-vg'.*did you mean 'dvs-vgg'.*available: .*digits-dvs"):
+        config_io.load_preset("dvs-vg")
+
+
+def test_overrides_are_typed_and_saved_config_round_trips(tmp_path):
+    cfg = config_io.apply_overrides(config_io.load_preset("dvs-vgg"), {"model.neuron.mask_p": "0.3", "two.enabled": "false", "T": "6"})
+    assert cfg.model.neuron.mask_p == 0.3 and cfg.two.enabled is False and cfg.T == 6
+    path = tmp_path / "config.yaml"
+    config_io.save(cfg, path)
+    assert config_io.load(path) == cfg

@@ -44,14 +44,16 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.mode = mode
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 3:
+        # Also called by _BatchNorm.forward on the folded [T*B, C, ...] batch, so one dim less.
+        if x.dim() < 2:
             raise ValueError(f"TemporalBatchNorm input: expected [T, B, C, ...], got shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, mode={self.mode}, eps={self.eps}, momentum={self.momentum}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
+        if x.dim() < 3:
+            raise ValueError(f"TemporalBatchNorm input: expected [T, B, C, ...], got shape {tuple(x.shape)}")
         T, B = x.shape[:2]
         if self.mode == "joint" or not self.training:
             return super().forward(x.flatten(0, 1)).view_as(x)

@@ -1,0 +1,136 @@
+"""Layers over time: Folded runs a module once on [T*B, ...]; TemporalBatchNorm per_step == the
+release's one shared BatchNorm2d called T times, joint == BatchNorm2d on the folded batch."""
+
+import pytest
+import torch
+from torch import nn
+
+from msgsnn.snn import Folded, TemporalBatchNorm
+
+T, B, C, H, W = 4, 5, 3, 4, 4
+
+
+def _pair(mode, seed=0):
+    """A TemporalBatchNorm and a plain BatchNorm2d with the same (non-trivial) parameters and stats."""
+    g = torch.Generator().manual_seed(seed)
+    tbn = TemporalBatchNorm(C, mode=mode).double()
+    bn = nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        for m in (tbn, bn):
+            m.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.3, 0.7]))
+            m.running_mean.copy_(torch.tensor([0.2, -0.1, 0.4]))
+            m.running_var.copy_(torch.tensor([1.3, 0.8, 2.0]))
+    # A different mean and scale per timestep, so per-step and joint statistics differ.
+    x = torch.randn(T, B, C, H, W, generator=g, dtype=torch.float64) * torch.arange(1.0, T + 1).double().view(T, 1, 1, 1, 1)
+    x = x + torch.arange(T).double().view(T, 1, 1, 1, 1)
+    return tbn, bn, x
+
+
+def _grads(module, x, fn, upstream):
+    x = x.clone().requires_grad_()
+    module.zero_grad()
+    y = fn(module, x)
+    y.backward(upstream)
+    return y.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
+
+
+def _t_calls(bn, x):
+    return torch.stack([bn(x[t]) for t in range(x.shape[0])])
+
+
+def test_per_step_training_equals_shared_bn_called_once_per_timestep():
+    tbn, bn, x = _pair("per_step")
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y, gx, gw, gb = _grads(tbn.train(), x, lambda m, v: m(v), upstream)
+    y_ref, gx_ref, gw_ref, gb_ref = _grads(bn.train(), x, _t_calls, upstream)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gw, gw_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gb, gb_ref, rtol=0, atol=1e-10)
+    # Running statistics after T momentum updates, one per timestep, in order.
+    torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=0, atol=1e-6)
+    assert tbn.num_batches_tracked.item() == bn.num_batches_tracked.item() == T
+
+
+def test_per_step_running_stats_accumulate_over_several_calls_float32():
+    tbn, bn, x = _pair("per_step", seed=2)
+    tbn, bn, x = tbn.float(), bn.float(), x.float()
+    for k in range(3):
+        tbn(x + k)
+        _t_calls(bn, x + k)
+    torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=0, atol=1e-6)
+
+
+def test_per_step_is_not_joint():
+    """The per-step statistics differ from the T*B statistics on this input (the test above can fail)."""
+    tbn, _, x = _pair("per_step")
+    joint, _, _ = _pair("joint")
+    assert not torch.allclose(tbn(x), joint(x))
+
+
+def test_joint_equals_batchnorm2d_on_the_folded_batch():
+    tbn, bn, x = _pair("joint")
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fold = lambda m, v: m(v.flatten(0, 1)).view_as(v)  # noqa: E731
+    y, gx, gw, gb = _grads(tbn.train(), x, lambda m, v: m(v), upstream)
+    y_ref, gx_ref, gw_ref, gb_ref = _grads(bn.train(), x, fold, upstream)
+    for a, b in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["per_step", "joint"])
+def test_eval_uses_running_statistics(mode):
+    tbn, _, x = _pair(mode)
+    tbn.eval()
+    y = tbn(x)
+    shape = (1, 1, C, 1, 1)
+    expected = (x - tbn.running_mean.view(shape)) / torch.sqrt(tbn.running_var.view(shape) + tbn.eps)
+    expected = expected * tbn.weight.view(shape) + tbn.bias.view(shape)
+    torch.testing.assert_close(y, expected.detach(), rtol=0, atol=1e-12)
+    before = tbn.running_mean.clone()
+    tbn(x + 10)
+    assert torch.equal(tbn.running_mean, before)  # eval does not update
+
+
+@pytest.mark.parametrize("mode", ["per_step", "joint"])
+@pytest.mark.parametrize("training", [True, False])
+def test_sequence_of_vectors(mode, training):
+    """[T, B, C] (after a linear layer) works in both modes, train and eval, like BatchNorm1d per step."""
+    tbn = TemporalBatchNorm(C, mode=mode).double().train(training)
+    bn = nn.BatchNorm1d(C).double().train(training)
+    x = torch.randn(T, B, C, dtype=torch.float64) + torch.arange(T).double().view(T, 1, 1)
+    y = tbn(x)
+    assert y.shape == x.shape
+    if mode == "per_step" or not training:
+        torch.testing.assert_close(y, _t_calls(bn, x), rtol=0, atol=1e-10)
+    else:
+        torch.testing.assert_close(y, bn(x.flatten(0, 1)).view_as(x), rtol=0, atol=1e-10)
+
+
+def test_bad_mode_and_rank_raise():
+    with pytest.raises(ValueError, match="bn_mode.*per_step, joint"):
+        TemporalBatchNorm(3, mode="x")
+    with pytest.raises(ValueError, match=r"TemporalBatchNorm input.*\[T, B, C"):
+        TemporalBatchNorm(3)(torch.zeros(4, 3))
+
+
+def test_folded_runs_the_module_once_on_t_times_b():
+    calls = []
+    conv = nn.Conv2d(C, 2, 3, padding=1).double()
+    conv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    x = torch.randn(T, B, C, H, W, dtype=torch.float64)
+    y = Folded(conv)(x)
+    assert calls == [(T * B, C, H, W)]
+    assert y.shape == (T, B, 2, H, W)
+    torch.testing.assert_close(y, torch.stack([conv(x[t]) for t in range(T)]), rtol=0, atol=1e-12)
+
+
+def test_folded_pool_and_linear_change_the_trailing_shape():
+    x = torch.randn(T, B, C, H, W)
+    assert Folded(nn.AvgPool2d(2))(x).shape == (T, B, C, H // 2, W // 2)
+    assert Folded(nn.Sequential(nn.Flatten(), nn.Linear(C * H * W, 7)))(x).shape == (T, B, 7)

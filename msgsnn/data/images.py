@@ -1,0 +1,129 @@
+"""Static image datasets (CIFAR10/100, ImageNet) through torchvision, never downloaded.
+
+Samples are ``(image float32 [C, H, W], label)``; the model repeats an image over T
+(direct encoding). Training augmentation follows METHOD.md, each part switchable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torchvision import transforms as tv
+
+from msgsnn.config import AugmentConfig, RunConfig
+
+from .registry import DataBundle, DatasetInfo, DatasetMissing, register, resolve_root
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class Cutout:
+    """Zero one ``length`` x ``length`` square at a random centre of a ``[C, H, W]`` tensor (clipped at the border)."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        cy, cx = torch.randint(0, height, ()).item(), torch.randint(0, width, ()).item()
+        half = self.length // 2
+        image = image.clone()
+        image[..., max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half] = 0
+        return image
+
+    def __repr__(self) -> str:
+        return f"Cutout(length={self.length})"
+
+
+def cifar_transforms(augment: AugmentConfig, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
+    """Train: RandomCrop(32, pad) + flip + AutoAugment(CIFAR10) + normalise + Cutout; test: normalise."""
+    normalise = [tv.ToTensor(), tv.Normalize(mean, std)]
+    train: list[Callable] = []
+    if augment.crop:
+        train.append(tv.RandomCrop(32, padding=augment.crop_padding))
+    if augment.flip:
+        train.append(tv.RandomHorizontalFlip())
+    if augment.autoaugment:
+        train.append(tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10))
+    train += normalise
+    if augment.cutout:
+        train.append(Cutout(augment.cutout))
+    return tv.Compose(train), tv.Compose(normalise)
+
+
+def imagenet_transforms(augment: AugmentConfig) -> tuple[Callable, Callable]:
+    """Train: RandomResizedCrop(224) + flip; test: Resize(256) + CenterCrop(224); both normalised."""
+    normalise = [tv.ToTensor(), tv.Normalize(*IMAGENET_MEAN_STD)]
+    train: list[Callable] = [tv.RandomResizedCrop(224)]
+    if augment.flip:
+        train.append(tv.RandomHorizontalFlip())
+    return tv.Compose(train + normalise), tv.Compose([tv.Resize(256), tv.CenterCrop(224)] + normalise)
+
+
+@dataclass(frozen=True)
+class CifarSource:
+    name: str
+    torchvision_class: type
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def files(self) -> list[str]:
+        cls = self.torchvision_class
+        return [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+CIFARS = [
+    CifarSource("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    CifarSource("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+]
+
+
+def _image_info(name: str, classes: list[str], image_size: int, sensor_size, n_train: int, n_test: int) -> DatasetInfo:
+    return DatasetInfo(name, "images", classes, 3, sensor_size, (3, image_size, image_size), n_train, n_test)
+
+
+def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> DataBundle:
+    """CIFAR10/100 from torchvision's pickled batches under ``<root>/cifar-10(0)-...``."""
+    root = resolve_root(cfg.data.root)
+    cls = source.torchvision_class
+    folder = root / cls.base_folder
+    expected = f"{folder} holding {', '.join(source.files())} (torchvision's python version)"
+    absent = [name for name in source.files() if not (folder / name).is_file()]
+    if absent:
+        raise DatasetMissing(
+            f"{source.name}: {folder / absent[0]} not found; expected {expected}; "
+            f"get it from {cls.url} and extract it under {root} (msgsnn never downloads)"
+        )
+    train_tf, test_tf = cifar_transforms(cfg.data.augment, source.mean, source.std)
+    try:
+        train = cls(str(root), train=True, transform=train_tf, download=False)
+        test = cls(str(root), train=False, transform=test_tf, download=False)
+    except RuntimeError as err:
+        raise DatasetMissing(
+            f"{source.name}: torchvision rejects the files in {folder} ({err}); expected {expected}; get it from {cls.url}"
+        ) from None
+    return DataBundle(train, test, _image_info(source.name, list(train.classes), 32, (32, 32, 3), len(train), len(test)))
+
+
+def build_imagenet(cfg: RunConfig, progress: bool = False) -> DataBundle:
+    """ImageNet as two torchvision ImageFolders, ``<root>/imagenet/{train,val}/<wnid>/*.JPEG``."""
+    root = resolve_root(cfg.data.root) / "imagenet"
+    train_tf, test_tf = imagenet_transforms(cfg.data.augment)
+    try:
+        train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
+        test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
+    except OSError as err:
+        raise DatasetMissing(
+            f"imagenet: {err}; expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG "
+            "(ILSVRC2012 from https://image-net.org, val sorted into class folders)"
+        ) from None
+    return DataBundle(train, test, _image_info("imagenet", list(train.classes), 224, None, len(train), len(test)))
+
+
+for _source in CIFARS:
+    register(_source.name, functools.partial(build_cifar, _source))
+register("imagenet", build_imagenet)

@@ -1,0 +1,103 @@
+"""Datasets by name: what a builder returns, the errors it raises, and where data lives.
+
+Every dataset module registers a builder with :func:`register`; the CLI and the
+engine only ever call :func:`build_datasets` with a :class:`~msgsnn.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from msgsnn.config import ConfigError, RunConfig
+
+from .split import class_balanced_weights
+
+
+class DatasetMissing(Exception):
+    """The dataset is not on disk in the layout msgsnn reads; the message says where to get it."""
+
+
+class BadSample(Exception):
+    """A recording msgsnn cannot turn into frames; the message names the file and the fault."""
+
+
+@dataclass
+class DatasetInfo:
+    """What the model and the logs need to know about a dataset.
+
+    ``sensor_size`` is tonic's ``(W, H, P)`` for events, ``(W, H, C)`` for images
+    (``None`` when images differ in size); ``input_shape`` is one sample without the
+    batch: ``(T, 2, size, size)`` for events, ``(C, H, W)`` for images.
+    """
+
+    name: str
+    kind: str
+    classes: list[str]
+    in_channels: int
+    sensor_size: tuple[int, int, int] | None
+    input_shape: tuple[int, ...]
+    n_train: int
+    n_test: int
+    skipped: int = 0
+    num_classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_classes = len(self.classes)
+
+
+@dataclass
+class DataBundle:
+    """Train and test sets of ``(frames, label)`` plus optional class-balancing weights.
+
+    ``sample_weights`` is ``None`` or a float tensor ``[n_train]`` for a
+    ``WeightedRandomSampler``; the engine builds the samplers and loaders.
+    """
+
+    train: Dataset
+    test: Dataset
+    info: DatasetInfo
+    sample_weights: torch.Tensor | None = None
+
+
+Builder = Callable[[RunConfig, bool], DataBundle]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(name: str, builder: Builder) -> None:
+    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``."""
+    _BUILDERS[name] = builder
+
+
+def list_datasets() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def resolve_root(root: str) -> Path:
+    """The dataset root: ``root`` if given, else ``$MSGSNN_DATA``, else ``~/datasets``."""
+    chosen = root or os.environ.get("MSGSNN_DATA") or "~/datasets"
+    return Path(chosen).expanduser()
+
+
+def build_datasets(cfg: RunConfig, progress: bool = True) -> DataBundle:
+    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events.
+
+    Raises :class:`DatasetMissing` when the files are not there (nothing is ever
+    downloaded) and :class:`BadSample` for an unusable recording unless
+    ``cfg.data.skip_bad_samples`` is set.
+    """
+    name = cfg.data.name
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, list(_BUILDERS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"data.name: unknown dataset '{name}'{hint}; available: {', '.join(list_datasets())}")
+    bundle = _BUILDERS[name](cfg, progress)
+    if cfg.data.balanced_sampler:
+        bundle.sample_weights = class_balanced_weights(bundle.train.targets)
+    return bundle

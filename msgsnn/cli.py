@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from msgsnn import config as config_io
@@ -27,30 +28,30 @@ err_console = Console(stderr=True)
 
 def exit_on_user_errors(fn: Callable) -> Callable:
     """Turn the errors a user can act on into one line on stderr and a non-zero exit code."""
-    from msgsnn.data import BadSample, DatasetMissing
-    from msgsnn.engine.errors import UserError
+
+    def fail(label: str, err: BaseException, code: int) -> typer.Exit:
+        err_console.print(f"[red]{label}:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return typer.Exit(code)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DatasetMissing) as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except (UserError, BadSample) as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(getattr(err, "exit_code", 1)) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/red]")
-            raise typer.Exit(130) from None
         except typer.Exit:
             raise
-        except Exception as err:  # an msgsnn bug: keep it to one line unless asked
+        except KeyboardInterrupt:
+            raise fail("interrupted", KeyboardInterrupt("stopped by the user"), 130) from None
+        except Exception as err:
+            from msgsnn.data import BadSample, DatasetMissing  # imported here: keeps `msgsnn --help` fast
+            from msgsnn.engine.errors import UserError
+
+            if isinstance(err, (ConfigError, DatasetMissing)):
+                raise fail("error", err, 2) from None
+            if isinstance(err, (UserError, BadSample)):
+                raise fail("error", err, getattr(err, "exit_code", 1)) from None
             if os.environ.get("MSGSNN_DEBUG"):
                 traceback.print_exc()
-            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {err} (set MSGSNN_DEBUG=1 for the traceback)",
-                              highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise fail("internal error", f"{type(err).__name__}: {err} (set MSGSNN_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper
 
@@ -162,6 +163,13 @@ def presets() -> None:
         table.add_row(preset_name, cfg.data.name, cfg.model.name, str(cfg.T), str(cfg.train.epochs),
                       f"p={cfg.model.neuron.mask_p:g}", "on" if cfg.two.enabled else "off", paper)
     console.print(table)
+
+
+from msgsnn.analysis.cli import analyze_app  # noqa: E402  (their commands import msgsnn.cli lazily)
+from msgsnn.engine.sweep_cli import sweep_command  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze")
+app.command("sweep")(sweep_command)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -1,0 +1,126 @@
+"""``msgsnn analyze ...``: the paper's figures and tables from your own runs (thin over msgsnn.analysis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from msgsnn.analysis import figures, firing, grads, runs, stats
+from msgsnn.engine.errors import UserError
+from msgsnn.engine.sweep_cli import user_errors
+
+analyze_app = typer.Typer(
+    help="Draw the paper's figures and tables from runs and sweeps (PNG + PDF + CSV, in <run or sweep>/figures/).",
+    no_args_is_help=True,
+)
+console = Console()
+
+RUNS = typer.Argument(..., help="Run directories (written by `msgsnn train`) or sweep directories (`msgsnn sweep`).")
+OUT = typer.Option(None, "--out", help="Folder for the outputs (default: <run or sweep>/figures, or beside several runs).")
+METRIC = typer.Option("best", help="Which test accuracy of each run: best or final.")
+
+
+def show(report: runs.Report, gaps: list[str]) -> None:
+    if report.table is not None:
+        console.print(stats.rich_table(report.table, report.title))
+    for gap in gaps + report.gaps:
+        console.print(f"[yellow]gap:[/yellow] {escape(gap)}", highlight=False, soft_wrap=True)
+    for path in report.written:
+        console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+def select(paths: list[Path], choose: Callable) -> tuple[list[runs.Run], list[str]]:
+    """Read ``paths``, keep the runs ``choose`` accepts; nothing left is an error listing why."""
+    found, gaps = runs.collect_runs(paths)
+    kept, left_out = choose(found)
+    gaps += left_out
+    if not kept:
+        raise UserError("nothing to draw: " + ("; ".join(gaps) or "no runs found"))
+    return kept, gaps
+
+
+def check_metric(metric: str) -> None:
+    if metric not in ("best", "final"):
+        raise UserError(f"--metric: {metric!r} is not allowed; choose one of best, final")
+
+
+@analyze_app.command("grads")
+@user_errors
+def grads_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="A run directory (its config and trained weights)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Instead of a run: a preset, with initial weights."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config key of the preset: --set data.size=32."),
+    data_root: Optional[str] = typer.Option(None, help="Folder holding the datasets."),
+    batch_size: int = typer.Option(16, min=1, help="Samples in the batch."),
+    mask_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="p of the MSG column (default: the run's p, or 0.5)."),
+    checkpoint: str = typer.Option("last", help="Weights of a run: last or best."),
+    out: Optional[Path] = OUT,
+) -> None:
+    """Fig. 1: dS/dV histograms under narrow/default/wide SG and MSG; non-zero fractions of dS/dV and dL/dW."""
+    from msgsnn import config as config_io
+
+    if (run_dir is None) == (preset is None):
+        raise UserError("give either a RUN_DIR or --preset (not both)")
+    overrides = dict(config_io.parse_override(s) for s in sets)
+    if data_root is not None:
+        overrides["data.root"] = data_root
+    if run_dir is not None:
+        if checkpoint not in ("last", "best"):
+            raise UserError(f"--checkpoint: {checkpoint!r} is not allowed; choose one of last, best")
+        run = runs.load_run(run_dir)
+        cfg, weights, name = config_io.apply_overrides(run.config, overrides), run_dir / "checkpoints" / f"{checkpoint}.pt", run.name
+        directory = runs.output_dir([run_dir], out)
+    else:
+        cfg, weights, name = config_io.apply_overrides(config_io.load_preset(preset), overrides), None, preset
+        directory = out or Path("results") / "figures" / Path(preset).stem
+    show(grads.gradient_report(cfg, weights, batch_size, mask_p, name, directory), [])
+
+
+@analyze_app.command("temporal")
+@user_errors
+def temporal_command(run_dir: Path = typer.Argument(..., help="A run directory."), out: Optional[Path] = OUT) -> None:
+    """Fig. 3: the TWO factor of every timestep against epoch."""
+    run = runs.load_run(run_dir)
+    _, gaps = runs.with_epochs([run])
+    if gaps:
+        raise UserError(f"nothing to draw: {gaps[0]}")
+    show(figures.temporal_report(run, runs.output_dir([run_dir], out)), [])
+
+
+@analyze_app.command("curves")
+@user_errors
+def curves_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
+    """Fig. 4: test accuracy and training loss against epoch, runs overlaid."""
+    chosen, gaps = select(paths, runs.with_epochs)
+    show(runs.Report(figures.plot_curves(chosen, runs.output_dir(paths, out)), []), gaps)
+
+
+@analyze_app.command("maskp")
+@user_errors
+def maskp_command(sweep_dir: Path = typer.Argument(..., help="A sweep directory (or a folder of runs)."),
+                  metric: str = METRIC, out: Optional[Path] = OUT) -> None:
+    """Fig. 5: test accuracy against the mask probability p, mean ± std over seeds, one line per network/surrogate."""
+    check_metric(metric)
+    chosen, gaps = select([sweep_dir], runs.finished)
+    show(figures.maskp_report(chosen, metric, sweep_dir.resolve().name, runs.output_dir([sweep_dir], out)), gaps)
+
+
+@analyze_app.command("firing")
+@user_errors
+def firing_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
+    """Fig. 6: firing rate per layer and seconds per epoch; synaptic operations and an energy estimate."""
+    chosen, gaps = select(paths, runs.with_epochs)
+    show(firing.firing_report(chosen, runs.output_dir(paths, out)), gaps)
+
+
+@analyze_app.command("table")
+@user_errors
+def table_command(paths: list[Path] = RUNS, metric: str = METRIC, out: Optional[Path] = OUT) -> None:
+    """The ablation table (baseline / +TWO / +MSG / MSG+TWO, mean ± std over seeds) beside the paper's numbers."""
+    check_metric(metric)
+    chosen, gaps = select(paths, runs.finished)
+    show(stats.table_report(chosen, metric, runs.output_dir(paths, out)), gaps)

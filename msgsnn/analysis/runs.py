@@ -1,0 +1,170 @@
+"""Reading what ``msgsnn train`` and ``msgsnn sweep`` write: run and sweep directories.
+
+A run directory holds ``config.yaml``, ``metrics.csv`` (one row per finished
+epoch) and, once the run has finished, ``summary.json``. A sweep directory holds
+run directories and ``sweep.csv`` (one row per point, with a status). Readers
+accept partial runs; each analysis decides what it needs and reports the rest as
+gaps. Only a path that is neither a run nor a sweep is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from msgsnn import config as config_io
+from msgsnn.config import RunConfig
+from msgsnn.engine import checkpoint
+from msgsnn.engine.build import build_model_from_config, build_two
+from msgsnn.engine.errors import UserError
+from msgsnn.engine.sweep import SWEEP_CSV
+from msgsnn.snn import TWO
+
+VARIANTS = ("baseline", "+TWO", "+MSG", "MSG+TWO")
+
+
+def variant(cfg: RunConfig) -> str:
+    """The ablation cell of a run: TWO on or off, MSG on (``mask_p > 0``) or off."""
+    return VARIANTS[2 * (cfg.model.neuron.mask_p > 0) + bool(cfg.two.enabled)]
+
+
+@dataclass
+class Run:
+    """One run directory, read once. ``metrics`` is empty before the first finished epoch."""
+
+    path: Path
+    config: RunConfig
+    metrics: pd.DataFrame
+    summary: dict | None
+    note: str = ""  # what sweep.csv says about a run that did not finish
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.summary) and self.summary.get("status") == "finished"
+
+    @property
+    def variant(self) -> str:
+        return variant(self.config)
+
+    @property
+    def label(self) -> str:
+        """Legend text: the run's name and what it trains with."""
+        return f"{self.name} ({self.variant}, p={self.config.model.neuron.mask_p:g})"
+
+    def per_timestep(self, prefix: str) -> pd.DataFrame:
+        """Columns ``<prefix>0 .. <prefix>{T-1}`` of the metrics, those present, in timestep order."""
+        columns = [f"{prefix}{t}" for t in range(self.config.T) if f"{prefix}{t}" in self.metrics]
+        return self.metrics[columns]
+
+    def accuracy(self, metric: str) -> float:
+        """``best`` or ``final`` test accuracy (percent) of a finished run."""
+        return float(self.summary[f"{metric}_test_acc"])
+
+
+@dataclass
+class Report:
+    """What an analysis wrote, what it could not draw, and an optional table for the terminal."""
+
+    written: list[Path]
+    gaps: list[str]
+    table: pd.DataFrame | None = None
+    title: str = ""
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file()
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    if not is_run_dir(path):
+        raise UserError(f"{path} is not a run directory (no config.yaml); give a directory written by `msgsnn train`")
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return Run(path, config_io.load(path / "config.yaml"), read_metrics(path / "metrics.csv"), summary)
+
+
+def _sweep_rows(directory: Path) -> pd.DataFrame:
+    path = directory / SWEEP_CSV
+    return pd.read_csv(path, dtype={"error": str}, keep_default_na=False) if path.exists() else pd.DataFrame()
+
+
+def collect_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """The runs named by ``paths`` (run directories, or sweep directories expanded), plus gaps.
+
+    A sweep point that did not finish (sweep.csv's status) and has no run
+    directory is a gap; one with a directory is a run carrying that status and
+    error as its ``note``.
+    """
+    runs: list[Run] = []
+    gaps: list[str] = []
+    for path in map(Path, paths):
+        if is_run_dir(path):
+            runs.append(load_run(path))
+            continue
+        if not path.is_dir():
+            raise UserError(f"{path}: no such run or sweep directory")
+        children = sorted(p for p in path.iterdir() if is_run_dir(p))
+        rows = _sweep_rows(path)
+        if not children and rows.empty:
+            raise UserError(f"{path} is neither a run directory (config.yaml) nor a sweep directory (run directories inside)")
+        notes = {row["run"]: f"{row['status']} in the sweep" + (f": {row['error']}" if row.get("error") else "")
+                 for row in rows.to_dict("records") if row["status"] != "finished"}
+        for child in children:
+            run = load_run(child)
+            run.note = notes.pop(child.name, "")
+            runs.append(run)
+        gaps += [f"{name}: {message}" for name, message in notes.items()]
+    return runs, gaps
+
+
+def with_epochs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs with at least one finished epoch, and a gap for each of the others."""
+    gaps = [f"{r.name}: no finished epoch yet (metrics.csv is empty or missing)" for r in runs if r.metrics.empty]
+    return [r for r in runs if not r.metrics.empty], gaps
+
+
+def finished(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The finished runs, and a gap for each unfinished one (left out of means over seeds)."""
+    gaps = [f"{r.name}: {r.note or 'not finished (no summary.json)'}; left out" for r in runs if not r.finished]
+    return [r for r in runs if r.finished], gaps
+
+
+def output_dir(paths: list[Path], out: Path | None) -> Path:
+    """Where an analysis writes: ``--out``, else ``<run or sweep>/figures``, else beside several runs."""
+    if out is not None:
+        return Path(out)
+    if len(paths) == 1:
+        return Path(paths[0]) / "figures"
+    return Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
+
+
+def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
+    """The network and TWO decoder saved in a checkpoint; input channels and classes are read off the weights."""
+    state = checkpoint.load(path)
+    weights = [w for key, w in state["model"].items() if key.endswith("weight")]
+    in_channels = next(w.shape[1] for w in weights if w.dim() == 4)
+    num_classes = [w for w in weights if w.dim() == 2][-1].shape[0]
+    model, two = build_model_from_config(cfg, in_channels, num_classes), build_two(cfg)
+    try:
+        model.load_state_dict(state["model"])
+        two.load_state_dict(state["two"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the network its config.yaml describes: {str(err).splitlines()[0]}") from None
+    return model, two

@@ -156,7 +156,7 @@ def presets() -> None:
     """List the presets: dataset, network, T, epochs and the paper's accuracy."""
     table = Table(title=f"presets ({config_io.PRESET_DIR})")
     for column in ("preset", "dataset", "network", "T", "epochs", "MSG", "TWO", "paper top-1 (%)"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("preset", "dataset", "network"))
     for preset_name in config_io.list_presets():
         cfg = config_io.load_preset(preset_name)
         paper = "-" if cfg.paper.accuracy is None else f"{cfg.paper.accuracy:.2f}" + (f" ± {cfg.paper.std:.2f}" if cfg.paper.std else "")

@@ -34,10 +34,10 @@ def test_ranges_include_the_stop_without_float_drift():
 def test_plan_names_points_by_swept_keys_and_seed_and_validates_them(tmp_path):
     base = tiny_config(tmp_path)
     plan = sweeps.plan_sweep(base, {"model.neuron.mask_p": [0.0, 0.5], "two.enabled": ["true", "false"]}, 2, tmp_path)
-    assert plan.name == "digits-dvs-mask_p-enabled" and plan.directory == tmp_path / plan.name
+    assert plan.name == "digits-dvs-mask_p-two" and plan.directory == tmp_path / plan.name
     assert len(plan.points) == 8
     first = plan.points[0]
-    assert first.name == "mask_p=0_enabled=true_seed=42" == first.config.name
+    assert first.name == "mask_p=0_two=true_seed=42" == first.config.name
     assert first.values == {"model.neuron.mask_p": 0.0, "two.enabled": True, "train.seed": 42}
     assert plan.points[-1].config.train.seed == 43 and plan.points[-1].config.two.enabled is False
     with pytest.raises(ConfigError, match="did you mean 'model.neuron.mask_p'"):

@@ -96,7 +96,8 @@ class Sweep:
 def plan_sweep(base: RunConfig, axes: dict[str, list[Any]], seeds: int, out: Path, name: str | None = None) -> Sweep:
     """Every combination of ``axes`` values times ``seeds`` seeds (base seed, +1, ...), validated.
 
-    Run names join the swept keys' last parts and values (``mask_p=0.3_seed=42``);
+    Run names join the swept keys' last parts and values (``mask_p=0.3_two=false_seed=42``;
+    a switch ``x.enabled`` is named ``x``);
     the default sweep name is the preset and those parts (``digits-dvs-mask_p``).
     """
     if seeds < 1:
@@ -105,7 +106,7 @@ def plan_sweep(base: RunConfig, axes: dict[str, list[Any]], seeds: int, out: Pat
         raise ConfigError("train.seed: sweep it with --grid or with --seeds, not both")
     grid = dict(axes)
     grid.setdefault("train.seed", [base.train.seed + i for i in range(seeds)])
-    leaves = [key.rsplit(".", 1)[-1] for key in grid]
+    leaves = [key.split(".")[-2] if key.endswith(".enabled") else key.rsplit(".", 1)[-1] for key in grid]
     labels = [leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(grid, leaves)]
     points: dict[str, Point] = {}
     for combo in itertools.product(*grid.values()):

@@ -5,13 +5,20 @@ Convolutions, pooling and linear layers have no temporal dynamics, so
 T. :class:`TemporalBatchNorm` normalises ``[T, B, C, ...]`` with statistics over
 the B samples of each timestep (``per_step``: what the release computes by
 calling its network once per timestep) or over all T*B samples (``joint``).
+
+Activations of 2-D convolutions travel channels-last (``[T, B, H, W, C]`` in
+memory, shape ``[T, B, C, H, W]``): what the CPU and GPU convolution libraries
+prefer, and a layout in which the per-timestep statistics are a reduction over
+the middle axis of ``[T, B*H*W, C]``, with no transposition.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from msgsnn.snn import cpu_kernels
+from msgsnn.snn.neuron import disable_triton, levels_of, mark_levels
 
 BN_MODES = ("per_step", "joint")
 
@@ -21,11 +28,210 @@ class Folded(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
+        if isinstance(module, nn.Conv2d):
+            module = module.to(memory_format=torch.channels_last)  # weights laid out like the activations
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.flatten(0, 1))
-        return y.view(x.shape[0], x.shape[1], *y.shape[1:])
+        levels = levels_of(x)
+        flat = x.flatten(0, 1)
+        module = self.module
+        if flat.dim() == 4 and isinstance(module, nn.Conv2d):
+            flat = flat.contiguous(memory_format=torch.channels_last)  # no copy after the first layer
+            if levels is not None and flat.device.type == "cpu" and torch.is_grad_enabled() and _codes_conv_applies(module):
+                y = _SpikeInputConv.apply(flat, module.weight, module.bias, module, levels)
+            else:
+                y = module(flat)
+        else:
+            y = module(flat)
+        out = y.view(x.shape[0], x.shape[1], *y.shape[1:])
+        if levels is not None and isinstance(module, nn.AvgPool2d):
+            pooled = _pooled_levels(module, levels)
+            if pooled is not None:
+                mark_levels(out, pooled)
+        return out
+
+
+def _codes_conv_applies(conv: nn.Conv2d) -> bool:
+    """The spike-input path reproduces ``conv(x)`` exactly: a plain ``Conv2d`` forward, zero padding
+    given as numbers, no hooks."""
+    from torch.nn.modules import module as module_globals
+
+    return (type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not conv._forward_hooks
+            and not conv._forward_pre_hooks and not module_globals._global_forward_hooks
+            and not module_globals._global_forward_pre_hooks)
+
+
+def _pooled_levels(pool: nn.AvgPool2d, levels: int) -> int | None:
+    """Levels of an average of spikes over k x k windows; only where the division by k*k is exact."""
+    k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size, pool.kernel_size)
+    window = k[0] * k[1]
+    padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding, pool.padding)
+    exact = window & (window - 1) == 0 and padding == (0, 0) and not pool.ceil_mode and pool.divisor_override is None
+    return levels * window if exact and levels * window <= 128 else None
+
+
+def _encode(x: torch.Tensor, levels: int) -> torch.Tensor:
+    kernels = cpu_kernels.get() if x.device.type == "cpu" else None
+    if kernels is not None and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and _dense(x):
+        return kernels.encode(x, levels)
+    return (x * levels).round_().to(torch.uint8)
+
+
+def _decode(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    kernels = cpu_kernels.get() if codes.device.type == "cpu" else None
+    if kernels is not None and dtype in (torch.float32, torch.float64, torch.bfloat16) and _dense(codes):
+        return kernels.decode(codes, levels, dtype)
+    return codes.to(dtype).mul_(1.0 / levels)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+class _SpikeInputConv(torch.autograd.Function):
+    """``conv(x)`` for an input of spikes (or averaged spikes): saves ``x`` as uint8 codes, not floats.
+
+    The weight gradient needs the input; spikes are 0/1 and their 2x2 averages multiples of
+    1/4, so one byte per entry restores them exactly. Backward decodes them and calls the same
+    ``convolution_backward`` that autograd would. Under autocast the forward's compute dtype is
+    kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, levels):
+        y = conv._conv_forward(x, weight, bias)
+        ctx.save_for_backward(_encode(x, levels), weight)
+        ctx.conv, ctx.levels, ctx.dtype, ctx.x_dtype = conv, levels, y.dtype, x.dtype
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        codes, weight = ctx.saved_tensors
+        conv, dtype = ctx.conv, ctx.dtype
+        x = _decode(codes, ctx.levels, dtype)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_y.to(dtype), x, weight.to(dtype), ctx.bias_shape, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, mask)
+        return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(weight.dtype), None, None)
+
+
+def _step_view(x: torch.Tensor, layout: str):
+    """``x [T, B, C, ...]`` as a view in which a per-(t, c) reduction runs over ``dims``; also returns
+    the shape that broadcasts a ``[T, C]`` statistic against the view."""
+    T, B, C = x.shape[:3]
+    if layout == "nlc":
+        return x.permute(0, 1, 3, 4, 2).reshape(T, -1, C), (1,), (T, 1, C)
+    return x.reshape(T, B, C, -1), (1, 3), (T, 1, C, 1)
+
+
+def _from_step_view(v: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nlc":
+        T, B, C, H, W = like.shape
+        return v.view(T, B, H, W, C).permute(0, 1, 4, 2, 3)
+    return v.view(like.shape)
+
+
+def _bn_kernels(x: torch.Tensor):
+    """Fused per-step BatchNorm kernels for ``x``: the C kernels on CPU, Triton on CUDA, else None."""
+    if x.device.type == "cpu":
+        kernels = cpu_kernels.get()
+        return kernels if kernels is not None and cpu_kernels.supports(x) else None
+    if x.is_cuda:
+        from msgsnn.snn.neuron import _triton_lif
+
+        triton_lif = _triton_lif()
+        return triton_lif if triton_lif is not None and triton_lif.bn_supports(x) else None
+    return None
+
+
+class _PerStepBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``.
+
+    Saves only its input (plus ``[T, C]`` statistics), like the native BatchNorm.
+    Returns ``(y, mean, var)``, the biased batch statistics for the running-statistics
+    update. Runs fused kernels where there are some (C on CPU: two passes forward, two
+    backward; Triton on CUDA), elsewhere torch reductions on a view of the input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        layout = cpu_kernels.step_layout(x)
+        if layout is None:
+            x, layout = x.contiguous(), "ncl"
+        T, B, C = x.shape[:3]
+        count = x.numel() // (T * C)
+        if count <= 1:
+            raise ValueError(f"TemporalBatchNorm: expected more than 1 value per channel and timestep when training, got input of shape {tuple(x.shape)}")
+        kernels = _bn_kernels(x)
+        if kernels is not None:
+            try:
+                mean, var = kernels.bn_stats(x)
+            except Exception as err:  # noqa: BLE001 - Triton could not compile or run on this GPU
+                if not x.is_cuda:
+                    raise
+                disable_triton(err)
+                kernels = None
+        if kernels is None:
+            stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+            view, dims, _ = _step_view(x, layout)
+            var, mean = torch.var_mean(view.to(stat), dim=dims, correction=0)
+            mean, var = mean.reshape(T, C), var.reshape(T, C)
+        stat = mean.dtype
+        invstd = torch.rsqrt(var + eps)
+        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
+        b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
+        scale = w * invstd
+        shift = b - mean * scale
+        if kernels is not None:
+            y = kernels.bn_apply(x, scale, shift)
+        else:
+            view, _, shape = _step_view(x, layout)
+            y = _from_step_view(torch.addcmul(shift.view(shape).to(x.dtype), view, scale.view(shape).to(x.dtype)), x, layout)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.layout, ctx.kernels, ctx.count = layout, kernels, count
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        layout, count, kernels = ctx.layout, ctx.count, ctx.kernels
+        T, B, C = x.shape[:3]
+        stat = mean.dtype
+        if kernels is not None:
+            if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype:
+                like = cpu_kernels.pool.empty_like(x) if x.device.type == "cpu" else torch.empty_like(x)
+                grad_y = like.copy_(grad_y)
+            sdy, sdyx = kernels.bn_backward_sums(grad_y, x, mean)
+        else:
+            gview, dims, shape = _step_view(grad_y, layout)
+            xview, _, _ = _step_view(x, layout)
+            centred = xview.to(stat) - mean.view(shape)
+            sdy = gview.sum(dim=dims, dtype=stat).reshape(T, C)
+            sdyx = (gview.to(stat) * centred).sum(dim=dims).reshape(T, C)
+        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            a = w * invstd
+            q = invstd * invstd * sdyx / count
+            r = a * sdy / count
+            if kernels is not None:
+                grad_x = kernels.bn_backward_input(grad_y, x, mean, q, a, r)
+            else:
+                g = (gview.to(stat) - centred * q.view(shape)) * a.view(shape) - r.view(shape)
+                grad_x = _from_step_view(g.to(x.dtype), x, layout)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_b = sdy.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
 
 
 class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -54,27 +260,28 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             raise ValueError(f"TemporalBatchNorm input: expected [T, B, C, ...], got shape {tuple(x.shape)}")
-        T, B = x.shape[:2]
         if self.mode == "joint" or not self.training:
             return super().forward(x.flatten(0, 1)).view_as(x)
-        # [T, B, C, ...] -> [B, T*C, ...]: one native BN call whose channels are (t, c) pairs.
-        per_step = x.transpose(0, 1).reshape(B, T * self.num_features, *x.shape[3:])
-        running_mean = self.running_mean.repeat(T)
-        running_var = self.running_var.repeat(T)
-        y = F.batch_norm(
-            per_step, running_mean, running_var, self.weight.repeat(T), self.bias.repeat(T),
-            training=True, momentum=self.momentum, eps=self.eps,
-        )
-        self._sequential_running_update(running_mean.view(T, -1), running_var.view(T, -1))
-        return y.view(B, T, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+        y, mean, var = _PerStepBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats and self.running_mean is not None:
+            count = x.numel() // (x.shape[0] * self.num_features)
+            self._sequential_running_update(mean, var * (count / (count - 1)))
+        return y
 
     @torch.no_grad()
-    def _sequential_running_update(self, after_mean: torch.Tensor, after_var: torch.Tensor) -> None:
-        """Fold T one-step updates ``r <- (1-m) r + m s_t`` (made in parallel) into T sequential ones."""
+    def _sequential_running_update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """T momentum updates ``r <- (1-m) r + m s_t``, t = 0..T-1, as T calls of the release's BatchNorm make."""
+        T = mean.shape[0]
+        if self.momentum is None:  # cumulative average, one sample per timestep
+            for t in range(T):
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean[t].to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(var[t].to(self.running_var.dtype), alpha=f)
+            return
         m = self.momentum
-        T = after_mean.shape[0]
-        decay = (1.0 - m) ** torch.arange(T - 1, -1, -1, device=after_mean.device, dtype=after_mean.dtype)
-        for running, after in ((self.running_mean, after_mean), (self.running_var, after_var)):
-            contribution = after - (1.0 - m) * running  # m * s_t for each timestep
-            running.mul_((1.0 - m) ** T).add_((decay[:, None] * contribution).sum(0))
+        decay = (1.0 - m) ** torch.arange(T - 1, -1, -1, device=mean.device, dtype=torch.float64)
+        for running, batch in ((self.running_mean, mean), (self.running_var, var)):
+            new = running.double() * (1.0 - m) ** T + m * (decay[:, None] * batch.double()).sum(0)
+            running.copy_(new)
         self.num_batches_tracked.add_(T)

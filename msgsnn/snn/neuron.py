@@ -10,14 +10,21 @@ A neuron step is three named parts, as in METHOD.md:
 The membrane starts at 0 on every call: the module keeps no state between calls.
 Two implementations sit behind :class:`LIF`: a plain-autograd reference written
 for reading, and a fused autograd Function that runs the time loop itself and
-saves only ``H`` (one tensor of activation size per timestep) for backward.
+saves only ``H`` (one tensor of activation size per timestep) for backward. The
+fused Function runs C kernels on CPU (:mod:`msgsnn.snn.cpu_kernels`, built at
+first use) and Triton kernels on CUDA (:mod:`msgsnn.snn.triton_lif`), with a loop
+of torch operators as the fallback everywhere. Spikes leave the module marked as
+such (:func:`mark_levels`), so the next convolution may keep them as bytes.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from msgsnn.snn import cpu_kernels
 from msgsnn.snn.surrogate import SpikeSpec
 
 RESETS = ("hard", "soft")
@@ -66,18 +73,48 @@ def lif_reference(
 def lif_forward(
     current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Spikes ``[T, B, ...]`` without autograd, and the pre-spike membrane ``H`` if asked."""
+    """Spikes ``[T, B, ...]`` without autograd, and the pre-spike membrane ``H`` if asked.
+
+    Runs the fused C kernel on CPU when it is available (one pass over the sequence,
+    time loop inside), else a loop of torch operators.
+    """
+    kernels = cpu_kernels.get() if current.device.type == "cpu" else None
+    if kernels is not None and cpu_kernels.supports(current):
+        return kernels.lif_forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane)
     spikes = torch.empty_like(current)
     membrane = torch.empty_like(current) if keep_membrane else None
     v = torch.zeros_like(current[0])
     for t in range(current.shape[0]):
         h = charge(v, current[t], tau)
-        s = (h - v_threshold >= 0).to(h.dtype)
-        v = reset(h, s, reset_mode, v_threshold)
-        spikes[t] = s
+        fired = h >= v_threshold
+        spikes[t] = fired
+        v = h.masked_fill(fired, 0.0) if reset_mode == "hard" else h - v_threshold * spikes[t]
         if membrane is not None:
             membrane[t] = h
     return spikes, membrane
+
+
+def _lif_backward_torch(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset):
+    """Backward of the time loop with torch operators (any device): the fallback of the fused kernel."""
+    leak = 1.0 - 1.0 / tau
+    grad_current = torch.empty_like(membrane)
+    grad_v = torch.zeros_like(membrane[0])
+    for t in reversed(range(membrane.shape[0])):
+        h = membrane[t]
+        x = h - v_threshold
+        surrogate = spec.masked_derivative(x)
+        grad_s = grad_spikes[t]
+        if reset_mode == "hard":
+            if not detach_reset:
+                grad_s = grad_s - grad_v * h
+            grad_h = torch.where(x < 0, grad_v, 0.0).addcmul_(grad_s, surrogate)
+        else:
+            if not detach_reset:
+                grad_s = grad_s - v_threshold * grad_v
+            grad_h = torch.addcmul(grad_v, grad_s, surrogate)
+        torch.div(grad_h, tau, out=grad_current[t])
+        grad_v = grad_h.mul_(leak)
+    return grad_current
 
 
 class _FusedLIF(torch.autograd.Function):
@@ -85,40 +122,71 @@ class _FusedLIF(torch.autograd.Function):
 
     Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
     else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
-    backward, timestep T-1 first, exactly as the reference's autograd does.
+    backward, timestep T-1 first, exactly as the reference's autograd does
+    (on CPU the C kernel draws torch's own random stream, see ``cpu_kernels``).
     """
 
     @staticmethod
     def forward(ctx, current, tau, v_threshold, spec, reset_mode, detach_reset):
+        if current.device.type == "cpu" and cpu_kernels.step_layout(current) is None:
+            current = current.contiguous()
         spikes, membrane = lif_forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
         ctx.save_for_backward(membrane)
         ctx.params = (tau, v_threshold, spec, reset_mode, detach_reset)
         return spikes
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_spikes):
         (membrane,) = ctx.saved_tensors
         tau, v_threshold, spec, reset_mode, detach_reset = ctx.params
-        leak = 1.0 - 1.0 / tau
-        grad_current = torch.empty_like(membrane)
-        grad_v = torch.zeros_like(membrane[0])
-        for t in reversed(range(membrane.shape[0])):
-            h = membrane[t]
-            x = h - v_threshold
-            surrogate = spec.masked_derivative(x)
-            grad_s = grad_spikes[t]
-            if reset_mode == "hard":
-                not_spiked = (x < 0).to(h.dtype)
-                if not detach_reset:
-                    grad_s = grad_s - grad_v * h
-                grad_h = grad_v * not_spiked + grad_s * surrogate
-            else:
-                if not detach_reset:
-                    grad_s = grad_s - v_threshold * grad_v
-                grad_h = grad_v + grad_s * surrogate
-            grad_current[t] = grad_h / tau
-            grad_v = grad_h * leak
-        return grad_current, None, None, None, None, None
+        kernels = cpu_kernels.get() if membrane.device.type == "cpu" else None
+        if kernels is not None and cpu_kernels.supports(membrane):
+            grad = kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
+        else:
+            grad = _lif_backward_torch(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)
+        return grad, None, None, None, None, None
+
+
+_LEVELS = "_msgsnn_levels"
+
+
+def mark_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Note on ``x`` that its entries are multiples of ``1 / levels`` (spikes: 1), valid while ``x`` is unmodified.
+
+    Consumers (``Folded`` convolutions) may then save ``x`` for backward as uint8 codes
+    instead of floats; an in-place change of ``x`` bumps its version and voids the note.
+    """
+    setattr(x, _LEVELS, (int(levels), x._version))
+    return x
+
+
+def levels_of(x: torch.Tensor) -> int | None:
+    note = getattr(x, _LEVELS, None)
+    return note[0] if note is not None and note[1] == x._version else None
+
+
+def _triton_lif():
+    """The Triton module if triton imports (CUDA only), else None; imported once, lazily."""
+    global _TRITON
+    if _TRITON is False:
+        try:
+            from msgsnn.snn import triton_lif
+        except ImportError:
+            triton_lif = None
+        _TRITON = triton_lif if triton_lif is not None and triton_lif.AVAILABLE else None
+    return _TRITON
+
+
+_TRITON = False
+
+
+def disable_triton(err: Exception) -> None:
+    """Stop using the Triton kernels in this process (after they failed to compile or run)."""
+    global _TRITON
+    warnings.warn(f"msgsnn: Triton kernels failed ({type(err).__name__}: {err}); using torch operators on CUDA",
+                  RuntimeWarning, stacklevel=3)
+    _TRITON = None
 
 
 class LIF(nn.Module):
@@ -172,9 +240,23 @@ class LIF(nn.Module):
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         if current.dim() < 2:
             raise ValueError(f"LIF input: expected a tensor [T, B, ...] with at least 2 dims, got shape {tuple(current.shape)}")
+        return mark_levels(self._spikes(current), 1)
+
+    def _spikes(self, current: torch.Tensor) -> torch.Tensor:
         args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
         if self.backend == "reference":
             return lif_reference(current, *args)
+        triton_lif = _triton_lif() if current.is_cuda and self.backend in ("auto", "triton") else None
+        if triton_lif is not None and triton_lif.supports(current):
+            try:
+                return triton_lif.lif(current, *args)
+            except Exception as err:  # noqa: BLE001 - e.g. no compiler for this GPU: use the torch path
+                if self.backend == "triton":
+                    raise
+                disable_triton(err)
+        if self.backend == "triton":
+            raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
+                             "use 'auto' to fall back to 'fused'")
         if not (torch.is_grad_enabled() and current.requires_grad):
             return lif_forward(current, self.tau, self.v_threshold, self.reset, keep_membrane=False)[0]
         return _FusedLIF.apply(current, *args)

@@ -1,0 +1,291 @@
+"""The fused CPU kernels (C, built at first use) against the reference, on the layouts and options the
+core tests do not reach: channels-last activations, structured MSG masks, bf16, the torch-operator
+fallback, the random stream they share with torch, and the buffer pool."""
+
+import itertools
+
+import pytest
+import torch
+
+from msgsnn.snn import LIF, TemporalBatchNorm, cpu_kernels
+from msgsnn.snn import layers as layers_module
+from msgsnn.snn import neuron as neuron_module
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.get() is None, reason="no C compiler: the torch fallback is tested below")
+
+
+def _channels_last(x):
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+
+
+def _inputs(seed=0, shape=(5, 3, 8, 4, 6), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 0.8 + 0.4
+    return x, torch.randn(shape, generator=g, dtype=dtype)
+
+
+def _run(lif, x, upstream, seed=None):
+    current = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    spikes = lif(current)
+    spikes.backward(upstream)
+    return spikes.detach(), current.grad
+
+
+@pytest.fixture
+def torch_fallback(monkeypatch):
+    """Run the fused path without the C kernels (what a machine without a compiler gets)."""
+    monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+
+
+OPTIONS = [
+    dict(mask_p=0.5),
+    dict(mask_p=0.5, mask_mode="channel"),
+    dict(mask_p=0.4, mask_mode="timestep", reset="soft"),
+    dict(mask_p=0.3, mask_fill="arctan", rescale=True, surrogate="sigmoid"),
+    dict(mask_p=0.5, detach_reset=True, surrogate="rectangular"),
+    dict(mask_p=0.0, tau=3.0, v_threshold=0.3, alpha=4.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_kernel_equals_reference_float64(layout, opts):
+    x, upstream = _inputs(1)
+    if layout == "channels_last":
+        x, upstream = _channels_last(x), _channels_last(upstream)
+    s_ref, g_ref = _run(LIF(backend="reference", **opts), x, upstream, seed=3)
+    after_ref = torch.rand(4)
+    s_fus, g_fus = _run(LIF(backend="fused", **opts), x, upstream, seed=3)
+    after_fus = torch.rand(4)
+    assert torch.equal(s_ref, s_fus)
+    torch.testing.assert_close(g_fus, g_ref, rtol=0, atol=1e-10)
+    assert torch.equal(after_ref, after_fus)  # the kernel left torch's generator where the reference did
+    assert g_fus.stride() == x.stride()
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_torch_fallback_equals_reference(torch_fallback, opts):
+    x, upstream = _inputs(2)
+    s_ref, g_ref = _run(LIF(backend="reference", **opts), x, upstream, seed=5)
+    s_fus, g_fus = _run(LIF(backend="fused", **opts), x, upstream, seed=5)
+    assert torch.equal(s_ref, s_fus)
+    torch.testing.assert_close(g_fus, g_ref, rtol=0, atol=1e-10)
+
+
+@needs_kernels
+def test_float32_and_vectors():
+    for shape in [(7, 5, 33), (4, 2, 3, 5, 5), (3, 1000)]:
+        x, upstream = _inputs(4, shape, torch.float32)
+        s_ref, g_ref = _run(LIF(backend="reference", mask_p=0.5), x, upstream, seed=1)
+        s_fus, g_fus = _run(LIF(backend="fused", mask_p=0.5), x, upstream, seed=1)
+        assert torch.equal(s_ref, s_fus)
+        torch.testing.assert_close(g_fus, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_bfloat16_close_to_float32_on_the_same_input():
+    """bf16 in, bf16 out (autocast on CPU): arithmetic in float32, membrane rounded to bf16 before the test."""
+    x, upstream = _inputs(6, dtype=torch.float32)
+    x, upstream = _channels_last(x).bfloat16(), _channels_last(upstream).bfloat16()
+    s16, g16 = _run(LIF(backend="fused"), x, upstream)
+    s32, g32 = _run(LIF(backend="reference"), x.float(), upstream.float())
+    assert s16.dtype == g16.dtype == torch.bfloat16
+    assert (s16.float() != s32).float().mean() < 0.01
+    agree = (s16.float() == s32).all(0)  # neurons whose spike trains agree have close gradients
+    torch.testing.assert_close(g16.float()[:, agree], g32[:, agree], rtol=0.05, atol=0.05)
+
+
+@needs_kernels
+def test_mask_stream_is_torch_rand_in_logical_order():
+    """The element mask of a channels-last tensor is the reference's torch.rand(shape) >= p, timestep T-1 first."""
+    kern = cpu_kernels.get()
+    shape = (3, 2, 16, 3, 5)
+    x = _channels_last(torch.zeros(shape))
+    torch.manual_seed(9)
+    bits, rowbytes = kern.draw_mask(x, "element", 0.37)
+    torch.manual_seed(9)
+    ref = torch.stack([torch.rand(shape[1:]) >= 0.37 for _ in range(shape[0])][::-1])
+    unpacked = torch.tensor([[(bits[t * rowbytes + i // 8].item() >> (i % 8)) & 1 for i in range(x[0].numel())]
+                             for t in range(shape[0])], dtype=torch.bool)
+    assert torch.equal(unpacked, ref.permute(0, 1, 3, 4, 2).reshape(shape[0], -1))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, fallback, layout):
+    if fallback:
+        monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+    elif cpu_kernels.get() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(0)
+    T, B, C, H, W = 4, 3, 16, 5, 3
+    x = torch.randn(T, B, C, H, W, generator=g, dtype=torch.float64) * 3 + torch.arange(T).double().view(T, 1, 1, 1, 1)
+    up = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        x, up = _channels_last(x), _channels_last(up)
+    tbn = TemporalBatchNorm(C).double()
+    bn = torch.nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        for m in (tbn, bn):
+            m.weight.copy_(torch.linspace(-1, 2, C))
+            m.bias.copy_(torch.linspace(0.5, -0.5, C))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = tbn(a)
+    y_ref = torch.stack([bn(b[t]) for t in range(T)])
+    y.backward(up)
+    y_ref.backward(up)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tbn.weight.grad, bn.weight.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tbn.bias.grad, bn.bias.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=0, atol=1e-10)
+    assert y.stride() == x.stride()
+
+
+@needs_kernels
+def test_per_step_batchnorm_bfloat16_and_float32():
+    x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        tbn = TemporalBatchNorm(16)
+        y = tbn(x.to(dtype))
+        ref = torch.stack([torch.nn.functional.batch_norm(x[t], None, None, training=True) for t in range(3)])
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
+def test_folded_convolutions_run_channels_last():
+    conv = layers_module.Folded(torch.nn.Conv2d(3, 8, 3, padding=1))
+    y = conv(torch.randn(2, 4, 3, 6, 6))
+    assert cpu_kernels.step_layout(y) == "nlc"
+
+
+@needs_kernels
+def test_pool_reuses_freed_buffers_and_never_live_ones():
+    pool = cpu_kernels.BufferPool(limit=1 << 30)
+    like = torch.empty(4, 2, 64, 32, 32)
+    with torch.no_grad():  # buffers freed while a graph is being built go back to the system
+        a = pool.empty_like(like)
+        view = a[1]
+        address = a.data_ptr()
+        del a
+        b = pool.empty_like(like)
+        assert b.data_ptr() != address  # a view keeps the first buffer alive
+        del view
+        c = pool.empty_like(like)
+        assert c.data_ptr() == address
+        assert c.shape == like.shape and c.stride() == like.stride()
+        del b, c
+    assert pool.cached == 2 * like.numel() * 4
+    d = pool.empty_like(like)
+    del d  # grad mode on: not kept
+    assert pool.cached == like.numel() * 4
+    pool.clear()
+    assert pool.cached == 0
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    monkeypatch.setenv("MSGSNN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
+        assert cpu_kernels.get() is None
+    x, upstream = _inputs(3)
+    s_ref, g_ref = _run(LIF(backend="reference", mask_p=0.5), x, upstream, seed=2)
+    s_fus, g_fus = _run(LIF(mask_p=0.5), x, upstream, seed=2)
+    assert torch.equal(s_ref, s_fus)
+    torch.testing.assert_close(g_fus, g_ref, rtol=0, atol=1e-10)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    monkeypatch.setenv("MSGSNN_CPU_KERNELS", "0")
+    assert cpu_kernels.get() is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("surrogate, reset", itertools.product(("piecewise_linear", "sigmoid"), ("hard", "soft")))
+def test_eval_forward_matches_training_forward(surrogate, reset):
+    x, _ = _inputs(7, dtype=torch.float32)
+    lif = LIF(surrogate=surrogate, reset=reset)
+    with torch.no_grad():
+        s_eval = lif(_channels_last(x))
+    assert torch.equal(s_eval, lif(x.requires_grad_()).detach())
+    assert neuron_module.lif_forward(x.detach(), 2.0, 0.5, reset, keep_membrane=False)[1] is None
+
+
+# --- convolutions on spikes save uint8 codes ----------------------------------------------------
+
+
+def _conv_node(y):
+    return type(y.grad_fn.next_functions[0][0]).__name__  # under the view back to [T, B, ...]
+
+
+def _conv_pair(seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=True).double()
+    plain = torch.nn.Conv2d(6, 5, 3, padding=1, bias=True).double()
+    plain.load_state_dict(conv.state_dict())
+    return layers_module.Folded(conv), plain
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_conv_on_spikes_equals_the_plain_convolution(pooled):
+    folded, plain = _conv_pair()
+    x = (torch.rand(3, 2, 6, 8, 8, dtype=torch.float64) > 0.6).double()
+    up = torch.randn(3, 2, 5, 4 if pooled else 8, 4 if pooled else 8, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    spikes = neuron_module.mark_levels(a * 1.0, 1)
+    if pooled:
+        spikes = layers_module.Folded(torch.nn.AvgPool2d(2))(spikes)
+        assert neuron_module.levels_of(spikes) == 4
+    y = folded(spikes)
+    assert "SpikeInputConv" in _conv_node(y)
+    ref_in = torch.nn.functional.avg_pool2d(b.flatten(0, 1), 2) if pooled else b.flatten(0, 1)
+    y_ref = plain(ref_in).view(y.shape)
+    y.backward(up)
+    y_ref.backward(up)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(folded.module.weight.grad, plain.weight.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(folded.module.bias.grad, plain.bias.grad, rtol=0, atol=1e-12)
+
+
+def test_conv_on_spikes_saves_one_byte_per_input_entry():
+    folded, _ = _conv_pair()
+    x = (torch.rand(3, 2, 6, 8, 8, dtype=torch.float64) > 0.6).double().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        folded(neuron_module.mark_levels(x * 1.0, 1))
+    inputs = [t for t in saved if t.shape == (6, 6, 8, 8)]
+    assert inputs and all(t.dtype == torch.uint8 for t in inputs)
+
+
+def test_modified_spikes_and_hooked_convolutions_take_the_plain_path():
+    folded, _ = _conv_pair()
+    x = neuron_module.mark_levels((torch.rand(3, 2, 6, 8, 8, dtype=torch.float64) > 0.6).double(), 1)
+    x.mul_(0.3)  # no longer spikes: the note is void
+    assert neuron_module.levels_of(x) is None
+    y = folded(x.requires_grad_())
+    assert "SpikeInputConv" not in _conv_node(y)
+    calls = []
+    folded.module.register_forward_hook(lambda m, i, o: calls.append(1))
+    folded(LIF()(torch.randn(3, 2, 6, 8, 8, dtype=torch.float64, requires_grad=True)))
+    assert calls == [1]
+
+
+@needs_kernels
+def test_spiking_network_under_bf16_autocast_matches_float32_closely():
+    from msgsnn.snn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4)
+    x = torch.rand(2, 4, 2, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad.dtype == p.dtype for p in model.parameters())

@@ -1,0 +1,262 @@
+"""The Triton LIF kernel (CUDA) against the CPU reference; skipped without CUDA.
+
+p = 0 must match the reference (float32, atol 1e-5). For p > 0 the kernel draws its mask with
+Philox from a seed instead of torch's generator, so the comparison is statistical: the kept
+fraction is 1 - p within a 4-sigma binomial bound, structured masks have their structure, and
+the same seed gives the same mask. ``test_kernels_in_triton_interpreter`` runs the same checks
+on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``), so the kernel logic is
+exercised even where no GPU is present.
+"""
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msgsnn.snn import LIF, TemporalBatchNorm, build_model
+from msgsnn.snn.neuron import lif_reference
+from msgsnn.snn.surrogate import SpikeSpec
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
+
+
+def _triton():
+    from msgsnn.snn import triton_lif
+
+    return triton_lif
+
+
+def _inputs(device, shape=(6, 3, 8, 5, 5), seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 0.8 + 0.4
+    up = torch.randn(shape, generator=g)
+    if channels_last:
+        x, up = (t.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(shape) for t in (x, up))
+    return x.to(device), up.to(device)
+
+
+def _grad(fn, x, up):
+    x = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    s = fn(x)
+    s.backward(up)
+    return s.detach(), x.grad
+
+
+def _triton_lif(spec, reset="hard", detach=False, tau=2.0, vth=0.5):
+    return lambda x: _triton()._TritonLIF.apply(x, tau, vth, spec, reset, detach)
+
+
+# --- checks shared by the CUDA tests and the interpreter run -----------------------------------
+
+
+def check_p0_matches_reference(device):
+    for surrogate, reset, detach, cl in itertools.product(SURROGATES, ("hard", "soft"), (False, True), (False, True)):
+        x, up = _inputs(device, channels_last=cl)
+        spec = SpikeSpec(surrogate)
+        s, g = _grad(_triton_lif(spec, reset, detach), x, up)
+        s_ref, g_ref = _grad(lambda v: lif_reference(v, 2.0, 0.5, spec, reset, detach), x.cpu(), up.cpu())
+        assert torch.equal(s.cpu(), s_ref), (surrogate, reset, detach, cl)
+        torch.testing.assert_close(g.cpu(), g_ref, rtol=0, atol=1e-5)
+        assert g.stride() == x.stride()
+
+
+def _kept(device, spec, shape=(5, 4, 6, 7, 3), up=None):
+    """Input far above threshold: every step spikes and, with detach_reset and a surrogate that is
+    nonzero everywhere, grad[t] = up[t] * keep[t] * alpha / tau: the mask can be read off the gradient."""
+    x = torch.full(shape, 10.0, device=device)
+    up = torch.ones(shape, device=device) if up is None else up
+    _, g = _grad(_triton_lif(spec, detach=True), x, up)
+    return g != 0, g
+
+
+def check_mask_statistics(device):
+    n_draws = 5 * 4 * 6 * 7 * 3
+    for p in (0.1, 0.5, 0.9):
+        keep, _ = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=p))
+        frac = keep.float().mean().item()
+        assert abs(frac - (1 - p)) <= 4 * math.sqrt(p * (1 - p) / n_draws), (p, frac)
+        assert not all(torch.equal(keep[0], keep[t]) for t in range(1, 5))  # fresh draws per timestep
+    keep, _ = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=0.5, mask_mode="channel"))
+    assert torch.equal(keep, keep[..., :1, :1].expand_as(keep))  # one draw per (t, sample, channel)
+    assert 0 < keep.float().mean() < 1
+    keep, _ = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=0.5, mask_mode="timestep"))
+    assert torch.equal(keep, keep[:, :, :1, :1, :1].expand_as(keep))  # one draw per (t, sample)
+    # channels-last: still one draw per channel
+    shape = (5, 4, 6, 7, 3)
+    x = torch.full(shape, 10.0).flatten(0, 1).contiguous(memory_format=torch.channels_last).view(shape).to(device)
+    _, g = _grad(_triton_lif(SpikeSpec("rectangular", alpha=0.01, mask_p=0.5, mask_mode="channel"), detach=True),
+                 x, torch.ones_like(x))
+    keep = g != 0
+    assert torch.equal(keep, keep[..., :1, :1].expand_as(keep))
+
+
+def check_mask_is_fresh_and_seeded(device):
+    spec = SpikeSpec("rectangular", alpha=0.01, mask_p=0.5)
+    torch.manual_seed(1)
+    a, _ = _kept(device, spec)
+    b, _ = _kept(device, spec)
+    torch.manual_seed(1)
+    c, _ = _kept(device, spec)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+def check_rescale_and_fill(device):
+    _, g = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=0.25, rescale=True))
+    kept = g[g != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 0.01 / 0.75 / 2.0))
+    _, g = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=1.0))
+    assert torch.count_nonzero(g) == 0
+    _, g = _kept(device, SpikeSpec("rectangular", alpha=0.01, mask_p=1.0, mask_fill="arctan"))
+    x = torch.tensor(5.0 - 0.5)  # H = 10 / tau, minus the threshold
+    expected = 0.01 / (1 + (math.pi / 2 * 0.01 * x) ** 2) / 2.0
+    torch.testing.assert_close(g.cpu(), torch.full(g.shape, expected.item()))
+
+
+def check_half_precision(device):
+    for dtype in (torch.bfloat16, torch.float16):
+        x, up = _inputs(device, seed=3)
+        x, up = x.to(dtype), up.to(dtype)
+        s, g = _grad(_triton_lif(SpikeSpec()), x, up)
+        s_ref, g_ref = _grad(lambda v: lif_reference(v, 2.0, 0.5, SpikeSpec(), "hard", False), x.float().cpu(), up.float().cpu())
+        assert s.dtype == g.dtype == dtype
+        assert (s.float().cpu() != s_ref).float().mean() < 0.01
+        agree = (s.float().cpu() == s_ref).all(0)
+        torch.testing.assert_close(g.float().cpu()[:, agree], g_ref[:, agree], rtol=0.05, atol=0.05)
+
+
+def check_no_grad(device):
+    x, _ = _inputs(device)
+    out = _triton().lif(x, 2.0, 0.5, SpikeSpec(), "soft", False)
+    ref = lif_reference(x.cpu(), 2.0, 0.5, SpikeSpec(), "soft", False)
+    assert out.grad_fn is None and torch.equal(out.cpu(), ref)
+
+
+def check_batchnorm_kernels(device):
+    """The Triton per-step BatchNorm pieces against torch on a channels-last [T, B, C, H, W] tensor."""
+    tl_mod = _triton()
+    T, B, C, H, W = 3, 4, 80, 5, 3  # C above one channel block, rows not a multiple of the tile
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, C, H, W, generator=g) * 2 + 3
+    dy = torch.randn(T, B, C, H, W, generator=g)
+    x, dy = (v.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(T, B, C, H, W).to(device) for v in (x, dy))
+    assert tl_mod._rows_layout(x)
+    mean, var = tl_mod.bn_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double().cpu(), dim=(1, 3, 4), correction=0)
+    torch.testing.assert_close(mean.double().cpu(), ref_mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(var.double().cpu(), ref_var, rtol=1e-5, atol=1e-5)
+    scale = torch.rand(T, C, generator=g).to(device)
+    shift = torch.rand(T, C, generator=g).to(device)
+    y = tl_mod.bn_apply(x, scale, shift)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, x * scale[:, None, :, None, None] + shift[:, None, :, None, None], rtol=1e-6, atol=1e-5)
+    sdy, sdyx = tl_mod.bn_backward_sums(dy, x, mean)
+    centred = x.double().cpu() - mean.double().cpu()[:, None, :, None, None]
+    torch.testing.assert_close(sdy.double().cpu(), dy.double().cpu().sum((1, 3, 4)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sdyx.double().cpu(), (dy.double().cpu() * centred).sum((1, 3, 4)), rtol=1e-5, atol=1e-4)
+    q, a, r = (torch.rand(T, C, generator=g).to(device) for _ in range(3))
+    dx = tl_mod.bn_backward_input(dy, x, mean, q, a, r)
+    e = lambda v: v[:, None, :, None, None]  # noqa: E731
+    torch.testing.assert_close(dx, (dy - (x - e(mean)) * e(q)) * e(a) - e(r), rtol=1e-5, atol=1e-5)
+    # [T, B, C] after a linear layer: rows are samples
+    v = torch.randn(T, 6, C, generator=g).to(device)
+    m, s2 = tl_mod.bn_stats(v)
+    torch.testing.assert_close(m.cpu(), v.cpu().mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s2.cpu(), v.cpu().var(1, correction=0), rtol=1e-5, atol=1e-5)
+
+
+def run_checks(device):
+    for check in (check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
+                  check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels):
+        check(device)
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("check", [check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
+                                   check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels])
+def test_triton_kernel(check):
+    check("cuda")
+
+
+@cuda
+def test_auto_backend_uses_triton_on_cuda():
+    x, up = _inputs("cuda")
+    s, g = _grad(LIF(), x, up)
+    assert "TritonLIF" in type(LIF()(x.requires_grad_()).grad_fn).__name__
+    s_ref, g_ref = _grad(LIF(backend="reference"), x.cpu(), up.cpu())
+    assert torch.equal(s.cpu(), s_ref)
+    torch.testing.assert_close(g.cpu(), g_ref, rtol=0, atol=1e-5)
+
+
+@cuda
+def test_fused_backend_on_cuda_equals_reference_with_the_same_seed():
+    """backend='fused' on CUDA (torch operators) draws the reference's mask from torch's CUDA generator."""
+    x, up = _inputs("cuda", seed=4)
+    torch.manual_seed(5)
+    s, g = _grad(LIF(backend="fused", mask_p=0.5), x, up)
+    torch.manual_seed(5)
+    s_ref, g_ref = _grad(LIF(backend="reference", mask_p=0.5), x, up)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_saved_memory_on_cuda(p):
+    x = torch.randn(10, 4, 16, 12, 12, device="cuda").requires_grad_()
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LIF(mask_p=p)(x)
+    assert 0 < sum(saved.values()) <= x.numel() * 4 + x.numel()
+
+
+@cuda
+def test_per_step_batchnorm_on_cuda_equals_a_loop():
+    x = (torch.randn(4, 3, 8, 5, 5) * 2 + 1).cuda()
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(4, 3, 8, 5, 5)
+    up = torch.randn_like(x)
+    tbn, bn = TemporalBatchNorm(8).cuda(), torch.nn.BatchNorm2d(8).cuda()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tbn(a).backward(up)
+    torch.stack([bn(b[t]) for t in range(4)]).backward(up)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_training_step_on_cuda(amp):
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, mask_p=0.5).cuda()
+    x = torch.rand(4, 4, 2, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.float().mean(0), torch.arange(4, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- no GPU needed ----------------------------------------------------------------------------
+
+
+def test_kernels_in_triton_interpreter():
+    """The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 and pass the checks above."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", "from tests.test_cuda import run_checks; run_checks('cpu')"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -153,15 +154,14 @@ def evaluate_run(
 @app.command()
 @exit_on_user_errors
 def presets() -> None:
-    """List the presets: dataset, network, T, epochs and the paper's accuracy."""
-    table = Table(title=f"presets ({config_io.PRESET_DIR})")
-    for column in ("preset", "dataset", "network", "T", "epochs", "MSG", "TWO", "paper top-1 (%)"):
-        table.add_column(column, no_wrap=column in ("preset", "dataset", "network"))
+    """List the presets: dataset, network, T, epochs and the paper's top-1 accuracy."""
+    table = Table(title="presets (all train with MSG p = 0.5 and TWO, as the release)", box=box.SIMPLE)
+    for column in ("preset", "dataset", "network", "T", "epochs", "paper %"):
+        table.add_column(column, no_wrap=True)
     for preset_name in config_io.list_presets():
         cfg = config_io.load_preset(preset_name)
-        paper = "-" if cfg.paper.accuracy is None else f"{cfg.paper.accuracy:.2f}" + (f" ± {cfg.paper.std:.2f}" if cfg.paper.std else "")
-        table.add_row(preset_name, cfg.data.name, cfg.model.name, str(cfg.T), str(cfg.train.epochs),
-                      f"p={cfg.model.neuron.mask_p:g}", "on" if cfg.two.enabled else "off", paper)
+        paper = "-" if cfg.paper.accuracy is None else f"{cfg.paper.accuracy:.2f}"
+        table.add_row(preset_name, cfg.data.name, cfg.model.name, str(cfg.T), str(cfg.train.epochs), paper)
     console.print(table)
 
 

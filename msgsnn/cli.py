@@ -157,7 +157,7 @@ def presets() -> None:
     """List the presets: dataset, network, T, epochs and the paper's top-1 accuracy."""
     table = Table(title="presets (all train with MSG p = 0.5 and TWO, as the release)", box=box.SIMPLE)
     for column in ("preset", "dataset", "network", "T", "epochs", "paper %"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=True, min_width=len(column) if column != "T" else 2)
     for preset_name in config_io.list_presets():
         cfg = config_io.load_preset(preset_name)
         paper = "-" if cfg.paper.accuracy is None else f"{cfg.paper.accuracy:.2f}"

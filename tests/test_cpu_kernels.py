@@ -188,6 +188,7 @@ def test_pool_reuses_freed_buffers_and_never_live_ones():
 
 def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    monkeypatch.delenv("MSGSNN_CPU_KERNELS", raising=False)
     monkeypatch.setenv("MSGSNN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):

@@ -545,10 +545,11 @@ class BufferPool:
     Training repeats the same shapes every step, so buffers handed out here come
     back to the pool when torch frees their storage (the storage keeps a small
     owner object alive whose finaliser returns the block) and serve the next
-    request of the same size: the spikes and membranes of one step, the gradients
-    of its backward and the next step's activations all reuse the same memory.
-    Like CUDA's caching allocator, free blocks stay resident; :meth:`clear` drops
-    them, and at most ``limit`` bytes are kept.
+    request of the same size: the membranes and gradients freed in one step's
+    backward become the next step's activations. Buffers freed while autograd
+    records a graph (a training forward) go back to the system instead: kept, they
+    would only raise the step's peak. Like CUDA's caching allocator, free blocks
+    stay resident; :meth:`clear` drops them, and at most ``limit`` bytes are kept.
     """
 
     MIN_BYTES = 1 << 20
@@ -592,7 +593,7 @@ class BufferPool:
         numel = 1
         for n in shape:
             numel *= n
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if nbytes < self.MIN_BYTES:
             return torch.empty_strided(shape, stride, dtype=dtype)
         with self._lock:
@@ -675,7 +676,7 @@ class CpuKernels:
         """Keep bits ``[T, ceil(N/8)]`` for ``like [T, B, C, ...]``: the reference's draws, timestep T-1 first."""
         T, B, C, L = _bcl(like)
         rowbytes = (B * C * L + 7) // 8
-        bits = torch.empty(T * rowbytes, dtype=torch.uint8)
+        bits = pool.empty_strided((T * rowbytes,), (1,), torch.uint8)
         state = torch.get_rng_state()
         err = self.lib.msg_draw_mask(_ptr(state), _ptr(bits), rowbytes, T, B, C, L,
                                      int(step_layout(like) == "nlc"), _MASK_MODES[mode], keep_threshold(p))

@@ -99,13 +99,13 @@ static void mt_keep(mtstate* s, uint8_t* restrict out, int64_t n, uint32_t thr) 
 static inline void set_bit(uint8_t* row, int64_t i, int v) { row[i >> 3] |= (uint8_t)(v << (i & 7)); }
 
 /* bits[t * rowbytes ...]: bit p = keep for physical element p at timestep t. mode 0 element, 1 channel, 2 timestep. */
+/* scratch: at least C*L + L bytes */
 int msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,
-                  int nlc, int mode, uint32_t thr) {
+                  int nlc, int mode, uint32_t thr, uint8_t* scratch) {
     mtstate s; mt_load(&s, state);
     const int64_t per = mode == 0 ? C * L : (mode == 1 ? C : 1);
-    uint8_t* tmp = (uint8_t*)malloc((size_t)(per > 0 ? per : 1));
-    uint8_t* ob = (uint8_t*)malloc((size_t)(L > 0 ? L : 1));
-    if (!tmp || !ob) { free(tmp); free(ob); return 1; }
+    uint8_t* tmp = scratch;
+    uint8_t* ob = scratch + C * L;
     memset(bits, 0, (size_t)(T * rowbytes));
     for (int64_t t = T - 1; t >= 0; t--) {
         uint8_t* row = bits + t * rowbytes;
@@ -143,7 +143,6 @@ int msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, in
         }
     }
     mt_store(&s, state);
-    free(tmp); free(ob);
     return 0;
 }
 
@@ -156,6 +155,32 @@ __attribute__((constructor)) static void init_lut(void) {
         LUT[v] = w;
     }
 }
+
+/* g[i] = 0 where bit i of row is clear (row starts at a byte boundary) */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = (__mmask16)(row[i >> 3] | (row[(i >> 3) + 1] << 8));
+        _mm512_storeu_ps(g + i, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(g + i)));
+    }
+    for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
+}
+static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm512_storeu_pd(g + i, _mm512_maskz_mov_pd((__mmask8)row[i >> 3], _mm512_loadu_pd(g + i)));
+    for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
+}
+#else
+static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
+    for (int i = 0; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
+}
+static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
+    for (int i = 0; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
+}
+#endif
 
 /* ------------------------------------------------------------------ LIF */
 
@@ -231,11 +256,13 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx,  
             surr_##S(xa, g, n, sid, alpha);                                                   \
             if (bits) {                                                                       \
                 const uint8_t* row = bits + t * rowbytes + (p0 >> 3);                         \
-                for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8);    \
                 if (keep_div != 0) for (int i = 0; i < n; i++) g[i] = g[i] / kdiv;            \
-                if (fill >= 0) surr_##S(xa, fl, n, fill, alpha);                              \
-                else for (int i = 0; i < n; i++) fl[i] = 0;                                   \
-                for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : fl[i];                      \
+                if (fill < 0) keep_zero_##ct(g, row, n);                                      \
+                else {                                                                        \
+                    for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8); \
+                    surr_##S(xa, fl, n, fill, alpha);                                         \
+                    for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : fl[i];                  \
+                }                                                                             \
             }                                                                                 \
             if (hard && !detach) for (int i = 0; i < n; i++) {                                \
                 ct s = LD(gp[i]) - gv[i] * ha[i];                                             \
@@ -643,8 +670,9 @@ class CpuKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
+        self._local = threading.local()
         i64, dbl, i32, vp, u32 = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32
-        lib.msg_draw_mask.argtypes = [vp, vp, i64, i64, i64, i64, i64, i32, i32, u32]
+        lib.msg_draw_mask.argtypes = [vp, vp, i64, i64, i64, i64, i64, i32, i32, u32, vp]
         lib.msg_draw_mask.restype = i32
         for s in _DTYPES.values():
             getattr(lib, f"lif_fwd_{s}").argtypes = [vp, vp, vp, i64, i64, dbl, dbl, i32, i32]
@@ -672,16 +700,22 @@ class CpuKernels:
                 _ptr(x), _ptr(spikes), _ptr(membrane), T, N, tau, v_threshold, int(hard), torch.get_num_threads())
         return spikes, membrane
 
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """A per-thread byte buffer of at least ``nbytes``, kept between calls."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf
+
     def draw_mask(self, like: torch.Tensor, mode: str, p: float) -> tuple[torch.Tensor, int]:
         """Keep bits ``[T, ceil(N/8)]`` for ``like [T, B, C, ...]``: the reference's draws, timestep T-1 first."""
         T, B, C, L = _bcl(like)
         rowbytes = (B * C * L + 7) // 8
         bits = pool.empty_strided((T * rowbytes,), (1,), torch.uint8)
+        scratch = self._scratch(C * L + L)
         state = torch.get_rng_state()
-        err = self.lib.msg_draw_mask(_ptr(state), _ptr(bits), rowbytes, T, B, C, L,
-                                     int(step_layout(like) == "nlc"), _MASK_MODES[mode], keep_threshold(p))
-        if err:
-            raise MemoryError("msgsnn: could not allocate the MSG mask scratch buffers")
+        self.lib.msg_draw_mask(_ptr(state), _ptr(bits), rowbytes, T, B, C, L,
+                               int(step_layout(like) == "nlc"), _MASK_MODES[mode], keep_threshold(p), _ptr(scratch))
         torch.set_rng_state(state)
         return bits, rowbytes
 

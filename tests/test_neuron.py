@@ -248,3 +248,11 @@ def test_output_shape_and_dtype_follow_the_input():
         s = LIF()(x)
         assert s.shape == x.shape and s.dtype == x.dtype
         assert set(s.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("option, value", [("mask_p", "x"), ("mask_p", 1.5), ("alpha", "a"), ("alpha", 0.0),
+                                           ("v_threshold", "v"), ("tau", 0.5), ("reset", "zero"),
+                                           ("surrogate", "tanh"), ("mask_mode", "row"), ("backend", "cuda")])
+def test_a_bad_option_is_named_in_the_error(option, value):
+    with pytest.raises(ValueError, match=f"^{option}: .*{value}"):
+        LIF(**{option: value})

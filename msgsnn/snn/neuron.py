@@ -19,6 +19,7 @@ such (:func:`mark_levels`), so the next convolution may keep them as bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -79,6 +80,8 @@ def lif_forward(
     time loop inside), else a loop of torch operators.
     """
     kernels = cpu_kernels.get() if current.device.type == "cpu" else None
+    if kernels is not None and cpu_kernels.step_layout(current) is None:
+        current = current.contiguous()
     if kernels is not None and cpu_kernels.supports(current):
         return kernels.lif_forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane)
     spikes = torch.empty_like(current)
@@ -94,8 +97,11 @@ def lif_forward(
     return spikes, membrane
 
 
-def _lif_backward_torch(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset):
-    """Backward of the time loop with torch operators (any device): the fallback of the fused kernel."""
+def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+    """Gradient of the time loop w.r.t. its input from the saved ``H``: the C kernel on CPU, else torch operators."""
+    kernels = cpu_kernels.get() if membrane.device.type == "cpu" else None
+    if kernels is not None and cpu_kernels.supports(membrane):
+        return kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
     leak = 1.0 - 1.0 / tau
     grad_current = torch.empty_like(membrane)
     grad_v = torch.zeros_like(membrane[0])
@@ -118,8 +124,10 @@ def _lif_backward_torch(grad_spikes, membrane, tau, v_threshold, spec, reset_mod
 
 
 class _FusedLIF(torch.autograd.Function):
-    """The whole time loop as one autograd node.
+    """The whole time loop as one autograd node, over a pair of loop implementations.
 
+    ``forward``/``backward`` are this module's :func:`lif_forward`/:func:`lif_backward`
+    (C kernels on CPU, torch operators elsewhere) or :mod:`msgsnn.snn.triton_lif`'s (CUDA).
     Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
     else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
     backward, timestep T-1 first, exactly as the reference's autograd does
@@ -127,25 +135,25 @@ class _FusedLIF(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, current, tau, v_threshold, spec, reset_mode, detach_reset):
-        if current.device.type == "cpu" and cpu_kernels.step_layout(current) is None:
-            current = current.contiguous()
-        spikes, membrane = lif_forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
+    def forward(ctx, current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset):
+        spikes, membrane = forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
         ctx.save_for_backward(membrane)
-        ctx.params = (tau, v_threshold, spec, reset_mode, detach_reset)
+        ctx.params = (backward, tau, v_threshold, spec, reset_mode, detach_reset)
         return spikes
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_spikes):
         (membrane,) = ctx.saved_tensors
-        tau, v_threshold, spec, reset_mode, detach_reset = ctx.params
-        kernels = cpu_kernels.get() if membrane.device.type == "cpu" else None
-        if kernels is not None and cpu_kernels.supports(membrane):
-            grad = kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
-        else:
-            grad = _lif_backward_torch(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)
-        return grad, None, None, None, None, None
+        backward, *params = ctx.params
+        return (backward(grad_spikes, membrane, *params),) + (None,) * 7
+
+
+def fused_lif(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+    """Spikes through :class:`_FusedLIF` when a gradient is wanted, else the forward loop alone (nothing saved)."""
+    if torch.is_grad_enabled() and current.requires_grad:
+        return _FusedLIF.apply(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset)
+    return forward(current, tau, v_threshold, reset_mode, keep_membrane=False)[0]
 
 
 _LEVELS = "_msgsnn_levels"
@@ -215,6 +223,8 @@ class LIF(nn.Module):
         super().__init__()
         if not (isinstance(tau, (int, float)) and tau >= 1.0):
             raise ValueError(f"tau: must be a number >= 1, got {tau!r}")
+        if not isinstance(v_threshold, (int, float)):
+            raise ValueError(f"v_threshold: must be a number, got {v_threshold!r}")
         if reset not in RESETS:
             raise ValueError(f"reset: unknown '{reset}'; choose one of {', '.join(RESETS)}")
         if backend not in BACKENDS:
@@ -224,7 +234,8 @@ class LIF(nn.Module):
         self.reset = reset
         self.detach_reset = bool(detach_reset)
         self.backend = backend
-        self.spec = SpikeSpec(surrogate, float(alpha), float(mask_p), mask_mode, mask_fill, bool(rescale))
+        spec = SpikeSpec(surrogate, alpha, mask_p, mask_mode, mask_fill, bool(rescale))  # validates before converting
+        self.spec = dataclasses.replace(spec, alpha=float(alpha), mask_p=float(mask_p))
 
     @property
     def mask_p(self) -> float:
@@ -249,7 +260,7 @@ class LIF(nn.Module):
         triton_lif = _triton_lif() if current.is_cuda and self.backend in ("auto", "triton") else None
         if triton_lif is not None and triton_lif.supports(current):
             try:
-                return triton_lif.lif(current, *args)
+                return fused_lif(current, triton_lif.lif_forward, triton_lif.lif_backward, *args)
             except Exception as err:  # noqa: BLE001 - e.g. no compiler for this GPU: use the torch path
                 if self.backend == "triton":
                     raise
@@ -257,6 +268,4 @@ class LIF(nn.Module):
         if self.backend == "triton":
             raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
                              "use 'auto' to fall back to 'fused'")
-        if not (torch.is_grad_enabled() and current.requires_grad):
-            return lif_forward(current, self.tau, self.v_threshold, self.reset, keep_membrane=False)[0]
-        return _FusedLIF.apply(current, *args)
+        return fused_lif(current, lif_forward, lif_backward, *args)

@@ -155,7 +155,10 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if step_layout(x) is not None else x.contiguous()
 
 
-def _forward(current: torch.Tensor, tau: float, v_threshold: float, hard: bool, keep_membrane: bool):
+def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
+    """Spikes of ``current [T, B, ...]`` and, if asked, the pre-spike membrane ``H``: one program per block of neurons."""
+    current = _dense(current)
+    hard = reset_mode == "hard"
     T, N = current.shape[0], current[0].numel()
     spikes = torch.empty_like(current)
     membrane = torch.empty_like(current) if keep_membrane else spikes
@@ -165,8 +168,10 @@ def _forward(current: torch.Tensor, tau: float, v_threshold: float, hard: bool, 
     return spikes, (membrane if keep_membrane else None)
 
 
-def _backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, hard: bool,
-              detach_reset: bool) -> torch.Tensor:
+def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str,
+                 detach_reset: bool) -> torch.Tensor:
+    """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from a fresh seed (never stored)."""
+    hard = reset_mode == "hard"
     T, N = membrane.shape[0], membrane[0].numel()
     if grad.stride() != membrane.stride() or grad.dtype != membrane.dtype:
         grad = torch.empty_like(membrane).copy_(grad)
@@ -186,33 +191,6 @@ def _backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshol
         HARD=hard, DETACH=bool(detach_reset), SURR=SURROGATES[spec.surrogate], FILL=fill, MASK=mask,
         NLC=step_layout(membrane) == "nlc" and membrane.dim() == 5, RESCALE=rescale, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
-
-
-class _TritonLIF(torch.autograd.Function):
-    """The time loop as one autograd node on the GPU; saves only ``H``."""
-
-    @staticmethod
-    def forward(ctx, current, tau, v_threshold, spec, reset_mode, detach_reset):
-        current = _dense(current)
-        spikes, membrane = _forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane=True)
-        ctx.save_for_backward(membrane)
-        ctx.params = (tau, v_threshold, spec, reset_mode, detach_reset)
-        return spikes
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_spikes):
-        (membrane,) = ctx.saved_tensors
-        tau, v_threshold, spec, reset_mode, detach_reset = ctx.params
-        grad = _backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
-        return grad, None, None, None, None, None
-
-
-def lif(current: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str, detach_reset: bool) -> torch.Tensor:
-    """Spikes of ``current [T, B, ...]``; differentiable when grad mode is on and the input requires grad."""
-    if torch.is_grad_enabled() and current.requires_grad:
-        return _TritonLIF.apply(current, tau, v_threshold, spec, reset_mode, detach_reset)
-    return _forward(_dense(current), tau, v_threshold, reset_mode == "hard", keep_membrane=False)[0]
 
 
 # --------------------------------------------------------------------------- per-timestep BatchNorm

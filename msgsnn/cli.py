@@ -44,11 +44,11 @@ def exit_on_user_errors(fn: Callable) -> Callable:
             raise fail("interrupted", KeyboardInterrupt("stopped by the user"), 130) from None
         except Exception as err:
             from msgsnn.data import BadSample, DatasetMissing  # imported here: keeps `msgsnn --help` fast
-            from msgsnn.engine.errors import UserError
+            from msgsnn.engine.errors import PeerFailed, UserError
 
-            if isinstance(err, (ConfigError, DatasetMissing)):
-                raise fail("error", err, 2) from None
-            if isinstance(err, (UserError, BadSample)):
+            if isinstance(err, PeerFailed):  # rank 0 has printed the reason
+                raise typer.Exit(err.exit_code) from None
+            if isinstance(err, (ConfigError, DatasetMissing, UserError, BadSample)):
                 raise fail("error", err, getattr(err, "exit_code", 1)) from None
             if os.environ.get("MSGSNN_DEBUG"):
                 traceback.print_exc()

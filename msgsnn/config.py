@@ -28,6 +28,8 @@ MASK_FILLS = ("zero",) + SURROGATES
 class ConfigError(ValueError):
     """A configuration value the user must fix; the message names the key."""
 
+    exit_code = 2  # a usage error, as the CLI reports it
+
 
 def _choice(*values: str, default: str) -> Any:
     return field(default=default, metadata={"choices": values})

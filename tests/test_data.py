@@ -25,7 +25,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 from msgsnn.config import ConfigError, RunConfig
-from msgsnn.data import BadSample, DatasetMissing, build_datasets, list_datasets, resolve_root
+from msgsnn.data import BadSample, DatasetMissing, build_datasets, check_datasets, list_datasets, resolve_root
 from msgsnn.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
 from msgsnn.data.emulator import SaccadeDVS
 from msgsnn.data.frames import FrameSpec, event_counts, events_to_frames, resize
@@ -133,6 +133,22 @@ def test_missing_dataset_names_layout_without_downloading(tmp_path, monkeypatch,
         build_datasets(config(tmp_path, name))
     message = str(err.value)
     assert "\n" not in message and message.startswith(name) and layout in message and "http" in message
+
+
+@pytest.mark.parametrize("name", ["cifar10dvs", "ncaltech101", "dvsgesture", "nmnist", "cifar10", "cifar100", "imagenet"])
+def test_check_datasets_stops_as_the_builder_does_without_reading(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(tonic.dataset, "download_and_extract_archive", _no_download)
+    with pytest.raises(DatasetMissing) as checked:
+        check_datasets(config(tmp_path, name))
+    with pytest.raises(DatasetMissing) as built:
+        build_datasets(config(tmp_path, name))
+    assert str(checked.value) == str(built.value)
+
+
+def test_check_datasets_passes_when_the_files_are_in_place(tmp_path):
+    write_cifar10dvs(tmp_path / "data", {"airplane": 2})
+    check_datasets(config(tmp_path, "cifar10dvs"))  # the full count is the builder's business
+    check_datasets(config(tmp_path, "synthetic"))  # generated: nothing to check
 
 
 def test_partly_extracted_dataset_is_missing_not_downloaded(tmp_path, monkeypatch):

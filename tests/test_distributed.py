@@ -55,3 +55,17 @@ def test_torchrun_runs_the_cli_under_ddp(tmp_path):
     metrics = (tmp_path / "out" / "digits-dvs" / "metrics.csv").read_text().strip().splitlines()
     assert len(metrics) == 1 + 2  # header + one row per epoch, written once
     assert len(list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))) == 1
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_missing_dataset_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 finds the data missing; the other rank must not wait at a barrier or print a second error."""
+    args = [a.replace("data.name=synthetic", "data.name=cifar10dvs") for a in tiny_cli_args(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "msgsnn", "train", *args, "--quiet", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: cifar10dvs:") and "CIFAR10DVS.zip" in errors[0], output
+    assert "exitcode  : 2" in output  # every rank exited with the CLI's code for missing data

@@ -15,6 +15,7 @@ from msgsnn.config import ConfigError
 from msgsnn.engine import sweep as sweeps
 from msgsnn.engine.errors import UserError
 from tests.conftest import tiny_cli_args, tiny_config
+from tests.test_data import write_cifar10dvs
 
 
 def invoke(*args):
@@ -59,14 +60,15 @@ def test_a_second_coordinator_is_kept_out_of_a_running_sweep(tmp_path):
 
 def test_sweep_runs_points_in_parallel_records_failures_skips_finished_and_resumes(tmp_path):
     args = ["sweep", "--out", tmp_path, "--name", "demo", "--mask-p", "0.5", "--jobs", "2", *tiny_cli_args(tmp_path)]
-    # nmnist is not on disk: that point fails, the sweep goes on
-    result = invoke(*args, "--grid", "data.name=synthetic,nmnist")
+    # cifar10dvs is only partly extracted, which the up-front file check cannot see: that point fails, the sweep goes on
+    write_cifar10dvs(tmp_path / "data", {"airplane": 2})
+    result = invoke(*args, "--grid", "data.name=synthetic,cifar10dvs")
     assert result.exit_code != 0 and "1 of 2 runs did not finish" in result.output, result.output
     sweep = tmp_path / "sweeps" / "demo"
     table = pd.read_csv(sweep / "sweep.csv", keep_default_na=False).set_index("data.name")
     assert list(table.columns) == ["run", "model.neuron.mask_p", "seed", "status", "best_test_acc", "final_test_acc",
                                    "epochs", "seconds", "error"]
-    assert table.loc["nmnist", "status"] == "failed" and "nmnist" in table.loc["nmnist", "error"].lower()
+    assert table.loc["cifar10dvs", "status"] == "failed" and "only 2 *.aedat4 files" in table.loc["cifar10dvs", "error"]
     done = table.loc["synthetic"]
     assert done["status"] == "finished" and done["error"] == ""
     run = sweep / done["run"]
@@ -111,3 +113,11 @@ def test_ray_backend_runs_points_as_tasks_on_a_local_instance(tmp_path):
     table = pd.read_csv(plan.directory / "sweep.csv")
     assert list(table["model.neuron.mask_p"]) == [0.25] and list(table["epochs"]) == [1]
     assert (plan.directory / "mask_p=0.25_seed=42" / "summary.json").exists()
+
+
+def test_a_missing_dataset_stops_the_sweep_before_any_run_starts(tmp_path):
+    args = [a.replace("data.name=synthetic", "data.name=nmnist") for a in tiny_cli_args(tmp_path)]
+    result = invoke("sweep", *args, "--mask-p", "0,0.5", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: nmnist:") and "NMNIST/train.zip" in result.output
+    assert not (tmp_path / "out").exists()  # no sweep folder, no run folders, no logs

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from msgsnn.data import DatasetMissing
 from msgsnn.engine import checkpoint
 from msgsnn.engine import train as train_module
 from msgsnn.engine.errors import NonFiniteLoss, RunExists, UserError
@@ -65,6 +66,19 @@ def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
     with pytest.raises(RunExists, match="--resume.*--overwrite"):
         train(cfg, tmp_path / "out", progress=False)
     train(cfg, tmp_path / "out", overwrite=True, progress=False)
+
+
+def test_a_run_that_stopped_before_its_first_epoch_is_reused(tmp_path, monkeypatch):
+    """A missing dataset leaves config.yaml and train.log only: the same command works once the data is there."""
+    cfg = tiny_config(tmp_path, train__epochs=1)
+    monkeypatch.setattr(train_module, "build_datasets", lambda *a, **k: (_ for _ in ()).throw(DatasetMissing("gone")))
+    with pytest.raises(DatasetMissing):
+        train(cfg, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / cfg.name / "config.yaml").exists()
+    with pytest.raises(UserError, match="no finished epoch to resume"):
+        train(cfg, tmp_path / "out", resume=True, progress=False)
+    monkeypatch.undo()
+    assert train(cfg, tmp_path / "out", progress=False).summary["status"] == "finished"
 
 
 def test_an_unwritable_output_directory_is_a_user_error(tmp_path):

@@ -142,8 +142,9 @@ class TonicRecordings:
         return events
 
 
-def check_layout(source: TonicDataset, root: Path) -> None:
+def check_tonic(source: TonicDataset, cfg: RunConfig) -> None:
     """Raise :class:`DatasetMissing` unless every archive and some extracted files are present."""
+    root = resolve_root(cfg.data.root)
     base = root / source.folder
     for part in source.parts.values():
         if not (base / part.archive).is_file():
@@ -156,7 +157,7 @@ def open_offline(source: TonicDataset, root: Path, part: Part) -> tonic.Dataset:
     """tonic's dataset object for ``part``, built with its ``download`` turned into DatasetMissing.
 
     tonic downloads when it finds fewer files than the full dataset has; after
-    :func:`check_layout` that only happens for a partly extracted archive.
+    :func:`check_tonic` that only happens for a partly extracted archive.
     """
     dataset = source.tonic_class.__new__(source.tonic_class)
 
@@ -184,7 +185,7 @@ def _event_split(dataset: tonic.Dataset, indices: np.ndarray, labels: np.ndarray
 def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBundle:
     """Check the layout, list the files through tonic, split them and render the frames."""
     root = resolve_root(cfg.data.root)
-    check_layout(source, root)
+    check_tonic(source, cfg)
     datasets = {split: open_offline(source, root, part) for split, part in source.parts.items()}
     if source.classes is None:
         classes = sorted({str(t) for d in datasets.values() for t in d.targets})
@@ -206,4 +207,4 @@ def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBun
 
 
 for _source in SOURCES:
-    register(_source.name, functools.partial(build_tonic, _source))
+    register(_source.name, functools.partial(build_tonic, _source), functools.partial(check_tonic, _source))

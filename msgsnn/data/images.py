@@ -86,18 +86,28 @@ def _image_info(name: str, classes: list[str], image_size: int, sensor_size, n_t
     return DatasetInfo(name, "images", classes, 3, sensor_size, (3, image_size, image_size), n_train, n_test)
 
 
-def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> DataBundle:
-    """CIFAR10/100 from torchvision's pickled batches under ``<root>/cifar-10(0)-...``."""
+def _cifar_expected(source: CifarSource, cfg: RunConfig) -> tuple[Path, Path, str]:
     root = resolve_root(cfg.data.root)
-    cls = source.torchvision_class
-    folder = root / cls.base_folder
-    expected = f"{folder} holding {', '.join(source.files())} (torchvision's python version)"
+    folder = root / source.torchvision_class.base_folder
+    return root, folder, f"{folder} holding {', '.join(source.files())} (torchvision's python version)"
+
+
+def check_cifar(source: CifarSource, cfg: RunConfig) -> None:
+    """Raise :class:`DatasetMissing` unless every pickled batch is in place."""
+    root, folder, expected = _cifar_expected(source, cfg)
     absent = [name for name in source.files() if not (folder / name).is_file()]
     if absent:
         raise DatasetMissing(
             f"{source.name}: {folder / absent[0]} not found; expected {expected}; "
-            f"get it from {cls.url} and extract it under {root} (msgsnn never downloads)"
+            f"get it from {source.torchvision_class.url} and extract it under {root} (msgsnn never downloads)"
         )
+
+
+def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> DataBundle:
+    """CIFAR10/100 from torchvision's pickled batches under ``<root>/cifar-10(0)-...``."""
+    check_cifar(source, cfg)
+    root, folder, expected = _cifar_expected(source, cfg)
+    cls = source.torchvision_class
     train_tf, test_tf = cifar_transforms(cfg.data.augment, source.mean, source.std)
     try:
         train = cls(str(root), train=True, transform=train_tf, download=False)
@@ -109,21 +119,35 @@ def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> 
     return DataBundle(train, test, _image_info(source.name, list(train.classes), 32, (32, 32, 3), len(train), len(test)))
 
 
+def _imagenet_missing(cfg: RunConfig, problem: str) -> DatasetMissing:
+    root = resolve_root(cfg.data.root) / "imagenet"
+    return DatasetMissing(
+        f"imagenet: {problem}; expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG "
+        "(ILSVRC2012 from https://image-net.org, val sorted into class folders)"
+    )
+
+
+def check_imagenet(cfg: RunConfig) -> None:
+    """Raise :class:`DatasetMissing` unless both split folders exist."""
+    root = resolve_root(cfg.data.root) / "imagenet"
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise _imagenet_missing(cfg, f"{root / split} not found")
+
+
 def build_imagenet(cfg: RunConfig, progress: bool = False) -> DataBundle:
     """ImageNet as two torchvision ImageFolders, ``<root>/imagenet/{train,val}/<wnid>/*.JPEG``."""
+    check_imagenet(cfg)
     root = resolve_root(cfg.data.root) / "imagenet"
     train_tf, test_tf = imagenet_transforms(cfg.data.augment)
     try:
         train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
         test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
     except OSError as err:
-        raise DatasetMissing(
-            f"imagenet: {err}; expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG "
-            "(ILSVRC2012 from https://image-net.org, val sorted into class folders)"
-        ) from None
+        raise _imagenet_missing(cfg, str(err)) from None
     return DataBundle(train, test, _image_info("imagenet", list(train.classes), 224, None, len(train), len(test)))
 
 
 for _source in CIFARS:
-    register(_source.name, functools.partial(build_cifar, _source))
-register("imagenet", build_imagenet)
+    register(_source.name, functools.partial(build_cifar, _source), functools.partial(check_cifar, _source))
+register("imagenet", build_imagenet, check_imagenet)

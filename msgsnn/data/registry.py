@@ -23,6 +23,8 @@ from .split import class_balanced_weights
 class DatasetMissing(Exception):
     """The dataset is not on disk in the layout msgsnn reads; the message says where to get it."""
 
+    exit_code = 2  # a usage error, as the CLI reports it
+
 
 class BadSample(Exception):
     """A recording msgsnn cannot turn into frames; the message names the file and the fault."""
@@ -67,12 +69,20 @@ class DataBundle:
 
 
 Builder = Callable[[RunConfig, bool], DataBundle]
+Check = Callable[[RunConfig], None]
 _BUILDERS: dict[str, Builder] = {}
+_CHECKS: dict[str, Check] = {}
 
 
-def register(name: str, builder: Builder) -> None:
-    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``."""
+def register(name: str, builder: Builder, check: Check | None = None) -> None:
+    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``.
+
+    ``check(cfg)``, for data read from disk, raises :class:`DatasetMissing` from file tests
+    alone, so a sweep can stop before it starts a single run.
+    """
     _BUILDERS[name] = builder
+    if check is not None:
+        _CHECKS[name] = check
 
 
 def list_datasets() -> list[str]:
@@ -92,12 +102,22 @@ def build_datasets(cfg: RunConfig, progress: bool = True) -> DataBundle:
     downloaded) and :class:`BadSample` for an unusable recording unless
     ``cfg.data.skip_bad_samples`` is set.
     """
-    name = cfg.data.name
+    bundle = _builder(cfg.data.name)(cfg, progress)
+    if cfg.data.balanced_sampler:
+        bundle.sample_weights = class_balanced_weights(bundle.train.targets)
+    return bundle
+
+
+def check_datasets(cfg: RunConfig) -> None:
+    """Raise :class:`DatasetMissing` now if ``cfg``'s dataset is not on disk; reads no sample."""
+    _builder(cfg.data.name)
+    if cfg.data.name in _CHECKS:
+        _CHECKS[cfg.data.name](cfg)
+
+
+def _builder(name: str) -> Builder:
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, list(_BUILDERS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"data.name: unknown dataset '{name}'{hint}; available: {', '.join(list_datasets())}")
-    bundle = _BUILDERS[name](cfg, progress)
-    if cfg.data.balanced_sampler:
-        bundle.sample_weights = class_balanced_weights(bundle.train.targets)
-    return bundle
+    return _BUILDERS[name]

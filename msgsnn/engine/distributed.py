@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -47,6 +50,32 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def main_first(ctx: DistContext, fn: Callable[[], Result], *, others: bool = True) -> Result | None:
+    """Run ``fn`` on rank 0, then (``others``) on the other ranks, e.g. so rank 0 alone fills a cache.
+
+    If rank 0 fails, it raises as usual and every other rank raises :class:`PeerFailed`
+    with the same exit code instead of waiting at a barrier for a peer that is gone.
+    """
+    if not ctx.enabled:
+        return fn()
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as err:
+            dist.broadcast_object_list([(f"{type(err).__name__}: {err}", getattr(err, "exit_code", 1))], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return result
+    outcome = [None]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        from msgsnn.engine.errors import PeerFailed
+
+        message, code = outcome[0]
+        raise PeerFailed(f"rank 0 stopped: {message}", code)
+    return fn() if others else None
 
 
 def barrier(ctx: DistContext) -> None:

@@ -21,3 +21,11 @@ class Interrupted(UserError):
     """SIGINT/SIGTERM: a checkpoint was saved; ``--resume`` continues exactly."""
 
     exit_code = 130
+
+
+class PeerFailed(UserError):
+    """Another process of a ``torchrun`` job stopped with an error (it printed it); this one exits quietly."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -73,14 +73,19 @@ class RunDirectory:
     best = property(lambda self: self.path / "checkpoints" / "best.pt")
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Create the folder, refusing to clobber an existing run unless asked to."""
-        if self.path.exists() and any(self.path.iterdir()):
+        """Create the folder, refusing to clobber a run that recorded an epoch unless asked to.
+
+        A folder left by a run that stopped before its first epoch (e.g. its dataset was
+        missing) holds nothing to lose and is reused, so the same command works once the
+        problem is fixed.
+        """
+        if self.has_progress():
             if overwrite:
                 shutil.rmtree(self.path)
             elif not resume:
                 raise RunExists(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         elif resume:
-            raise UserError(f"--resume: there is no run at {self.path} to resume")
+            raise UserError(f"--resume: {self.path} holds no finished epoch to resume from; run without --resume")
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -88,6 +93,10 @@ class RunDirectory:
             probe.unlink()
         except OSError as err:
             raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
+
+    def has_progress(self) -> bool:
+        """True once an epoch is on record (metrics or a checkpoint)."""
+        return self.metrics.exists() or self.summary.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         write_atomic(self.metrics, csv_text(rows))

@@ -281,6 +281,15 @@ def point_job(sweep: Sweep, point: Point, state: str, overwrite: bool) -> Job:
     return Job(point, command, str(run_dir), str(sweep.directory / "logs" / f"{point.name}.log"), {"PYTHONPATH": python_path})
 
 
+def check_data(sweep: Sweep, overwrite: bool) -> None:
+    """Stop before any run starts if a dataset that an unfinished point needs is not on disk."""
+    from msgsnn.data import check_datasets
+
+    unfinished = [p.config for p in sweep.points if overwrite or run_state(sweep.directory / p.name) != "finished"]
+    for cfg in {repr(cfg.data): cfg for cfg in unfinished}.values():
+        check_datasets(cfg)
+
+
 def run_sweep(sweep: Sweep, *, jobs: int = 1, backend: str = "local", ray_address: str | None = None,
               overwrite: bool = False, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every point that has not finished; returns the sweep.csv rows (one per point)."""
@@ -288,6 +297,8 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, backend: str = "local", ray_addres
         raise ConfigError(f"--backend: {backend!r} is not allowed; choose one of local, ray")
     if jobs < 1:
         raise ConfigError(f"--jobs: must be at least 1, got {jobs}")
+    if backend == "local":  # a Ray cluster's nodes may hold the data where this machine does not
+        check_data(sweep, overwrite)
     sweep.directory.mkdir(parents=True, exist_ok=True)
     with sweep_lock(sweep.directory):
         config_io.save(sweep.base, sweep.directory / BASE_CONFIG)

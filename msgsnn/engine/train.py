@@ -138,20 +138,18 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     name = cfg.name or cfg.preset or "run"
     run = RunDirectory(Path(out_dir) / name)
-    if ctx.is_main:
+    cfg.name = name
+
+    def prepare_run_directory() -> None:
         run.prepare(resume=resume, overwrite=overwrite)
-        cfg.name = name
         config_io.save(cfg, run.config)
+
+    distributed.main_first(ctx, prepare_run_directory, others=False)
     setup_logging(run.log if ctx.is_main else None)
-    distributed.barrier(ctx)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    # ---- data (rank 0 builds the cache first)
-    if not ctx.is_main:
-        distributed.barrier(ctx)
-    bundle = build_datasets(cfg, progress=progress and ctx.is_main)
-    if ctx.is_main:
-        distributed.barrier(ctx)
+    # ---- data (rank 0 builds the cache first; if it cannot, every rank stops)
+    bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=progress and ctx.is_main))
     info = bundle.info
     log.info("data %s: %d train / %d test samples, input %s, %d classes", info.name, info.n_train, info.n_test, info.input_shape, info.num_classes)
     pin = ctx.device.type == "cuda"

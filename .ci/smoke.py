@@ -1,7 +1,19 @@
-"""Run every command of the README's tour, so the docs cannot drift from the code.
+"""Run every command of the README, so the docs cannot drift from the code.
 
-The main job runs exactly as written (it is the README's claim: accuracy and time are printed);
-the other train and sweep commands get ``--limit-batches 3`` so the step stays within minutes.
+Every shell line of every ``bash`` block and every inline code span that starts with
+``msgsnn``, ``python``, ``torchrun`` or ``pip`` is a command (spans with ``<placeholders>`` are
+syntax, not commands). Each runs in README order with one of these expectations:
+
+* ``ok``: exit 0. The main job runs exactly as written (the README quotes its accuracy and
+  time); the other ``train``/``sweep`` commands get ``--limit-batches 3`` and the benchmarks
+  tiny sizes, so the step stays within minutes.
+* ``offline``: the commands of "Multi-GPU" and "Reproducing the paper" need the real datasets,
+  which CI does not have: they must stop with a non-zero exit and one ``error:`` line saying
+  what is missing (the dataset's expected layout, or the sweep that was not run), never start a
+  download and never print a traceback of ours.
+* ``no-cuda``: GPU-only commands on a machine without CUDA must stop with one clear line.
+
+``python -m pytest -q`` is the step of ``.ci/run`` just before this one and is not repeated.
 """
 
 from __future__ import annotations
@@ -11,27 +23,127 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-readme = Path(__file__).resolve().parent.parent / "README.md"
-text = readme.read_text()
-tour = text.split("## A tour of the commands", 1)[1]
-block = re.search(r"```bash\n(.*?)```", tour, re.S).group(1)
-commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip().startswith("msgsnn ")]
-main_job = re.search(r"&& (msgsnn train --preset digits-dvs)\n", text).group(1)
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_SECTIONS = ("Multi-GPU", "Reproducing the paper")
+PROGRAMS = ("msgsnn", "python", "torchrun", "pip")
+MAIN_JOB = "msgsnn train --preset digits-dvs"
+TEST_COMMAND = "python -m pytest -q"
+TINY = {
+    "benchmarks/step.py": ["--batch", "2", "--T", "2", "--size", "16", "--warmup", "1", "--rounds", "1"],
+    "benchmarks/data.py": ["--clips", "64", "--batch", "16", "--epochs", "1"],
+}
 
-failures = 0
-for command in [main_job, *commands]:
+
+@dataclass
+class Step:
+    """One README command, what CI actually runs for it and what it must do."""
+
+    section: str
+    command: str
+    args: list[str] = field(default_factory=list)
+    expect: str = "ok"  # ok | offline | no-cuda
+    cwd: Path | None = None  # None: the scratch folder CI runs in
+
+
+def readme_commands(text: str) -> list[tuple[str, str]]:
+    """``(section, command)`` for every command in the README, in order, each once."""
+    found: list[tuple[str, str]] = []
+    section, prose, in_fence, fence_lang = "", [], False, ""
+
+    def flush_prose() -> None:
+        for span in re.findall(r"`([^`]+)`", " ".join(prose)):
+            if span.split()[0] in PROGRAMS and "<" not in span:
+                found.append((section, span))
+        prose.clear()
+
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_fence, fence_lang = not in_fence, line[3:].strip()
+            continue
+        if in_fence:
+            if fence_lang == "bash" and line.strip() and not line.lstrip().startswith("#"):
+                found.extend((section, part.strip()) for part in strip_comment(line).split("&&"))
+            continue
+        if line.startswith("#"):
+            flush_prose()
+            section = line.lstrip("#").strip()
+        else:
+            prose.append(line)
+    flush_prose()
+    seen: set[str] = set()
+    return [(s, c) for s, c in found if not (c in seen or seen.add(c))]
+
+
+def strip_comment(line: str) -> str:
+    """The shell line without a trailing ``# comment`` (a ``#`` inside quotes or a word is kept)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].strip()
+    return line.strip()
+
+
+def plan(section: str, command: str, cuda: bool) -> Step | None:
+    """What CI runs for ``command``; None for the test command, run by ``.ci/run`` itself."""
+    if command == TEST_COMMAND:
+        return None
     args = shlex.split(command)
-    if command is not main_job and args[1] in ("train", "sweep"):
-        args += ["--limit-batches", "3"]
-    print(f"\n$ {shlex.join(args)}", flush=True)
-    start = time.time()
-    done = subprocess.run(args, text=True)
-    print(f"-> exit {done.returncode} in {time.time() - start:.0f}s", flush=True)
-    failures += done.returncode != 0
-    if command is main_job:
-        summary = Path("results/digits-dvs/summary.json").read_text()
-        print(f"main job summary: {summary}", flush=True)
-print(f"\nsmoke: {len(commands) + 1 - failures} passed, {failures} failed")
-sys.exit(1 if failures else 0)
+    step = Step(section, command, args)
+    if args[0] == "pip":
+        step.cwd = REPO
+    elif any(section.startswith(s) for s in OFFLINE_SECTIONS):
+        step.expect = "offline"
+    elif "--device" in args and args[args.index("--device") + 1] == "cuda" and not cuda:
+        step.expect = "no-cuda"
+    elif args[0] == "python" and len(args) > 1 and args[1] in TINY:
+        step.args = [sys.executable, str(REPO / args[1]), *args[2:], *TINY[args[1]]]
+    elif args[0] == "python":
+        step.args, step.cwd = [sys.executable, *args[1:]], REPO
+    elif command != MAIN_JOB and args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
+        step.args = [*args, "--limit-batches", "3"]
+    return step
+
+
+def passed(step: Step, done: subprocess.CompletedProcess) -> tuple[bool, str]:
+    output = done.stdout + done.stderr
+    if step.expect == "ok":
+        return done.returncode == 0, f"exit {done.returncode}"
+    ours = [line for line in output.splitlines() if line.startswith("error:")]  # not "internal error:"
+    # torchrun prints a traceback of its own when a rank fails; ours must not
+    traceback_ok = step.args[0] == "torchrun" or "Traceback" not in output
+    ok = done.returncode != 0 and traceback_ok and bool(ours)
+    if step.expect == "no-cuda":
+        ok = ok and "CUDA" in ours[0]
+    return ok, f"exit {done.returncode}, stopped with: {ours[:1]}"
+
+
+def main() -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    steps = [s for s in (plan(sec, cmd, cuda) for sec, cmd in readme_commands((REPO / "README.md").read_text())) if s]
+    failures = 0
+    for step in steps:
+        print(f"\n[{step.section}] $ {step.command}\n  runs: {shlex.join(step.args)}  (expect {step.expect})", flush=True)
+        start = time.time()
+        done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd)
+        ok, why = passed(step, done)
+        tail = (done.stdout + done.stderr).strip().splitlines()[-6:]
+        print("\n".join(f"  | {line}" for line in tail))
+        print(f"  -> {'ok' if ok else 'FAILED'} ({why}) in {time.time() - start:.0f}s", flush=True)
+        failures += not ok
+        if step.command == MAIN_JOB and ok:
+            print(f"  main job summary: {Path('results/digits-dvs/summary.json').read_text()}", flush=True)
+    print(f"\nsmoke: {len(steps) - failures} of {len(steps)} README commands behaved as documented")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

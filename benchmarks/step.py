@@ -327,6 +327,11 @@ def main(argv=None) -> int:
     precisions = ["fp32"] + (["bf16"] if args.amp == "bf16" else [])
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible to torch here; run on a GPU machine or use --device cpu",
+              file=sys.stderr)
+        return 2
+
     print(f"# {args.network} one training step, input [B={args.batch}, T={args.T}, {args.channels}, {args.size}, {args.size}], "
           f"device={args.device}, threads={args.threads}, torch {torch.__version__}, "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds", flush=True)

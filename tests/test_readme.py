@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from msgsnn import config as config_io
@@ -33,3 +36,54 @@ def test_reproduction_command_stops_before_any_download_without_data(command, tm
     assert "Traceback" not in result.output
     assert str(tmp_path) in result.output  # names where the files must be placed
     assert not any(tmp_path.rglob("*.zip")) and not any(tmp_path.rglob("*.tar*"))
+
+
+def test_library_snippet_runs_as_written():
+    snippet = re.search(r"## The library\n+```python\n(.*?)```", README, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "README.md (The library)", "exec"), scope)
+    two, lif = scope["two"], scope["lif"]
+    assert scope["logits"].shape == (6, 4, 10)
+    assert lif.mask_p == 0.5 and "factors" in two.state_dict()
+    assert torch.equal(two.factors, torch.ones(6)) and two.seen.item() == 0  # epoch 0 is in the warm-up; counts reset
+    assert scope["spikes"].shape == (6, 4, 32) and set(scope["spikes"].unique().tolist()) <= {0.0, 1.0}
+
+
+def _smoke():
+    spec = importlib.util.spec_from_file_location("ci_smoke", Path(__file__).resolve().parent.parent / ".ci" / "smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_smoke_runs_every_readme_command():
+    smoke = _smoke()
+    commands = smoke.readme_commands(README)
+    planned = {command: smoke.plan(section, command, cuda=False) for section, command in commands}
+    # every shell line and inline command in the README has a plan, none is silently dropped
+    shell_lines = [
+        line for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines() if line.strip()
+    ]
+    assert len(commands) >= len(shell_lines) + 5
+    for line in shell_lines:
+        for part in smoke.strip_comment(line).split("&&"):
+            assert part.strip() in planned, part
+    for inline in ('pip install -e ".[ray]"', "python benchmarks/step.py --amp bf16", "python benchmarks/data.py"):
+        assert planned[inline].expect == "ok", inline
+    assert planned["python benchmarks/step.py --device cuda --batch 64"].expect == "no-cuda"
+    assert planned["python -m pytest -q"] is None  # .ci/run's own step
+    main_job = planned["msgsnn train --preset digits-dvs"]
+    assert main_job.args == ["msgsnn", "train", "--preset", "digits-dvs"] and main_job.expect == "ok"
+    expectations = {step.expect for step in planned.values() if step}
+    assert expectations == {"ok", "offline", "no-cuda"}
+    for command in COMMANDS:  # the paper's rows need their datasets: CI checks the offline stop
+        assert planned[command].expect == "offline"
+    torchrun = next(c for c in planned if c.startswith("torchrun"))
+    assert planned[torchrun].expect == "offline"
+
+
+def test_smoke_strips_comments_but_not_quoted_hashes():
+    smoke = _smoke()
+    assert smoke.strip_comment('msgsnn analyze grads results/x   # Fig. 1') == "msgsnn analyze grads results/x"
+    assert smoke.strip_comment("msgsnn train --name 'a #b' --set x=c#d") == "msgsnn train --name 'a #b' --set x=c#d"

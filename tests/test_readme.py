@@ -73,6 +73,8 @@ def test_ci_smoke_runs_every_readme_command():
         assert planned[inline].expect == "ok", inline
     assert planned["python benchmarks/step.py --device cuda --batch 64"].expect == "no-cuda"
     assert planned["python -m pytest -q"] is None  # .ci/run's own step
+    for command in planned:  # prose must not quote a fragment such as `pip install` as if it were a command
+        assert len(shlex.split(command)) >= (3 if command.startswith(("pip", "python -m")) else 2), command
     main_job = planned["msgsnn train --preset digits-dvs"]
     assert main_job.args == ["msgsnn", "train", "--preset", "digits-dvs"] and main_job.expect == "ok"
     expectations = {step.expect for step in planned.values() if step}

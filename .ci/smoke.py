@@ -98,16 +98,14 @@ def plan(section: str, command: str, cuda: bool) -> Step | None:
     step = Step(section, command, args)
     if args[0] == "pip":
         step.cwd = REPO
-    elif any(section.startswith(s) for s in OFFLINE_SECTIONS):
+    elif args[0] == "python":  # scripts and test paths are relative to the repository
+        step.args, step.cwd = [sys.executable, *args[1:], *TINY.get(args[1], [])], REPO
+    elif command != MAIN_JOB and args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
+        step.args = [*args, "--limit-batches", "3"]
+    if any(section.startswith(s) for s in OFFLINE_SECTIONS):
         step.expect = "offline"
     elif "--device" in args and args[args.index("--device") + 1] == "cuda" and not cuda:
         step.expect = "no-cuda"
-    elif args[0] == "python" and len(args) > 1 and args[1] in TINY:
-        step.args = [sys.executable, str(REPO / args[1]), *args[2:], *TINY[args[1]]]
-    elif args[0] == "python":
-        step.args, step.cwd = [sys.executable, *args[1:]], REPO
-    elif command != MAIN_JOB and args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
-        step.args = [*args, "--limit-batches", "3"]
     return step
 
 

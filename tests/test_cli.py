@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -64,3 +66,10 @@ def test_train_then_eval_then_refuse_to_clobber(tmp_path):
     assert abs(report["test_acc"] - summary["final_test_acc"]) < 1e-6  # same checkpoint, same test set
     bad = invoke("eval", str(tmp_path))
     assert bad.exit_code != 0 and "not a run directory" in bad.output
+
+
+def test_the_command_line_loads_without_torch_pandas_or_matplotlib():
+    """`msgsnn --help` and typos answer at once: the heavy packages load inside the commands."""
+    code = "import sys, msgsnn.cli; print(sorted({'torch', 'pandas', 'matplotlib', 'torchvision'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,4 +1,7 @@
-"""``msgsnn analyze ...``: the paper's figures and tables from your own runs (thin over msgsnn.analysis)."""
+"""``msgsnn analyze ...``: the paper's figures and tables from your own runs (thin over msgsnn.analysis).
+
+The analysis modules (torch, matplotlib) are imported inside the commands, so ``msgsnn --help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from msgsnn.analysis import figures, firing, grads, runs, stats
 from msgsnn.engine.errors import UserError
 from msgsnn.engine.sweep_cli import user_errors
 
@@ -25,6 +27,8 @@ METRIC = typer.Option("best", help="Which test accuracy of each run: best or fin
 
 
 def show(report: runs.Report, gaps: list[str]) -> None:
+    from msgsnn.analysis import stats
+
     if report.table is not None:
         console.print(stats.rich_table(report.table, report.title))
     for gap in gaps + report.gaps:
@@ -35,6 +39,8 @@ def show(report: runs.Report, gaps: list[str]) -> None:
 
 def select(paths: list[Path], choose: Callable) -> tuple[list[runs.Run], list[str]]:
     """Read ``paths``, keep the runs ``choose`` accepts; nothing left is an error listing why."""
+    from msgsnn.analysis import runs
+
     found, gaps = runs.collect_runs(paths)
     kept, left_out = choose(found)
     gaps += left_out
@@ -62,6 +68,7 @@ def grads_command(
 ) -> None:
     """Fig. 1: dS/dV histograms under narrow/default/wide SG and MSG; non-zero fractions of dS/dV and dL/dW."""
     from msgsnn import config as config_io
+    from msgsnn.analysis import grads, runs
 
     if (run_dir is None) == (preset is None):
         raise UserError("give either a RUN_DIR or --preset (not both)")
@@ -84,6 +91,8 @@ def grads_command(
 @user_errors
 def temporal_command(run_dir: Path = typer.Argument(..., help="A run directory."), out: Optional[Path] = OUT) -> None:
     """Fig. 3: the TWO factor of every timestep against epoch."""
+    from msgsnn.analysis import figures, runs
+
     run = runs.load_run(run_dir)
     _, gaps = runs.with_epochs([run])
     if gaps:
@@ -95,6 +104,8 @@ def temporal_command(run_dir: Path = typer.Argument(..., help="A run directory."
 @user_errors
 def curves_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 4: test accuracy and training loss against epoch, runs overlaid."""
+    from msgsnn.analysis import figures, runs
+
     chosen, gaps = select(paths, runs.with_epochs)
     show(runs.Report(figures.plot_curves(chosen, runs.output_dir(paths, out)), []), gaps)
 
@@ -104,6 +115,8 @@ def curves_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
 def maskp_command(sweep_dir: Path = typer.Argument(..., help="A sweep directory (or a folder of runs)."),
                   metric: str = METRIC, out: Optional[Path] = OUT) -> None:
     """Fig. 5: test accuracy against the mask probability p, mean ± std over seeds, one line per network/surrogate."""
+    from msgsnn.analysis import figures, runs
+
     check_metric(metric)
     chosen, gaps = select([sweep_dir], runs.finished)
     show(figures.maskp_report(chosen, metric, sweep_dir.resolve().name, runs.output_dir([sweep_dir], out)), gaps)
@@ -113,6 +126,8 @@ def maskp_command(sweep_dir: Path = typer.Argument(..., help="A sweep directory 
 @user_errors
 def firing_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 6: firing rate per layer and seconds per epoch; synaptic operations and an energy estimate."""
+    from msgsnn.analysis import firing, runs
+
     chosen, gaps = select(paths, runs.with_epochs)
     show(firing.firing_report(chosen, runs.output_dir(paths, out)), gaps)
 
@@ -121,6 +136,8 @@ def firing_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
 @user_errors
 def table_command(paths: list[Path] = RUNS, metric: str = METRIC, out: Optional[Path] = OUT) -> None:
     """The ablation table (baseline / +TWO / +MSG / MSG+TWO, mean ± std over seeds) beside the paper's numbers."""
+    from msgsnn.analysis import runs, stats
+
     check_metric(metric)
     chosen, gaps = select(paths, runs.finished)
     show(stats.table_report(chosen, metric, runs.output_dir(paths, out)), gaps)

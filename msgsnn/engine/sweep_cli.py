@@ -6,7 +6,6 @@ import functools
 from pathlib import Path
 from typing import Callable, Optional
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -58,6 +57,8 @@ def sweep_command(
 
     Rerunning the same command skips finished runs and resumes interrupted ones.
     """
+    import pandas as pd
+
     from msgsnn import config as config_io
     from msgsnn.analysis.stats import rich_table
     from msgsnn.cli import flag_overrides, resolve_config

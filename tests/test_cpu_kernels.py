@@ -207,7 +207,7 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("surrogate, reset", itertools.product(("piecewise_linear", "sigmoid"), ("hard", "soft")))
+@pytest.mark.parametrize("surrogate, reset", list(itertools.product(("piecewise_linear", "sigmoid"), ("hard", "soft"))))
 def test_eval_forward_matches_training_forward(surrogate, reset):
     x, _ = _inputs(7, dtype=torch.float32)
     lif = LIF(surrogate=surrogate, reset=reset)

@@ -6,7 +6,7 @@ The analysis modules (torch, matplotlib) are imported inside the commands, so ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.markup import escape
 
 from msgsnn.engine.errors import UserError
 from msgsnn.engine.sweep_cli import user_errors
+
+if TYPE_CHECKING:
+    from msgsnn.analysis import runs
 
 analyze_app = typer.Typer(
     help="Draw the paper's figures and tables from runs and sweeps (PNG + PDF + CSV, in <run or sweep>/figures/).",

@@ -1,9 +1,11 @@
-"""Turn a RunConfig into the model and decoder it describes."""
+"""Turn a RunConfig into the model, decoder and loss it describes (no data: usable without the datasets' packages)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from msgsnn.config import RunConfig
@@ -34,3 +36,14 @@ def spiking_layers(model: nn.Module) -> dict[str, LIF]:
     """Every LIF layer by module path (``features.0.2``), DDP/compile wrappers stripped."""
     inner = getattr(model, "module", model)
     return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:
+    """CE on the decoded output; or TET: CE at every timestep plus a small MSE pull to 1."""
+    smoothing = cfg.loss.label_smoothing
+    if cfg.loss.name == "tet":
+        T = logits.shape[0]
+        per_step = F.cross_entropy(logits.flatten(0, 1), targets.repeat(T), label_smoothing=smoothing)
+        pull = F.mse_loss(logits, torch.ones_like(logits))
+        return (1 - cfg.loss.tet_lambda) * per_step + cfg.loss.tet_lambda * pull
+    return F.cross_entropy(two(logits), targets, label_smoothing=smoothing)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -22,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
@@ -32,8 +30,8 @@ from msgsnn import config as config_io
 from msgsnn.config import RunConfig
 from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint, distributed
-from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers
-from msgsnn.engine.errors import Interrupted, NonFiniteLoss, UserError
+from msgsnn.engine.build import build_model_from_config, build_two, compute_loss, spiking_layers
+from msgsnn.engine.errors import Interrupted, NonFiniteLoss
 from msgsnn.engine.evaluate import autocast, evaluate, test_loader
 from msgsnn.engine.results import RunDirectory, append_row_locked
 from msgsnn.engine.sampling import EpochSampler, SeededDataset, epoch_generator
@@ -58,17 +56,6 @@ def lr_at(epoch: int, cfg: RunConfig) -> float:
     progress = (epoch - o.warmup_epochs) / max(1, epochs - o.warmup_epochs)
     floor = base * o.min_lr_ratio
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:
-    """CE on the decoded output; or TET: CE at every timestep plus a small MSE pull to 1."""
-    smoothing = cfg.loss.label_smoothing
-    if cfg.loss.name == "tet":
-        T = logits.shape[0]
-        per_step = F.cross_entropy(logits.flatten(0, 1), targets.repeat(T), label_smoothing=smoothing)
-        pull = F.mse_loss(logits, torch.ones_like(logits))
-        return (1 - cfg.loss.tet_lambda) * per_step + cfg.loss.tet_lambda * pull
-    return F.cross_entropy(two(logits), targets, label_smoothing=smoothing)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

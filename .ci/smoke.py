@@ -1,7 +1,7 @@
 """Run every command of the README, so the docs cannot drift from the code.
 
 Every shell line of every ``bash`` block and every inline code span that starts with
-``msgsnn``, ``python``, ``torchrun`` or ``pip`` is a command (spans with ``<placeholders>`` are
+``msgsnn``, ``python``, ``torchrun``, ``pip`` or ``bash`` is a command (spans with ``<placeholders>`` are
 syntax, not commands). Each runs in README order with one of these expectations:
 
 * ``ok``: exit 0. The main job runs exactly as written (the README quotes its accuracy and
@@ -18,6 +18,7 @@ syntax, not commands). Each runs in README order with one of these expectations:
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -28,12 +29,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE_SECTIONS = ("Multi-GPU", "Reproducing the paper")
-PROGRAMS = ("msgsnn", "python", "torchrun", "pip")
+PROGRAMS = ("msgsnn", "python", "torchrun", "pip", "bash")
+GPU_SCRIPTS = ("benchmarks/gpu.sh",)  # need CUDA whatever their flags
 MAIN_JOB = "msgsnn train --preset digits-dvs"
 TEST_COMMAND = "python -m pytest -q"
 TINY = {
     "benchmarks/step.py": ["--batch", "2", "--T", "2", "--size", "16", "--warmup", "1", "--rounds", "1"],
     "benchmarks/data.py": ["--clips", "64", "--batch", "16", "--epochs", "1"],
+    "benchmarks/epoch.py": ["--batch", "2", "--steps", "1", "--warmup", "0"],
 }
 
 
@@ -46,6 +49,7 @@ class Step:
     args: list[str] = field(default_factory=list)
     expect: str = "ok"  # ok | offline | no-cuda
     cwd: Path | None = None  # None: the scratch folder CI runs in
+    env: dict[str, str] = field(default_factory=dict)  # added to CI's environment
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -102,10 +106,13 @@ def plan(section: str, command: str, cuda: bool) -> Step | None:
         step.args, step.cwd = [sys.executable, *args[1:], *TINY.get(args[1], [])], REPO
     elif command != MAIN_JOB and args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
         step.args = [*args, "--limit-batches", "3"]
-    if any(section.startswith(s) for s in OFFLINE_SECTIONS):
-        step.expect = "offline"
-    elif "--device" in args and args[args.index("--device") + 1] == "cuda" and not cuda:
+    elif args[0] == "bash":  # scripts write to $OUT: keep it out of the repository
+        step.args, step.env = ["bash", str(REPO / args[1]), *args[2:]], {"OUT": str(Path.cwd() / "bash-out")}
+    needs_cuda = args[1] in GPU_SCRIPTS or ("--device" in args and args[args.index("--device") + 1] == "cuda")
+    if needs_cuda and not cuda:
         step.expect = "no-cuda"
+    elif any(section.startswith(s) for s in OFFLINE_SECTIONS):
+        step.expect = "offline"
     return step
 
 
@@ -131,7 +138,7 @@ def main() -> int:
     for step in steps:
         print(f"\n[{step.section}] $ {step.command}\n  runs: {shlex.join(step.args)}  (expect {step.expect})", flush=True)
         start = time.time()
-        done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd)
+        done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd, env={**os.environ, **step.env})
         ok, why = passed(step, done)
         tail = (done.stdout + done.stderr).strip().splitlines()[-6:]
         print("\n".join(f"  | {line}" for line in tail))

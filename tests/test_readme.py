@@ -71,7 +71,10 @@ def test_ci_smoke_runs_every_readme_command():
             assert part.strip() in planned, part
     for inline in ('pip install -e ".[ray]"', "python benchmarks/step.py --amp bf16", "python benchmarks/data.py"):
         assert planned[inline].expect == "ok", inline
-    assert planned["python benchmarks/step.py --device cuda --batch 64"].expect == "no-cuda"
+    for gpu_only in ("python benchmarks/step.py --device cuda --batch 64", "python benchmarks/epoch.py --device cuda --amp bf16",
+                     "bash benchmarks/gpu.sh"):
+        assert planned[gpu_only].expect == "no-cuda", gpu_only
+    assert smoke.plan("Performance", "python benchmarks/step.py --device cuda --batch 64", cuda=True).expect == "ok"
     assert planned["python -m pytest -q"] is None  # .ci/run's own step
     for command in planned:  # prose must not quote a fragment such as `pip install` as if it were a command
         assert len(shlex.split(command)) >= (3 if command.startswith(("pip", "python -m")) else 2), command

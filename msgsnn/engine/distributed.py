@@ -78,11 +78,6 @@ def main_first(ctx: DistContext, fn: Callable[[], Result], *, others: bool = Tru
     return fn() if others else None
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 def teardown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -100,8 +100,8 @@ static inline void set_bit(uint8_t* row, int64_t i, int v) { row[i >> 3] |= (uin
 
 /* bits[t * rowbytes ...]: bit p = keep for physical element p at timestep t. mode 0 element, 1 channel, 2 timestep. */
 /* scratch: at least C*L + L bytes */
-int msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,
-                  int nlc, int mode, uint32_t thr, uint8_t* scratch) {
+void msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,
+                   int nlc, int mode, uint32_t thr, uint8_t* scratch) {
     mtstate s; mt_load(&s, state);
     const int64_t per = mode == 0 ? C * L : (mode == 1 ? C : 1);
     uint8_t* tmp = scratch;
@@ -143,7 +143,6 @@ int msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, in
         }
     }
     mt_store(&s, state);
-    return 0;
 }
 
 /* expands a mask byte to eight 0/1 bytes */
@@ -156,31 +155,30 @@ __attribute__((constructor)) static void init_lut(void) {
     }
 }
 
-/* g[i] = 0 where bit i of row is clear (row starts at a byte boundary) */
+/* g[i] = 0 where bit i of row is clear (row starts at a byte boundary): AVX-512 masked moves
+   where the compiler targets it, bit tests for the rest */
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#define KEEP_ZERO_REST(g, row, i, n) for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0
 static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
     int i = 0;
+#ifdef __AVX512F__
     for (; i + 16 <= n; i += 16) {
         __mmask16 m = (__mmask16)(row[i >> 3] | (row[(i >> 3) + 1] << 8));
         _mm512_storeu_ps(g + i, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(g + i)));
     }
-    for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
+#endif
+    KEEP_ZERO_REST(g, row, i, n);
 }
 static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
     int i = 0;
+#ifdef __AVX512F__
     for (; i + 8 <= n; i += 8)
         _mm512_storeu_pd(g + i, _mm512_maskz_mov_pd((__mmask8)row[i >> 3], _mm512_loadu_pd(g + i)));
-    for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
-}
-#else
-static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
-    for (int i = 0; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
-}
-static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
-    for (int i = 0; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0;
-}
 #endif
+    KEEP_ZERO_REST(g, row, i, n);
+}
 
 /* ------------------------------------------------------------------ LIF */
 
@@ -673,7 +671,7 @@ class CpuKernels:
         self._local = threading.local()
         i64, dbl, i32, vp, u32 = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32
         lib.msg_draw_mask.argtypes = [vp, vp, i64, i64, i64, i64, i64, i32, i32, u32, vp]
-        lib.msg_draw_mask.restype = i32
+        lib.msg_draw_mask.restype = None
         for s in _DTYPES.values():
             getattr(lib, f"lif_fwd_{s}").argtypes = [vp, vp, vp, i64, i64, dbl, dbl, i32, i32]
             getattr(lib, f"lif_bwd_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32]

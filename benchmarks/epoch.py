@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
 from msgsnn import config as config_io  # noqa: E402
-from msgsnn.engine.build import build_model_from_config, build_two, compute_loss  # noqa: E402
+from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss  # noqa: E402
 from msgsnn.engine.evaluate import autocast  # noqa: E402
 
 # training samples (msgsnn's splits), classes, input kind; N-Caltech101: 90% of each class of 8,709
@@ -64,10 +64,7 @@ def time_preset(name: str, args: argparse.Namespace, device: torch.device) -> di
     shape = (B, cfg.T, channels, size, size) if kind == "events" else (B, channels, size, size)
     model = build_model_from_config(cfg, channels, classes).to(device).train()
     two = build_two(cfg).to(device)
-    if cfg.optim.name == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.optim.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum)
+    optimizer = build_optimizer(cfg, model.parameters())
     inputs = torch.rand(shape, device=device)
     targets = torch.randint(0, classes, (B,), device=device)
     times = []

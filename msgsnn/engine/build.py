@@ -38,6 +38,13 @@ def spiking_layers(model: nn.Module) -> dict[str, LIF]:
     return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}
 
 
+def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum as ``cfg.optim`` says, at the configured lr (the schedule sets it per epoch)."""
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:
     """CE on the decoded output; or TET: CE at every timestep plus a small MSE pull to 1."""
     smoothing = cfg.loss.label_smoothing

@@ -30,7 +30,7 @@ from msgsnn import config as config_io
 from msgsnn.config import RunConfig
 from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint, distributed
-from msgsnn.engine.build import build_model_from_config, build_two, compute_loss, spiking_layers
+from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, spiking_layers
 from msgsnn.engine.errors import Interrupted, NonFiniteLoss
 from msgsnn.engine.evaluate import autocast, evaluate, test_loader
 from msgsnn.engine.results import RunDirectory, append_row_locked
@@ -150,10 +150,7 @@ def train(
     raw_model = model
     if ctx.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
-    if cfg.optim.name == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.optim.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, model.parameters())
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
 
     # ---- resume

@@ -1,6 +1,10 @@
-"""Shared fixtures: a tiny, fast configuration on the synthetic event dataset."""
+"""Shared fixtures: a tiny, fast configuration on the synthetic event dataset; loading repo scripts."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +34,13 @@ def tiny_cli_args(tmp_path) -> list[str]:
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_config(tmp_path)
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository that is not in a package (``.ci/smoke.py``, ``benchmarks/*.py``)."""
+    path = Path(__file__).resolve().parent.parent / relative_path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.conftest import load_script
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_epoch_estimate_is_step_time_times_steps_of_the_presets_dataset(tmp_path):
-    epoch = load("epoch")
+    epoch = load_script("benchmarks/epoch.py")
     out = tmp_path / "epoch.json"
     assert epoch.main(["--presets", "dvs-vgg,cifar100-cifarnet", "--batch", "2", "--steps", "1", "--warmup", "0",
                        "--device", "cpu", "--json", str(out)]) == 0
@@ -33,8 +25,8 @@ def test_epoch_estimate_is_step_time_times_steps_of_the_presets_dataset(tmp_path
 
 
 def test_epoch_estimate_covers_every_paper_row_and_stops_on_a_bad_preset(capsys):
-    epoch = load("epoch")
-    readme = (BENCHMARKS.parent / "README.md").read_text()
+    epoch = load_script("benchmarks/epoch.py")
+    readme = README.read_text()
     assert all(f"`msgsnn train --preset {name}`" in readme for name in epoch.PAPER_PRESETS)
     assert epoch.main(["--presets", "dvs-vgg,nope", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: ")

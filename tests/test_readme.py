@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from typer.testing import CliRunner
 
 from msgsnn import config as config_io
 from msgsnn.cli import app
+from tests.conftest import load_script
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 REPRODUCTION = README.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
@@ -49,16 +48,8 @@ def test_library_snippet_runs_as_written():
     assert scope["spikes"].shape == (6, 4, 32) and set(scope["spikes"].unique().tolist()) <= {0.0, 1.0}
 
 
-def _smoke():
-    spec = importlib.util.spec_from_file_location("ci_smoke", Path(__file__).resolve().parent.parent / ".ci" / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ci_smoke_runs_every_readme_command():
-    smoke = _smoke()
+    smoke = load_script(".ci/smoke.py")
     commands = smoke.readme_commands(README)
     planned = {command: smoke.plan(section, command, cuda=False) for section, command in commands}
     # every shell line and inline command in the README has a plan, none is silently dropped
@@ -89,6 +80,6 @@ def test_ci_smoke_runs_every_readme_command():
 
 
 def test_smoke_strips_comments_but_not_quoted_hashes():
-    smoke = _smoke()
+    smoke = load_script(".ci/smoke.py")
     assert smoke.strip_comment('msgsnn analyze grads results/x   # Fig. 1') == "msgsnn analyze grads results/x"
     assert smoke.strip_comment("msgsnn train --name 'a #b' --set x=c#d") == "msgsnn train --name 'a #b' --set x=c#d"

@@ -18,35 +18,24 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
 # --- parameter counts, by hand (conv: cin*cout*k*k, no bias; BN: 2*C; FC: in*K + K) ------------
 
 
-def test_vggsnn_parameter_count():
-    convs = (
-        2 * 64 * 9 + 64 * 128 * 9
-        + 128 * 256 * 9 + 256 * 256 * 9
-        + 256 * 512 * 9 + 512 * 512 * 9
-        + 512 * 512 * 9 + 512 * 512 * 9
-    )
-    bns = 2 * (64 + 128 + 256 + 256 + 512 + 512 + 512 + 512)
-    fc = 512 * 3 * 3 * 10 + 10  # 48 -> 24 -> 12 -> 6 -> 3 after four 2x2 pools
-    assert n_params(build_model("vggsnn", in_channels=2, num_classes=10, T=4)) == convs + bns + fc  # 9_268_746
+def _conv_bn_chain(in_channels: int, widths: list[int]) -> int:
+    """3x3 convolutions without bias, each followed by a BatchNorm (2 parameters per channel)."""
+    total = 0
+    for width in widths:
+        total += in_channels * width * 9 + 2 * width
+        in_channels = width
+    return total
 
 
-def test_vggsnn_tiny_parameter_count():
-    convs = 2 * 32 * 9 + 32 * 64 * 9 + 64 * 128 * 9
-    bns = 2 * (32 + 64 + 128)
-    fc = 128 * 4 * 4 * 10 + 10  # 32 -> 16 -> 8 -> 4
-    assert n_params(build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4)) == convs + bns + fc  # 113_674
-
-
-def test_cifarnet_parameter_count():
-    convs = (
-        3 * 256 * 9 + 256 * 256 * 9
-        + 256 * 256 * 9 + 256 * 256 * 9
-        + 256 * 512 * 9 + 512 * 512 * 9
-        + 512 * 1024 * 9 + 1024 * 1024 * 9
-    )
-    bns = 2 * (4 * 256 + 2 * 512 + 2 * 1024)
-    fc = 1024 * 10 + 10  # global average pool head
-    assert n_params(build_model("cifarnet", in_channels=3, num_classes=10, T=4)) == convs + bns + fc  # 19_489_546
+@pytest.mark.parametrize("name, in_channels, widths, fc_in, expected", [
+    ("vggsnn", 2, [64, 128, 256, 256, 512, 512, 512, 512], 512 * 3 * 3, 9_268_746),  # 48 -> 3 after four 2x2 pools
+    ("vggsnn_tiny", 2, [32, 64, 128], 128 * 4 * 4, 113_674),  # 32 -> 4 after three pools
+    ("cifarnet", 3, [256, 256, 256, 256, 512, 512, 1024, 1024], 1024, 19_489_546),  # global average pool head
+])
+def test_plain_backbone_parameter_count(name, in_channels, widths, fc_in, expected):
+    by_hand = _conv_bn_chain(in_channels, widths) + fc_in * 10 + 10
+    assert by_hand == expected
+    assert n_params(build_model(name, in_channels=in_channels, num_classes=10, T=4)) == expected
 
 
 def _basic_stage(cin, c, blocks):

@@ -102,7 +102,7 @@ class TWOConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with lr = base_lr * batch / 1024 unless ``lr`` is set (> 0)."""
+    """AdamW with lr = base_lr * global batch / 1024 unless ``lr`` is set (> 0)."""
 
     name: str = _choice("adamw", "sgd", default="adamw")
     lr: float = _ranged(0.0, 0.0)
@@ -157,8 +157,12 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        """The learning rate actually used: explicit, or the release's batch scaling."""
-        return self.optim.lr if self.optim.lr > 0 else self.optim.base_lr * self.train.batch_size / 1024
+        """The learning rate actually used: explicit, or the release's scaling by the global batch,
+        ``base_lr * batch_size * processes / 1024`` (``batch_size`` is per process; the processes are
+        those ``torchrun`` started, its ``WORLD_SIZE``)."""
+        if self.optim.lr > 0:
+            return self.optim.lr
+        return self.optim.base_lr * self.train.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / 1024
 
 
 # ---------------------------------------------------------------- conversion

@@ -44,7 +44,8 @@ def test_a_run_writes_config_metrics_checkpoints_and_summary(tmp_path):
     assert list(metrics.loc[0, [f"two_t{t}" for t in range(4)]]) == [1.0] * 4
     ck = checkpoint.load(run / "checkpoints" / "last.pt")
     assert torch.allclose(ck["two"]["factors"].float(), result.two.factors.float().cpu())
-    assert {"model", "optimizer", "scheduler", "two", "rng", "epoch", "config"} <= set(ck)
+    assert {"model", "optimizer", "scheduler", "two", "ranks", "epoch", "config"} <= set(ck)
+    assert len(ck["ranks"]) == 1 and {"rng", "sums", "two_correct", "two_seen"} <= set(ck["ranks"][0])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs"] == 2
     assert summary["best_test_acc"] == pytest.approx(metrics["test_acc"].max())

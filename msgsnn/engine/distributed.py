@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from msgsnn.engine.errors import PeerFailed, UserError
 
 Result = TypeVar("Result")
 
@@ -17,6 +19,7 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # setup() created the process group, so teardown() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -34,15 +37,14 @@ def setup(device_name: str) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if device_name == "cuda" and not torch.cuda.is_available():
-        from msgsnn.engine.errors import UserError
-
         raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, device)
+    return DistContext(rank, world, device, owns_group)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -50,6 +52,21 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered if ctx.is_main else None
+
+
+def stop_everywhere(ctx: DistContext, error: UserError) -> UserError:
+    """The error to raise when every rank stops together: ``error`` on rank 0, which prints it, and on
+    the other ranks a :class:`PeerFailed` with its exit code, so that one line is printed."""
+    return error if ctx.is_main else PeerFailed(str(error), error.exit_code)
 
 
 def main_first(ctx: DistContext, fn: Callable[[], Result], *, others: bool = True) -> Result | None:
@@ -71,13 +88,12 @@ def main_first(ctx: DistContext, fn: Callable[[], Result], *, others: bool = Tru
     outcome = [None]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
-        from msgsnn.engine.errors import PeerFailed
-
         message, code = outcome[0]
         raise PeerFailed(f"rank 0 stopped: {message}", code)
     return fn() if others else None
 
 
 def teardown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
+    """Destroy the process group that :func:`setup` created (one it found is left to its owner)."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()

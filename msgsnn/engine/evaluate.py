@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from msgsnn.config import RunConfig
 from msgsnn.engine import distributed
 from msgsnn.engine.build import spiking_layers
+from msgsnn.engine.sampling import ignore_stop_signals
 from msgsnn.snn import TWO
 
 
@@ -37,7 +38,7 @@ def test_loader(dataset: Dataset, cfg: RunConfig, ctx: distributed.DistContext, 
     """This rank's share of the test set (every world_size-th sample, no padding: counts stay exact)."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                      pin_memory=pin, generator=torch.Generator().manual_seed(cfg.train.seed))
+                      pin_memory=pin, worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ on how many batches ran before a resume.
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -52,10 +53,10 @@ class EpochSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Runs ``dataset[index]`` with python, numpy and torch RNGs seeded by the sample's seed.
+    """Runs ``dataset[index]`` with the python, numpy and torch CPU RNGs seeded by the sample's seed.
 
-    The caller's RNG states are restored afterwards, so with ``num_workers=0``
-    the training RNG stream (MSG masks) is unaffected.
+    The caller's states are restored afterwards and the CUDA generators are never
+    touched, so with ``num_workers=0`` the training RNG streams (MSG masks) are unaffected.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -66,13 +67,21 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         try:
             return self.dataset[index]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            torch.default_generator.set_state(saved[2])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process
+    group) and keep serving batches while the main process finishes its step and saves; they exit
+    when it closes the loader, or when it is gone."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

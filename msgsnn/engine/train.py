@@ -5,13 +5,17 @@ evaluate (accuracy overall and per timestep, firing rate per spiking layer),
 update TWO once, then write the checkpoint and the metrics row. SIGINT/SIGTERM
 stop after the current batch with a checkpoint that ``--resume`` continues
 exactly; a NaN loss stops with the last good checkpoint untouched.
+
+Under ``torchrun`` every rank builds the same model from the seed, then trains with
+random streams of its own (``seeding``); one small all-reduce per step, before
+backward, makes all ranks agree on a stop request and on a non-finite loss, so that
+they stop together; the checkpoint holds what each rank needs to resume exactly.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import threading
 import time
@@ -19,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,11 +34,13 @@ from msgsnn.config import RunConfig
 from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint, distributed
 from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, spiking_layers
-from msgsnn.engine.errors import Interrupted, NonFiniteLoss
+from msgsnn.engine.errors import Interrupted, NonFiniteLoss, UserError
 from msgsnn.engine.evaluate import autocast, evaluate, test_loader
 from msgsnn.engine.results import RunDirectory, append_row_locked
-from msgsnn.engine.sampling import EpochSampler, SeededDataset, epoch_generator
+from msgsnn.engine.sampling import EpochSampler, SeededDataset, epoch_generator, ignore_stop_signals
+from msgsnn.engine.seeding import seed_everything, seed_rank
 from msgsnn.snn import TWO
+from msgsnn.snn.layers import sync_batchnorm
 
 log = logging.getLogger("msgsnn")
 
@@ -58,15 +63,6 @@ def lr_at(epoch: int, cfg: RunConfig) -> float:
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checks it between batches."""
 
@@ -87,12 +83,15 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, ctx: distributed.DistContext) -> bool:
-        """True on every rank as soon as any rank was asked to stop."""
-        if not ctx.enabled:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=ctx.device)
-        return bool(distributed.all_reduce_sum(flag, ctx).item() > 0)
+    def agreed(self, ctx: distributed.DistContext, loss: torch.Tensor | None = None) -> tuple[bool, list[int]]:
+        """One small all-reduce: whether any rank was asked to stop, and the ranks whose ``loss`` is
+        NaN or infinite; every rank gets the same answer, so all stop at the same step."""
+        flags = torch.zeros(1 + ctx.world_size, device=ctx.device)
+        flags[0] = float(self.requested)
+        if loss is not None:
+            flags[1 + ctx.rank] = (~torch.isfinite(loss.detach())).float()
+        flags = distributed.all_reduce_sum(flags, ctx).tolist()
+        return flags[0] > 0, [rank for rank, bad in enumerate(flags[1:]) if bad]
 
 
 def make_progress(console: Console, enabled: bool) -> Progress:
@@ -118,9 +117,21 @@ def train(
     cfg: RunConfig, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
     progress: bool = True, console: Console | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``out_dir/<cfg.name>``; returns the summary and the trained modules."""
-    console = console or Console(stderr=False)
+    """Train ``cfg`` into ``out_dir/<cfg.name>``; returns the summary and the trained modules.
+
+    Under ``torchrun`` this process joins the job's process group and leaves it when the run ends.
+    """
     ctx = distributed.setup(cfg.train.device)
+    try:
+        return _train(ctx, cfg, out_dir, resume, overwrite, progress, console or Console(stderr=False))
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(
+    ctx: distributed.DistContext, cfg: RunConfig, out_dir: Path, resume: bool, overwrite: bool, progress: bool,
+    console: Console,
+) -> TrainResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     name = cfg.name or cfg.preset or "run"
@@ -133,7 +144,6 @@ def train(
 
     distributed.main_first(ctx, prepare_run_directory, others=False)
     setup_logging(run.log if ctx.is_main else None)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     # ---- data (rank 0 builds the cache first; if it cannot, every rank stops)
     bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=progress and ctx.is_main))
@@ -142,37 +152,55 @@ def train(
     pin = ctx.device.type == "cuda"
     test_batches = test_loader(bundle.test, cfg, ctx, pin)
 
-    # ---- model, decoder, optimizer
+    # ---- model, decoder, optimizer: the same on every rank; then each rank's own random streams
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     model = build_model_from_config(cfg, info.in_channels, info.num_classes).to(ctx.device)
-    if ctx.enabled and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.sync_bn:
+        sync_batchnorm(model)
     two = build_two(cfg).to(ctx.device)
+    if ctx.enabled:
+        seed_rank(cfg.train.seed, ctx.rank)
     raw_model = model
     if ctx.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
     optimizer = build_optimizer(cfg, model.parameters())
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
 
-    # ---- resume
+    # ---- resume: shared state from rank 0, and each rank's own RNG streams, partial sums and TWO counts
     state = {"epoch": 0, "batch": 0, "sums": None, "rows": [], "best": -1.0, "seconds": 0.0}
     if resume and run.last.exists():
-        ck = checkpoint.load(run.last, map_location=ctx.device)
+        ck = checkpoint.load(run.last)
+        if "ranks" not in ck:
+            raise UserError(f"{run.last} was written by an older msgsnn that did not save each rank's state; "
+                            f"it cannot be resumed exactly, start the run again with --overwrite")
+        saved_world = len(ck["ranks"])
+        if saved_world != ctx.world_size:
+            raise UserError(f"{run.last} was written by {saved_world} process(es) and this run has {ctx.world_size}; "
+                            f"resume with as many (torchrun --nproc_per_node {saved_world}): the shards, the lr and "
+                            f"the random streams depend on it")
+        mine = ck["ranks"][ctx.rank]
         raw_model.load_state_dict(ck["model"])
         two.load_state_dict(ck["two"])
+        two.correct.copy_(mine["two_correct"])
+        two.seen.copy_(mine["two_seen"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        checkpoint.set_rng_state(ck["rng"])
-        state = {k: ck[k] for k in state}
-        console.print(f"resuming {run.path} at epoch {state['epoch'] + 1}, batch {state['batch']}")
+        checkpoint.set_rng_state(mine["rng"])
+        state = {k: ck[k] for k in ("epoch", "batch", "rows", "best", "seconds")} | {"sums": mine["sums"]}
+        if ctx.is_main:
+            console.print(f"resuming {run.path} at epoch {state['epoch'] + 1}, batch {state['batch']}")
 
     def save_checkpoint(epoch: int, batch: int, sums: dict | None, path: Path) -> None:
+        """Every rank calls it; rank 0 writes the shared state and what each rank needs back."""
+        mine = {"rng": checkpoint.rng_state(), "sums": sums, "two_correct": two.correct.cpu(), "two_seen": two.seen.cpu()}
+        ranks = distributed.gather_to_main(mine, ctx)
         if not ctx.is_main:
             return
         checkpoint.save({
             "model": raw_model.state_dict(), "two": two.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "scheduler": {"epoch": epoch, "lr": lr_at(min(epoch, cfg.train.epochs - 1), cfg)},
-            "epoch": epoch, "batch": batch, "sums": sums, "rows": state["rows"], "best": state["best"],
-            "seconds": state["seconds"], "config": config_io.to_dict(cfg), "rng": checkpoint.rng_state(),
+            "epoch": epoch, "batch": batch, "ranks": ranks, "rows": state["rows"], "best": state["best"],
+            "seconds": state["seconds"], "config": config_io.to_dict(cfg),
         }, path)
 
     # ---- the loop
@@ -190,6 +218,7 @@ def train(
                                    bundle.sample_weights, skip=skip * cfg.train.batch_size)
             loader = DataLoader(SeededDataset(bundle.train), batch_size=cfg.train.batch_size, sampler=sampler,
                                 num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=False,
+                                worker_init_fn=ignore_stop_signals,
                                 generator=epoch_generator(cfg.train.seed, epoch))  # keeps the global RNG (MSG masks) untouched
             total = len(loader) + skip
             if cfg.train.limit_batches:
@@ -206,11 +235,13 @@ def train(
                 with autocast(ctx.device, cfg.train.amp):
                     logits = model(inputs)
                 loss = compute_loss(logits.float(), targets, two, cfg)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; stopped, "
+                stop_requested, bad_ranks = stop.agreed(ctx, loss)  # before backward: no rank is left waiting there
+                if bad_ranks:
+                    where = f" on rank {', '.join(map(str, bad_ranks))}" if ctx.enabled else ""
+                    raise distributed.stop_everywhere(ctx, NonFiniteLoss(
+                        f"the loss became NaN or infinite{where} at epoch {epoch + 1}, batch {step + 1}; stopped, "
                         f"the last good checkpoint is {run.last} (try a lower lr or --amp none)"
-                    )
+                    ))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -222,10 +253,11 @@ def train(
                     sums["seen"] += targets.numel()
                     sums["batches"] += 1
                 bar.update(task, advance=1, stats=f"loss {sums['loss'] / sums['batches']:.4f} acc {100 * sums['correct'] / sums['seen']:.2f}%")
-                if stop.agreed(ctx) and step + 1 < total:
+                if stop_requested and step + 1 < total:
                     state["seconds"] = time.time() - started
                     save_checkpoint(epoch, step + 1, sums, run.last)
-                    raise Interrupted(f"interrupted at epoch {epoch + 1}, batch {step + 1}; checkpoint saved, continue with --resume")
+                    raise distributed.stop_everywhere(ctx, Interrupted(
+                        f"interrupted at epoch {epoch + 1}, batch {step + 1}; checkpoint saved, continue with --resume"))
             bar.remove_task(task)
 
             train_counts = torch.tensor([sums["loss"], sums["correct"], sums["seen"], sums["batches"]], dtype=torch.float64, device=ctx.device)
@@ -260,8 +292,9 @@ def train(
             log.info(message)
             if ctx.is_main and progress:
                 console.print(message)
-            if stop.agreed(ctx) and epoch + 1 < cfg.train.epochs:
-                raise Interrupted(f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume")
+            if stop.agreed(ctx)[0] and epoch + 1 < cfg.train.epochs:
+                raise distributed.stop_everywhere(ctx, Interrupted(
+                    f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume"))
 
     summary = {
         "status": "finished", "name": name, "preset": cfg.preset, "dataset": cfg.data.name, "model": cfg.model.name,

@@ -10,11 +10,16 @@ Activations of 2-D convolutions travel channels-last (``[T, B, H, W, C]`` in
 memory, shape ``[T, B, C, H, W]``): what the CPU and GPU convolution libraries
 prefer, and a layout in which the per-timestep statistics are a reduction over
 the middle axis of ``[T, B*H*W, C]``, with no transposition.
+
+Under data parallelism, :func:`sync_batchnorm` makes every TemporalBatchNorm
+reduce its sums over the processes of ``torch.distributed`` (gloo or NCCL), in
+either mode, so that the statistics are those of the union of the ranks' batches.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from msgsnn.snn import cpu_kernels
@@ -150,23 +155,45 @@ def _bn_kernels(x: torch.Tensor):
     return None
 
 
+def _synchronised() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_stats(mean: torch.Tensor, var: torch.Tensor, count: int):
+    """Mean and biased variance ``[T, C]`` over the union of every rank's batch, and its total count.
+
+    One all-reduce of ``count * mean``, ``count * (var + mean^2)`` and ``count`` in float64, from
+    each rank's own (numerically stable) statistics.
+    """
+    m, v = mean.double(), var.double()
+    packed = torch.cat([(m * count).flatten(), ((v + m * m) * count).flatten(), m.new_tensor([count])])
+    dist.all_reduce(packed)
+    total = packed[-1]
+    global_mean = packed[: m.numel()].view_as(m) / total
+    global_var = (packed[m.numel(): -1].view_as(m) / total - global_mean * global_mean).clamp_(min=0)
+    return global_mean.to(mean.dtype), global_var.to(var.dtype), total.to(mean.dtype)
+
+
 class _PerStepBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``.
 
     Saves only its input (plus ``[T, C]`` statistics), like the native BatchNorm.
-    Returns ``(y, mean, var)``, the biased batch statistics for the running-statistics
-    update. Runs fused kernels where there are some (C on CPU: two passes forward, two
-    backward; Triton on CUDA), elsewhere torch reductions on a view of the input.
+    Returns ``(y, mean, var)``: the biased batch mean and the unbiased variance, for the
+    running-statistics update. Runs fused kernels where there are some (C on CPU: two
+    passes forward, two backward; Triton on CUDA), elsewhere torch reductions on a view
+    of the input. ``sync``: the statistics and the backward sums are all-reduced over
+    the ranks (one all-reduce each way); the weight and bias gradients stay this rank's,
+    as DDP then averages them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, sync):
         layout = cpu_kernels.step_layout(x)
         if layout is None:
             x, layout = x.contiguous(), "ncl"
         T, B, C = x.shape[:3]
         count = x.numel() // (T * C)
-        if count <= 1:
+        if count <= 1 and not sync:
             raise ValueError(f"TemporalBatchNorm: expected more than 1 value per channel and timestep when training, got input of shape {tuple(x.shape)}")
         kernels = _bn_kernels(x)
         if kernels is not None:
@@ -182,6 +209,8 @@ class _PerStepBatchNorm(torch.autograd.Function):
             view, dims, _ = _step_view(x, layout)
             var, mean = torch.var_mean(view.to(stat), dim=dims, correction=0)
             mean, var = mean.reshape(T, C), var.reshape(T, C)
+        if sync:
+            mean, var, count = _all_reduce_stats(mean, var, count)
         stat = mean.dtype
         invstd = torch.rsqrt(var + eps)
         w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
@@ -194,9 +223,10 @@ class _PerStepBatchNorm(torch.autograd.Function):
             view, _, shape = _step_view(x, layout)
             y = _from_step_view(torch.addcmul(shift.view(shape).to(x.dtype), view, scale.view(shape).to(x.dtype)), x, layout)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.layout, ctx.kernels, ctx.count = layout, kernels, count
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.layout, ctx.kernels, ctx.count, ctx.sync = layout, kernels, count, sync
+        unbiased = var * (count / (count - 1))
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y, mean, unbiased
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -218,6 +248,14 @@ class _PerStepBatchNorm(torch.autograd.Function):
             sdyx = (gview.to(stat) * centred).sum(dim=dims).reshape(T, C)
         w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
         grad_x = grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_b = sdy.sum(0).to(weight.dtype)
+        if ctx.sync:
+            sums = torch.stack([sdy, sdyx])
+            dist.all_reduce(sums)
+            sdy, sdyx = sums
         if ctx.needs_input_grad[0]:
             a = w * invstd
             q = invstd * invstd * sdyx / count
@@ -227,11 +265,7 @@ class _PerStepBatchNorm(torch.autograd.Function):
             else:
                 g = (gview.to(stat) - centred * q.view(shape)) * a.view(shape) - r.view(shape)
                 grad_x = _from_step_view(g.to(x.dtype), x, layout)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sdy.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -240,14 +274,18 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
     In ``per_step`` mode, training normalises each timestep with its own batch
     statistics, and the running statistics receive T successive momentum
     updates per call, as T calls of the release's shared BatchNorm would.
-    Evaluation uses the running statistics in both modes.
+    Evaluation uses the running statistics in both modes. ``sync=True``: in
+    training, the statistics are those of the union of the batches of every
+    process of the default ``torch.distributed`` group (a no-op in one process).
     """
 
-    def __init__(self, num_features: int, mode: str = "per_step", eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, mode: str = "per_step", eps: float = 1e-5, momentum: float = 0.1,
+                 sync: bool = False) -> None:
         if mode not in BN_MODES:
             raise ValueError(f"bn_mode: unknown '{mode}'; choose one of {', '.join(BN_MODES)}")
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.mode = mode
+        self.sync = sync
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         # Also called by _BatchNorm.forward on the folded [T*B, C, ...] batch, so one dim less.
@@ -255,18 +293,21 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"TemporalBatchNorm input: expected [T, B, C, ...], got shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, mode={self.mode}, eps={self.eps}, momentum={self.momentum}"
+        sync = ", sync=True" if self.sync else ""
+        return f"{self.num_features}, mode={self.mode}, eps={self.eps}, momentum={self.momentum}{sync}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             raise ValueError(f"TemporalBatchNorm input: expected [T, B, C, ...], got shape {tuple(x.shape)}")
-        if self.mode == "joint" or not self.training:
+        sync = self.sync and self.training and _synchronised()
+        if not self.training or (self.mode == "joint" and not sync):
             return super().forward(x.flatten(0, 1)).view_as(x)
-        y, mean, var = _PerStepBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        # joint statistics are the per-step ones of a single timestep holding all T*B samples
+        steps = x if self.mode == "per_step" else x.flatten(0, 1).unsqueeze(0)
+        y, mean, var = _PerStepBatchNorm.apply(steps, self.weight, self.bias, self.eps, sync)
         if self.track_running_stats and self.running_mean is not None:
-            count = x.numel() // (x.shape[0] * self.num_features)
-            self._sequential_running_update(mean, var * (count / (count - 1)))
-        return y
+            self._sequential_running_update(mean, var)
+        return y.view_as(x)
 
     @torch.no_grad()
     def _sequential_running_update(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -285,3 +326,11 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
             new = running.double() * (1.0 - m) ** T + m * (decay[:, None] * batch.double()).sum(0)
             running.copy_(new)
         self.num_batches_tracked.add_(T)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every :class:`TemporalBatchNorm` of ``model`` synchronise its statistics over the processes."""
+    for module in model.modules():
+        if isinstance(module, TemporalBatchNorm):
+            module.sync = True
+    return model

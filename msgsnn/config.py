@@ -31,7 +31,7 @@ class ConfigError(ValueError):
     exit_code = 2  # a usage error, as the CLI reports it
 
 
-def _choice(*values: str, default: str) -> Any:
+def _choice(*values: str, default: str | None) -> Any:
     return field(default=default, metadata={"choices": values})
 
 
@@ -58,8 +58,15 @@ class NeuronConfig:
 
 @dataclass
 class ModelConfig:
+    """The backbone. ``init``: ``release`` (each backbone as the authors' code initialises it) or
+    ``kaiming`` (Kaiming-normal convolutions). ``stem`` and ``stem_pool`` apply to the ResNets;
+    unset (null), the backbone's default applies: the ImageNet stem, average-pooled for resnet18
+    (the release's ``ResNet18(pool='avg')``), max-pooled for the SEW-ResNets."""
+
     name: str = "vggsnn"
-    stem: str = _choice("imagenet", "cifar", default="imagenet")
+    stem: str | None = _choice("imagenet", "cifar", default=None)
+    stem_pool: str | None = _choice("avg", "max", default=None)
+    init: str = _choice("release", "kaiming", default="release")
     bn_mode: str = _choice("per_step", "joint", default="per_step")
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
 
@@ -217,7 +224,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     choices = f.metadata.get("choices")
-    if choices and value not in choices:
+    if choices and value is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}")
     lo, hi = f.metadata.get("range", (None, None))
     if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):

@@ -73,7 +73,14 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation; event clips are transformed jointly over T."""
+    """Training augmentation; event clips are transformed jointly over T.
+
+    Images only: ``autoaugment`` (CIFAR) with ``autoaugment_policy`` ``release`` (the authors'
+    CIFAR10 policy: grey fill, rotation one way) or ``torchvision``; ``color_jitter`` (the
+    release's ImageNet ColorJitter(0.2, 0.2, 0.2, 0.1)); ``cutout`` side with ``cutout_fill``
+    ``black`` (before Normalize, the release) or ``mean`` (after it); ``normalize`` the CIFAR
+    constants, train and test: ``release`` or ``measured`` (the training set's pixel statistics).
+    """
 
     crop: bool = True
     crop_padding: int = _ranged(4, 0)
@@ -81,7 +88,11 @@ class AugmentConfig:
     rotate: float = _ranged(15.0, 0.0, 180.0)
     roll: int = _ranged(0, 0)
     autoaugment: bool = True
+    autoaugment_policy: str = _choice("release", "torchvision", default="release")
+    color_jitter: bool = False
     cutout: int = _ranged(16, 0)
+    cutout_fill: str = _choice("black", "mean", default="black")
+    normalize: str = _choice("release", "measured", default="release")
 
 
 @dataclass

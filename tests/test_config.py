@@ -8,7 +8,7 @@ def test_every_preset_loads_and_records_its_setup():
     names = config_io.list_presets()
     expected = {"digits-dvs", "dvs-vgg", "dvs-resnet18", "ncaltech-vgg", "ncaltech-resnet18", "cifar10-cifarnet",
                 "cifar10-cifarnet-noaa", "cifar100-cifarnet", "cifar100-resnet18", "imagenet-sew34",
-                "dvsgesture-vgg", "nmnist-vgg"}
+                "dvsgesture-vgg", "nmnist-vgg", "imagenet-sew18-release"}
     assert expected <= set(names)
     for name in names:
         cfg = config_io.load_preset(name)
@@ -48,6 +48,8 @@ def test_paper_presets_name_the_releases_stem_pool_and_init():
         assert model["init"] == "release", name
         expected_pool = {"resnet18": "avg", "sew_resnet18": "max", "sew_resnet34": "max"}.get(model["name"])
         assert model.get("stem_pool") == expected_pool, name
+    assert config_io.load_preset("imagenet-sew34").model.name == "sew_resnet34"  # the paper's network
+    assert config_io.load_preset("imagenet-sew18-release").model.name == "sew_resnet18"  # what the release's code builds
 
 
 def test_model_options_left_unset_are_null_and_checked_when_set():

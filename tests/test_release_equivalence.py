@@ -336,7 +336,7 @@ PAPER_PRESETS = {  # preset: (input channels, the release's convolution init)
     "dvs-resnet18": (2, pytorch_default_std), "ncaltech-resnet18": (2, pytorch_default_std),
     "cifar10-cifarnet": (3, pytorch_default_std), "cifar10-cifarnet-noaa": (3, pytorch_default_std),
     "cifar100-cifarnet": (3, pytorch_default_std), "cifar100-resnet18": (3, pytorch_default_std),
-    "imagenet-sew34": (3, kaiming_normal_fan_out_std),
+    "imagenet-sew34": (3, kaiming_normal_fan_out_std), "imagenet-sew18-release": (3, kaiming_normal_fan_out_std),
 }
 
 

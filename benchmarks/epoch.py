@@ -38,7 +38,8 @@ DATASETS = {
     "imagenet": (1281167, 1000, "images"),
 }
 PAPER_PRESETS = ("dvs-vgg", "dvs-resnet18", "ncaltech-vgg", "ncaltech-resnet18", "cifar10-cifarnet",
-                 "cifar10-cifarnet-noaa", "cifar100-cifarnet", "cifar100-resnet18", "imagenet-sew34")
+                 "cifar10-cifarnet-noaa", "cifar100-cifarnet", "cifar100-resnet18", "imagenet-sew34",
+                 "imagenet-sew18-release")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

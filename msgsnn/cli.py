@@ -154,14 +154,16 @@ def evaluate_run(
 @app.command()
 @exit_on_user_errors
 def presets() -> None:
-    """List the presets: dataset, network, T, epochs and the paper's top-1 accuracy."""
-    table = Table(title="presets (all train with MSG p = 0.5 and TWO, as the release)", box=box.SIMPLE)
-    for column in ("preset", "dataset", "network", "T", "epochs", "paper %"):
+    """List the presets: dataset, network (backbone, stem pool, init), T, epochs and the paper's top-1 accuracy."""
+    table = Table(title="presets: MSG p = 0.5 and TWO (the paper's MSG+TWO rows); paper = its top-1 %",
+                  box=box.SIMPLE, padding=0, show_edge=False)  # one space between columns: 80 columns wide
+    for column in ("preset", "dataset", "network", "pool", "init", "T", "epochs", "paper"):
         table.add_column(column, no_wrap=True, min_width=len(column) if column != "T" else 2)
     for preset_name in config_io.list_presets():
         cfg = config_io.load_preset(preset_name)
         paper = "-" if cfg.paper.accuracy is None else f"{cfg.paper.accuracy:.2f}"
-        table.add_row(preset_name, cfg.data.name, cfg.model.name, str(cfg.T), str(cfg.train.epochs), paper)
+        table.add_row(preset_name, cfg.data.name, cfg.model.name, cfg.model.stem_pool or "-", cfg.model.init,
+                      str(cfg.T), str(cfg.train.epochs), paper)
     console.print(table)
 
 

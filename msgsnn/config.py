@@ -31,7 +31,7 @@ class ConfigError(ValueError):
     exit_code = 2  # a usage error, as the CLI reports it
 
 
-def _choice(*values: str, default: str) -> Any:
+def _choice(*values: str, default: str | None) -> Any:
     return field(default=default, metadata={"choices": values})
 
 
@@ -58,15 +58,29 @@ class NeuronConfig:
 
 @dataclass
 class ModelConfig:
+    """The backbone. ``init``: ``release`` (each backbone as the authors' code initialises it) or
+    ``kaiming`` (Kaiming-normal convolutions). ``stem`` and ``stem_pool`` apply to the ResNets;
+    unset (null), the backbone's default applies: the ImageNet stem, average-pooled for resnet18
+    (the release's ``ResNet18(pool='avg')``), max-pooled for the SEW-ResNets."""
+
     name: str = "vggsnn"
-    stem: str = _choice("imagenet", "cifar", default="imagenet")
+    stem: str | None = _choice("imagenet", "cifar", default=None)
+    stem_pool: str | None = _choice("avg", "max", default=None)
+    init: str = _choice("release", "kaiming", default="release")
     bn_mode: str = _choice("per_step", "joint", default="per_step")
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
 
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation; event clips are transformed jointly over T."""
+    """Training augmentation; event clips are transformed jointly over T.
+
+    Images only: ``autoaugment`` (CIFAR) with ``autoaugment_policy`` ``release`` (the authors'
+    CIFAR10 policy: grey fill, rotation one way) or ``torchvision``; ``color_jitter`` (the
+    release's ImageNet ColorJitter(0.2, 0.2, 0.2, 0.1)); ``cutout`` side with ``cutout_fill``
+    ``black`` (before Normalize, the release) or ``mean`` (after it); ``normalize`` the CIFAR
+    constants, train and test: ``release`` or ``measured`` (the training set's pixel statistics).
+    """
 
     crop: bool = True
     crop_padding: int = _ranged(4, 0)
@@ -74,7 +88,11 @@ class AugmentConfig:
     rotate: float = _ranged(15.0, 0.0, 180.0)
     roll: int = _ranged(0, 0)
     autoaugment: bool = True
+    autoaugment_policy: str = _choice("release", "torchvision", default="release")
+    color_jitter: bool = False
     cutout: int = _ranged(16, 0)
+    cutout_fill: str = _choice("black", "mean", default="black")
+    normalize: str = _choice("release", "measured", default="release")
 
 
 @dataclass
@@ -221,7 +239,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     choices = f.metadata.get("choices")
-    if choices and value not in choices:
+    if choices and value is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}")
     lo, hi = f.metadata.get("range", (None, None))
     if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):

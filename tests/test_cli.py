@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+from rich.console import Console
 from typer.testing import CliRunner
 
+from msgsnn import cli
+from msgsnn import config as config_io
 from msgsnn.cli import app
 from tests.conftest import tiny_cli_args
 
@@ -29,6 +33,20 @@ def test_presets_lists_the_paper_numbers():
     result = invoke("presets")
     assert result.exit_code == 0
     assert "dvs-vgg" in result.output and "83.97" in result.output and "digits-dvs" in result.output
+
+
+def test_presets_table_fits_80_columns_with_network_stem_pool_and_init(monkeypatch):
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "console", narrow)
+    assert invoke("presets").exit_code == 0
+    text = narrow.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text  # nothing wrapped or cut
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split() and line.split()[0] in config_io.list_presets()}
+    assert set(rows) == set(config_io.list_presets())
+    assert rows["dvs-resnet18"][:4] == ["cifar10dvs", "resnet18", "avg", "release"]
+    assert rows["imagenet-sew18-release"][:4] == ["imagenet", "sew_resnet18", "max", "release"]
+    assert rows["dvs-vgg"][:4] == ["cifar10dvs", "vggsnn", "-", "release"]
 
 
 def test_config_errors_are_one_line_with_exit_2(tmp_path):

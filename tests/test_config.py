@@ -8,7 +8,7 @@ def test_every_preset_loads_and_records_its_setup():
     names = config_io.list_presets()
     expected = {"digits-dvs", "dvs-vgg", "dvs-resnet18", "ncaltech-vgg", "ncaltech-resnet18", "cifar10-cifarnet",
                 "cifar10-cifarnet-noaa", "cifar100-cifarnet", "cifar100-resnet18", "imagenet-sew34",
-                "dvsgesture-vgg", "nmnist-vgg"}
+                "dvsgesture-vgg", "nmnist-vgg", "imagenet-sew18-release"}
     assert expected <= set(names)
     for name in names:
         cfg = config_io.load_preset(name)
@@ -36,6 +36,31 @@ def test_wrong_type_and_range_name_the_key():
         config_io.apply_overrides(RunConfig(), {"model.neuron.surrogate": "tanh"})
     with pytest.raises(ConfigError, match=r"two\.enabled: expected true or false"):
         config_io.apply_overrides(RunConfig(), {"two.enabled": "maybe"})
+
+
+def test_paper_presets_name_the_releases_stem_pool_and_init():
+    """Written in each paper preset, not left to defaults: resnet18 as the release's main.py builds it
+    (average-pooled stem), the SEW-ResNets max-pooled, every backbone at the release's init."""
+    for name in config_io.list_presets():
+        if config_io.load_preset(name).paper.accuracy is None:
+            continue
+        model = config_io.load_yaml(config_io.PRESET_DIR / f"{name}.yaml")["model"]
+        assert model["init"] == "release", name
+        expected_pool = {"resnet18": "avg", "sew_resnet18": "max", "sew_resnet34": "max"}.get(model["name"])
+        assert model.get("stem_pool") == expected_pool, name
+    assert config_io.load_preset("imagenet-sew34").model.name == "sew_resnet34"  # the paper's network
+    assert config_io.load_preset("imagenet-sew18-release").model.name == "sew_resnet18"  # what the release's code builds
+
+
+def test_model_options_left_unset_are_null_and_checked_when_set():
+    cfg = RunConfig()
+    assert (cfg.model.stem, cfg.model.stem_pool, cfg.model.init) == (None, None, "release")
+    assert config_io.apply_overrides(cfg, {"model.stem_pool": "max"}).model.stem_pool == "max"
+    assert config_io.apply_overrides(config_io.load_preset("dvs-resnet18"), {"model.stem_pool": "null"}).model.stem_pool is None
+    with pytest.raises(ConfigError, match=r"model\.stem_pool: 'mean' is not allowed; choose one of avg, max"):
+        config_io.apply_overrides(cfg, {"model.stem_pool": "mean"})
+    with pytest.raises(ConfigError, match=r"model\.init: 'xavier' is not allowed; choose one of release, kaiming"):
+        config_io.apply_overrides(cfg, {"model.init": "xavier"})
 
 
 def test_unknown_preset_lists_the_presets():

@@ -70,14 +70,24 @@ def test_resnet_counts_equal_torchvisions_published_totals():
 
 
 def test_resnet_stems():
+    """resnet18's ImageNet stem is average-pooled as the release's main.py builds it (``ResNet18(pool='avg')``);
+    the SEW-ResNets' is max-pooled as the release's sew_resnet; ``stem_pool`` switches either."""
+    def stem_pool(model):
+        return [type(m) for m in model.stem.modules() if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d))]
+
     imagenet = build_model("resnet18", in_channels=2, num_classes=10, T=2, stem="imagenet")
     cifar = build_model("resnet18", in_channels=2, num_classes=10, T=2, stem="cifar")
     conv = first_conv(imagenet)
     assert conv.kernel_size == (7, 7) and conv.stride == (2, 2)
-    assert any(isinstance(m, nn.MaxPool2d) for m in imagenet.stem.modules())
+    assert stem_pool(imagenet) == [nn.AvgPool2d]
+    pool = next(m for m in imagenet.stem.modules() if isinstance(m, nn.AvgPool2d))
+    assert (pool.kernel_size, pool.stride, pool.padding, pool.count_include_pad) == (3, 2, 1, True)
+    assert stem_pool(build_model("resnet18", in_channels=2, num_classes=10, T=2, stem_pool="max")) == [nn.MaxPool2d]
+    assert stem_pool(build_model("sew_resnet18", in_channels=3, num_classes=10, T=2)) == [nn.MaxPool2d]
+    assert stem_pool(build_model("sew_resnet34", in_channels=3, num_classes=10, T=2, stem_pool="avg")) == [nn.AvgPool2d]
     conv = first_conv(cifar)
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-    assert not any(isinstance(m, nn.MaxPool2d) for m in cifar.stem.modules())
+    assert stem_pool(cifar) == []
 
 
 # --- shapes -----------------------------------------------------------------------------------
@@ -205,10 +215,22 @@ def test_wrong_channel_count_raises():
 
 
 def test_unknown_option_raises_and_lists_allowed():
-    with pytest.raises(ValueError, match="foo.*allowed.*bn_mode.*mask_p"):
+    with pytest.raises(ValueError, match="foo.*allowed.*bn_mode.*init.*mask_p"):
         build_model("vggsnn", in_channels=2, num_classes=10, T=4, foo=1)
     with pytest.raises(ValueError, match="stem"):
         build_model("vggsnn", in_channels=2, num_classes=10, T=4, stem="cifar")
+
+
+def test_unset_options_and_input_size_reach_only_the_backbones_that_take_them():
+    """None means "the backbone's default" (as timm drops None kwargs); ``input_size`` describes the data and
+    sizes only the backbones whose layers depend on it, so one call serves every backbone."""
+    common = dict(in_channels=2, num_classes=10, T=2, stem=None, stem_pool=None, input_size=16)
+    vgg = build_model("vggsnn", **common)
+    assert next(m for m in vgg.modules() if isinstance(m, nn.Linear)).in_features == 512  # 16 -> 1 after four pools
+    resnet = build_model("resnet18", **common)
+    assert any(isinstance(m, nn.AvgPool2d) for m in resnet.stem.modules())
+    with pytest.raises(ValueError, match="input_size: 4 is too small"):
+        build_model("cifarnet", in_channels=3, num_classes=10, T=2, input_size=4)
 
 
 @pytest.mark.parametrize(
@@ -219,6 +241,8 @@ def test_unknown_option_raises_and_lists_allowed():
         ({"T": 2.5}, "T"),
         ({"mask_p": 1.5}, "mask_p"),
         ({"stem": "x"}, "stem"),
+        ({"stem_pool": "x"}, "stem_pool"),
+        ({"init": "x"}, "init"),
         ({"bn_mode": "x"}, "bn_mode"),
     ],
 )

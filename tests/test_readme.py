@@ -20,7 +20,7 @@ COMMANDS = re.findall(r"`(msgsnn train --preset [\w-]+)`", REPRODUCTION)
 
 
 def test_every_paper_row_has_a_command_with_the_papers_number():
-    assert len(COMMANDS) == 9
+    assert len(COMMANDS) == 10
     for command in COMMANDS:
         preset = shlex.split(command)[-1]
         cfg = config_io.load_preset(preset)

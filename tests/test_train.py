@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from msgsnn.data import DatasetMissing
+from msgsnn.data import DatasetMissing, build_datasets
 from msgsnn.engine import checkpoint
 from msgsnn.engine import train as train_module
 from msgsnn.engine.errors import NonFiniteLoss, RunExists, UserError
@@ -59,6 +59,35 @@ def test_release_lr_schedule_is_cosine_to_1e5_of_the_scaled_lr(tmp_path):
     assert lr_at(0, cfg) == pytest.approx(base)
     assert lr_at(5, cfg) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)
     assert lr_at(10, cfg) == pytest.approx(base * 1e-5)
+
+
+def test_release_warmup_starts_near_zero_and_reaches_the_lr_at_its_end(tmp_path):
+    """The release's warm-up: lr * (epoch / W * (1 - 1e-6) + 1e-6) below epoch W, then the cosine from the full lr."""
+    cfg = tiny_config(tmp_path, train__epochs=10, train__batch_size=64, optim__warmup_epochs=4)
+    base = 0.05 * 64 / 1024
+    assert lr_at(0, cfg) == pytest.approx(base * 1e-6)
+    assert lr_at(1, cfg) == pytest.approx(base * (0.25 * (1 - 1e-6) + 1e-6))
+    assert lr_at(4, cfg) == pytest.approx(base)
+    assert lr_at(7, cfg) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)  # cosine over the 6 epochs after it
+
+
+def test_training_drops_the_last_partial_batch(tmp_path, monkeypatch):
+    """As the release's loaders (drop_last=True): 116 training clips in batches of 8 are 14 steps, never a 15th of 4."""
+    batches = []
+    real_loss = train_module.compute_loss
+
+    def counting(logits, targets, two, cfg):
+        batches.append(len(targets))
+        return real_loss(logits, targets, two, cfg)
+
+    monkeypatch.setattr(train_module, "compute_loss", counting)
+    cfg = tiny_config(tmp_path, train__epochs=1, train__limit_batches=0)
+    result = train(cfg, tmp_path / "out", progress=False)
+    n_train = len(build_datasets(cfg).train)
+    assert batches == [8] * (n_train // 8) and n_train % 8 > 0
+    assert result.summary["status"] == "finished"
+    with pytest.raises(UserError, match="train.batch_size: 512 is more than the .* training samples"):
+        train(tiny_config(tmp_path, train__epochs=1, train__batch_size=512), tmp_path / "out2", progress=False)
 
 
 def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):

@@ -1,7 +1,10 @@
 """Static image datasets (CIFAR10/100, ImageNet) through torchvision, never downloaded.
 
 Samples are ``(image float32 [C, H, W], label)``; the model repeats an image over T
-(direct encoding). Training augmentation follows METHOD.md, each part switchable.
+(direct encoding). Training pipelines follow the release by default, each part switchable
+(``data.augment``): CIFAR RandomCrop(32, pad 4) + flip + its CIFAR10 AutoAugment policy +
+Cutout(16) on the [0, 1] image + Normalize with its constants; ImageNet RandomResizedCrop(224)
++ flip + ColorJitter(0.2, 0.2, 0.2, 0.1) + Cutout(16) + Normalize.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from torchvision import transforms as tv
 
 from msgsnn.config import AugmentConfig, RunConfig
 
+from .cifar_policy import ReleaseCIFAR10Policy
 from .registry import DataBundle, DatasetInfo, DatasetMissing, register, resolve_root
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RELEASE_COLOR_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
 
 
 class Cutout:
@@ -40,37 +45,56 @@ class Cutout:
         return f"Cutout(length={self.length})"
 
 
-def cifar_transforms(augment: AugmentConfig, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
-    """Train: RandomCrop(32, pad) + flip + AutoAugment(CIFAR10) + normalise + Cutout; test: normalise."""
-    normalise = [tv.ToTensor(), tv.Normalize(mean, std)]
-    train: list[Callable] = []
-    if augment.crop:
-        train.append(tv.RandomCrop(32, padding=augment.crop_padding))
+def train_transform(augment: AugmentConfig, geometry: list[Callable], mean: tuple, std: tuple,
+                    policy: Callable | None = None) -> Callable:
+    """``geometry`` (crop), flip, ColorJitter and ``policy`` on the PIL image, then to a tensor with
+    Cutout before Normalize (``cutout_fill: black``: a black patch, the release) or after it
+    (``mean``: a patch at the dataset's mean colour)."""
+    steps = list(geometry)
     if augment.flip:
-        train.append(tv.RandomHorizontalFlip())
-    if augment.autoaugment:
-        train.append(tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10))
-    train += normalise
-    if augment.cutout:
-        train.append(Cutout(augment.cutout))
-    return tv.Compose(train), tv.Compose(normalise)
+        steps.append(tv.RandomHorizontalFlip())
+    if augment.color_jitter:
+        steps.append(tv.ColorJitter(**RELEASE_COLOR_JITTER))
+    if policy is not None:
+        steps.append(policy)
+    steps.append(tv.ToTensor())
+    cutout = [Cutout(augment.cutout)] if augment.cutout else []
+    normalise = [tv.Normalize(mean, std)]
+    steps += cutout + normalise if augment.cutout_fill == "black" else normalise + cutout
+    return tv.Compose(steps)
+
+
+def cifar_policy(augment: AugmentConfig) -> Callable | None:
+    """The configured CIFAR10 AutoAugment policy: the release's own, or torchvision's."""
+    if not augment.autoaugment:
+        return None
+    if augment.autoaugment_policy == "release":
+        return ReleaseCIFAR10Policy()
+    return tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10)
+
+
+def cifar_transforms(augment: AugmentConfig, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
+    """Train: RandomCrop(32, pad) + flip + AutoAugment + Cutout + normalise; test: normalise."""
+    crop = [tv.RandomCrop(32, padding=augment.crop_padding)] if augment.crop else []
+    test = tv.Compose([tv.ToTensor(), tv.Normalize(mean, std)])
+    return train_transform(augment, crop, mean, std, cifar_policy(augment)), test
 
 
 def imagenet_transforms(augment: AugmentConfig) -> tuple[Callable, Callable]:
-    """Train: RandomResizedCrop(224) + flip; test: Resize(256) + CenterCrop(224); both normalised."""
+    """Train: RandomResizedCrop(224) + flip + ColorJitter + Cutout + normalise; test: Resize(256) + CenterCrop(224) + normalise."""
     normalise = [tv.ToTensor(), tv.Normalize(*IMAGENET_MEAN_STD)]
-    train: list[Callable] = [tv.RandomResizedCrop(224)]
-    if augment.flip:
-        train.append(tv.RandomHorizontalFlip())
-    return tv.Compose(train + normalise), tv.Compose([tv.Resize(256), tv.CenterCrop(224)] + normalise)
+    train = train_transform(augment, [tv.RandomResizedCrop(224)], *IMAGENET_MEAN_STD)
+    return train, tv.Compose([tv.Resize(256), tv.CenterCrop(224)] + normalise)
 
 
 @dataclass(frozen=True)
 class CifarSource:
+    """A CIFAR dataset and its normalisation constants: ``release`` (the authors' code) and
+    ``measured`` (per-channel mean and std of the training set's pixels), each ``(mean, std)``."""
+
     name: str
     torchvision_class: type
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    normalize: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]]
 
     def files(self) -> list[str]:
         cls = self.torchvision_class
@@ -78,8 +102,14 @@ class CifarSource:
 
 
 CIFARS = [
-    CifarSource("cifar10", torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    CifarSource("cifar100", torchvision.datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    CifarSource("cifar10", torchvision.datasets.CIFAR10, {
+        "release": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        "measured": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    }),
+    CifarSource("cifar100", torchvision.datasets.CIFAR100, {
+        "release": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+        "measured": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    }),
 ]
 
 
@@ -109,7 +139,7 @@ def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> 
     check_cifar(source, cfg)
     root, folder, expected = _cifar_expected(source, cfg)
     cls = source.torchvision_class
-    train_tf, test_tf = cifar_transforms(cfg.data.augment, source.mean, source.std)
+    train_tf, test_tf = cifar_transforms(cfg.data.augment, *source.normalize[cfg.data.augment.normalize])
     try:
         train = cls(str(root), train=True, transform=train_tf, download=False)
         test = cls(str(root), train=False, transform=test_tf, download=False)

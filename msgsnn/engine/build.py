@@ -17,14 +17,13 @@ def neuron_options(cfg: RunConfig) -> dict:
 
 
 def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The backbone named in ``cfg.model`` with the configured neuron, BN mode and input size."""
-    options = neuron_options(cfg)
-    options["bn_mode"] = cfg.model.bn_mode
-    if cfg.model.name.startswith(("resnet", "sew_resnet")):
-        options["stem"] = cfg.model.stem
-    if cfg.model.name.startswith("vggsnn"):
-        options["input_size"] = cfg.data.size
-    return build_model(cfg.model.name, in_channels, num_classes, cfg.T, **options)
+    """The backbone named in ``cfg.model`` with the configured neuron, BN mode, init and stem, sized for ``cfg.data``.
+
+    Unset (``None``) options fall back to the backbone's default inside :func:`build_model`.
+    """
+    m = cfg.model
+    options = dict(neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
+    return build_model(m.name, in_channels, num_classes, cfg.T, input_size=cfg.data.size, **options)
 
 
 def build_two(cfg: RunConfig) -> TWO:

@@ -53,11 +53,16 @@ class TrainResult:
     run: RunDirectory
 
 
+WARMUP_START = 1e-6  # the release's warmup_lr_init: the fraction of the lr at epoch 0 of a warm-up
+
+
 def lr_at(epoch: int, cfg: RunConfig) -> float:
-    """Linear warm-up (optional), then cosine from the base lr to ``min_lr_ratio`` of it, per epoch."""
+    """The release's schedule, per epoch: with ``warmup_epochs`` W > 0, a linear warm-up from
+    ``WARMUP_START`` of the base lr at epoch 0 towards the base lr at epoch W; then cosine from
+    the base lr to ``min_lr_ratio`` of it over the remaining epochs."""
     base, o, epochs = cfg.lr, cfg.optim, cfg.train.epochs
     if epoch < o.warmup_epochs:
-        return base * (epoch + 1) / (o.warmup_epochs + 1)
+        return base * (WARMUP_START + (1 - WARMUP_START) * epoch / o.warmup_epochs)
     progress = (epoch - o.warmup_epochs) / max(1, epochs - o.warmup_epochs)
     floor = base * o.min_lr_ratio
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -217,10 +222,13 @@ def _train(
             sampler = EpochSampler(len(bundle.train), cfg.train.seed, epoch, ctx.rank, ctx.world_size,
                                    bundle.sample_weights, skip=skip * cfg.train.batch_size)
             loader = DataLoader(SeededDataset(bundle.train), batch_size=cfg.train.batch_size, sampler=sampler,
-                                num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=False,
+                                num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=True,  # as the release
                                 worker_init_fn=ignore_stop_signals,
                                 generator=epoch_generator(cfg.train.seed, epoch))  # keeps the global RNG (MSG masks) untouched
             total = len(loader) + skip
+            if total == 0:
+                raise UserError(f"train.batch_size: {cfg.train.batch_size} is more than the {sampler.per_rank} training "
+                                "samples of each process; the last partial batch is dropped, so no batch would remain")
             if cfg.train.limit_batches:
                 total = min(total, cfg.train.limit_batches)
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=total, completed=skip, stats="")

@@ -8,6 +8,8 @@ from torch import nn
 from msgsnn.snn.layers import Folded, TemporalBatchNorm
 from msgsnn.snn.neuron import LIF
 
+INITS = ("release", "kaiming")
+
 
 class SpikingNet(nn.Module):
     """Base class: turns the input into ``[T, B, C, H, W]`` and returns ``[T, B, K]``.
@@ -52,12 +54,25 @@ def conv_bn_lif(in_ch: int, out_ch: int, neuron: dict, kernel: int = 3, stride: 
     return nn.Sequential(*conv_bn(in_ch, out_ch, kernel, stride, bn_mode), LIF(**neuron))
 
 
-def init_weights(model: nn.Module) -> nn.Module:
-    """Kaiming-normal convolutions, unit BatchNorm, PyTorch-default linear layers."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+def init_weights(model: SpikingNet, init: str, release_kaiming: bool) -> SpikingNet:
+    """Initialise the convolutions of a freshly built ``model`` (BatchNorm stays at weight 1, bias 0,
+    the linear readout at PyTorch's default, under both rules).
+
+    ``kaiming``: Kaiming-normal (fan_out, ReLU gain) for every convolution, std sqrt(2 / (C_out k k)).
+    ``release``: what the authors' code leaves them with. Its VGGNet, CIFARConvNet and ResNet18 have
+    no init code, so PyTorch's default stays (kaiming-uniform with a = sqrt(5), std 1/sqrt(3 C_in k k));
+    its SEW-ResNets (``release_kaiming``) apply Kaiming-normal (fan_out) to every convolution, except
+    that for inputs of other than 3 channels its network wrapper swaps the first convolution for a
+    fresh, default-initialised one.
+    """
+    if init not in INITS:
+        raise ValueError(f"init: unknown '{init}'; choose one of {', '.join(INITS)}")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if init == "release":
+        if not release_kaiming:
+            return model
+        if model.in_channels != 3:
+            convs = convs[1:]
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return model

@@ -24,11 +24,16 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(name: str, in_channels: int, num_classes: int, T: int, **options) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int, T: int, input_size: int | None = None, **options) -> nn.Module:
     """Create a registered spiking network.
 
     ``options`` holds LIF options (``tau``, ``surrogate``, ``mask_p``, ...) and the
-    model's own (``bn_mode``, ``stem`` for ResNets, ``input_size`` for VGGs).
+    model's own (``bn_mode``, ``init`` for every backbone; ``stem``, ``stem_pool`` for the
+    ResNets). An option set to ``None`` is dropped, so the backbone's own default applies
+    (as timm's ``create_model`` does): a caller passes every configured option without asking
+    which backbone takes it. ``input_size`` (the input's height and width) describes the data,
+    not a choice: it reaches the backbones whose layers depend on it (the VGGs' flatten head,
+    CIFARNet's check of its pooling stages) and is not needed by the others.
     The model maps ``[B, T, C, H, W]`` events or ``[B, C, H, W]`` images to
     per-timestep logits ``[T, B, num_classes]``.
     """
@@ -39,12 +44,15 @@ def build_model(name: str, in_channels: int, num_classes: int, T: int, **options
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("T", T)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    options = {k: v for k, v in options.items() if v is not None}
     neuron = {k: v for k, v in options.items() if k in NEURON_OPTIONS}
     model_options = {k: v for k, v in options.items() if k not in NEURON_OPTIONS}
     builder = _MODELS[name]
     accepted = set(inspect.signature(builder).parameters)
     unknown = sorted(set(model_options) - accepted)
     if unknown:
-        allowed = sorted((accepted - {"in_channels", "num_classes", "T", "neuron"}) | set(NEURON_OPTIONS))
+        allowed = sorted((accepted - {"in_channels", "num_classes", "T", "neuron", "input_size"}) | set(NEURON_OPTIONS))
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    if input_size is not None and "input_size" in accepted:
+        model_options["input_size"] = input_size
     return builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)

@@ -1,8 +1,9 @@
-"""Spiking ResNets: ResNet18 with LIF in place of ReLU (the release), and SEW-ResNet18/34.
+"""Spiking ResNets: the release's ResNet18 (LIF in place of every ReLU) and SEW-ResNet18/34.
 
 A block works on ``[T, B, C, H, W]``. ``BasicBlock``: LIF(BN(conv(LIF(BN(conv x)))) + shortcut),
-the spike after the sum. ``SEWBlock`` (Fang et al. 2021): spikes inside the
-residual branch and an ADD of spike tensors, so the identity path stays an identity.
+the spike after the sum, as the release's ResNet18. ``SEWBlock`` (Fang et al. 2021, the release's
+``sew_resnet*`` with its default ADD connection): spikes at the end of the residual branch and of
+the downsampling shortcut, then an ADD of the two, so the identity path stays an identity.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from msgsnn.snn.models.registry import register_model
 from msgsnn.snn.neuron import LIF
 
 STEMS = ("imagenet", "cifar")
+STEM_POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
 class BasicBlock(nn.Module):
@@ -49,20 +51,24 @@ class SEWBlock(nn.Module):
 class SpikingResNet(SpikingNet):
     """Stem, four stages of blocks (64-128-256-512 channels), global average pool, linear readout.
 
-    ``stem="imagenet"``: 7x7 stride-2 conv + 3x3 stride-2 max pool (the release);
-    ``stem="cifar"``: one 3x3 stride-1 conv, no pool, for 32x32 inputs.
+    ``stem="imagenet"``: 7x7 stride-2 conv + BN + LIF, then a 3x3 stride-2 pool, ``stem_pool``
+    ``"avg"`` or ``"max"``; ``stem="cifar"``: one 3x3 stride-1 conv + BN + LIF and no pool (for 32x32
+    inputs; not a network of the release; ``stem_pool`` does not apply). ``init`` and
+    ``release_kaiming``: see :func:`~msgsnn.snn.models.base.init_weights`.
     """
 
-    def __init__(self, block, depths, in_channels, num_classes, T, neuron, bn_mode="per_step", stem="imagenet"):
+    def __init__(self, block, depths, in_channels, num_classes, T, neuron, bn_mode, stem, stem_pool, init, release_kaiming):
         super().__init__(T, in_channels)
         if stem not in STEMS:
             raise ValueError(f"stem: unknown '{stem}'; choose one of {', '.join(STEMS)}")
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"stem_pool: unknown '{stem_pool}'; choose one of {', '.join(STEM_POOLS)}")
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 Folded(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)),
                 TemporalBatchNorm(64, mode=bn_mode),
                 LIF(**neuron),
-                Folded(nn.MaxPool2d(3, stride=2, padding=1)),
+                Folded(STEM_POOLS[stem_pool](3, stride=2, padding=1)),
             )
         else:
             self.stem = nn.Sequential(*conv_bn(in_channels, 64, 3, 1, bn_mode), LIF(**neuron))
@@ -75,22 +81,28 @@ class SpikingResNet(SpikingNet):
         self.stages = nn.Sequential(*stages)
         self.pool = Folded(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
         self.classifier = Folded(nn.Linear(channels, num_classes))
-        init_weights(self)
+        init_weights(self, init, release_kaiming)
 
     def forward_time(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.stages(self.stem(x))))
 
 
 @register_model
-def resnet18(in_channels=2, num_classes=10, T=10, neuron=None, bn_mode="per_step", stem="imagenet"):
-    return SpikingResNet(BasicBlock, (2, 2, 2, 2), in_channels, num_classes, T, neuron or {}, bn_mode, stem)
+def resnet18(in_channels=2, num_classes=10, T=10, neuron=None, bn_mode="per_step", stem="imagenet", stem_pool="avg", init="release"):
+    """The release's ResNet18 as its ``main.py`` builds it: ``ResNet18(pool='avg')`` (the class's own
+    default would be max), no init code of its own."""
+    return SpikingResNet(BasicBlock, (2, 2, 2, 2), in_channels, num_classes, T, neuron or {}, bn_mode, stem, stem_pool, init, False)
 
 
 @register_model
-def sew_resnet18(in_channels=3, num_classes=1000, T=4, neuron=None, bn_mode="per_step", stem="imagenet"):
-    return SpikingResNet(SEWBlock, (2, 2, 2, 2), in_channels, num_classes, T, neuron or {}, bn_mode, stem)
+def sew_resnet18(in_channels=3, num_classes=1000, T=4, neuron=None, bn_mode="per_step", stem="imagenet", stem_pool="max", init="release"):
+    """The release's ``sew_resnet18()``: max-pooled stem, Kaiming-normal init; what its ``--model
+    sewresnet34`` option builds too."""
+    return SpikingResNet(SEWBlock, (2, 2, 2, 2), in_channels, num_classes, T, neuron or {}, bn_mode, stem, stem_pool, init, True)
 
 
 @register_model
-def sew_resnet34(in_channels=3, num_classes=1000, T=4, neuron=None, bn_mode="per_step", stem="imagenet"):
-    return SpikingResNet(SEWBlock, (3, 4, 6, 3), in_channels, num_classes, T, neuron or {}, bn_mode, stem)
+def sew_resnet34(in_channels=3, num_classes=1000, T=4, neuron=None, bn_mode="per_step", stem="imagenet", stem_pool="max", init="release"):
+    """SEW-ResNet34, the paper's ImageNet network: the release's ``sew_resnet34()`` layout (3-4-6-3
+    blocks), which its ``main.py`` never builds."""
+    return SpikingResNet(SEWBlock, (3, 4, 6, 3), in_channels, num_classes, T, neuron or {}, bn_mode, stem, stem_pool, init, True)

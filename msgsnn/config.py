@@ -120,11 +120,16 @@ class TWOConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with lr = base_lr * global batch / 1024 unless ``lr`` is set (> 0)."""
+    """AdamW with lr = base_lr * batch / 1024 unless ``lr`` is set (> 0).
+
+    ``lr_batch``: ``process`` scales by the batch of one process, as the release's ``main.py``
+    computes it (its ``world_size`` stays 1); ``global`` by the batch of all processes together.
+    """
 
     name: str = _choice("adamw", "sgd", default="adamw")
     lr: float = _ranged(0.0, 0.0)
     base_lr: float = _ranged(0.05, 0.0)
+    lr_batch: str = _choice("process", "global", default="process")
     weight_decay: float = _ranged(0.0, 0.0)
     momentum: float = _ranged(0.9, 0.0, 1.0)
     warmup_epochs: int = _ranged(0, 0)
@@ -175,12 +180,13 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        """The learning rate actually used: explicit, or the release's scaling by the global batch,
-        ``base_lr * batch_size * processes / 1024`` (``batch_size`` is per process; the processes are
-        those ``torchrun`` started, its ``WORLD_SIZE``)."""
+        """The learning rate actually used: explicit, or ``base_lr * batch / 1024`` with the batch of one
+        process (``optim.lr_batch: process``, the release's ``main.py``) or of all the processes that
+        ``torchrun`` started (``global``: ``batch_size * WORLD_SIZE``)."""
         if self.optim.lr > 0:
             return self.optim.lr
-        return self.optim.base_lr * self.train.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / 1024
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if self.optim.lr_batch == "global" else 1
+        return self.optim.base_lr * self.train.batch_size * processes / 1024
 
 
 # ---------------------------------------------------------------- conversion

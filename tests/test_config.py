@@ -76,11 +76,13 @@ def test_overrides_are_typed_and_saved_config_round_trips(tmp_path):
     assert config_io.load(path) == cfg
 
 
-def test_lr_follows_the_global_batch(monkeypatch):
-    """The release's rule: base_lr * batch per process * processes / 1024; an explicit lr is kept as given."""
+def test_lr_follows_the_batch_of_one_process_or_of_all(monkeypatch):
+    """The release's main.py: base_lr * batch per process / 1024 whatever the processes (its world_size
+    stays 1); lr_batch=global multiplies by torchrun's WORLD_SIZE; an explicit lr is kept as given."""
     dvs = config_io.load_preset("dvs-vgg")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert dvs.lr == pytest.approx(0.05 * 64 / 1024)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert dvs.lr == pytest.approx(0.05 * 64 * 4 / 1024)
+    assert dvs.lr == pytest.approx(0.05 * 64 / 1024)
+    assert config_io.apply_overrides(dvs, {"optim.lr_batch": "global"}).lr == pytest.approx(0.05 * 64 * 4 / 1024)
     assert config_io.apply_overrides(dvs, {"optim.lr": 0.01}).lr == 0.01

@@ -151,7 +151,8 @@ def _stream_of(seed: int, rank: int) -> torch.Tensor:
         torch.set_rng_state(saved[2])
 
 
-TWO_RANKS = {"train.epochs": 3, "train.limit_batches": 0, "data.num_workers": 2, "train.sync_bn": True}
+TWO_RANKS = {"train.epochs": 3, "train.limit_batches": 0, "data.num_workers": 2, "train.sync_bn": True,
+             "optim.lr_batch": "global"}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def two_ranks(tmp_path_factory) -> Path:
 def test_two_ranks_start_identical_draw_their_own_masks_and_end_identical(two_ranks):
     """Identical weights as built, rank-specific MSG streams (the documented derivation, so reproducible
     for the seed), identical TWO factors and parameters after training, one set of files, the lr of the
-    global batch, and the process group left at the end."""
+    global batch (optim.lr_batch=global), and the process group left at the end."""
     seed = tiny_config(two_ranks).train.seed
     ranks = [torch.load(two_ranks / "out" / f"rank{r}.pt") for r in range(2)]
     for name, value in ranks[0]["initial"].items():

@@ -39,7 +39,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SURROGATES = {"piecewise_linear": 0, "arctan": 1, "sigmoid": 2, "rectangular": 3}
 MASK_MODES = {"element": 1, "channel": 2, "timestep": 3}
 LIF_BLOCK = 1024  # neurons per program
-LIF_WARPS = 8  # 4 neurons per thread: the masked backward stays near 64 registers, no spills (tests/test_triton_compile.py)
+LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
 BN_ROWS = 64  # rows of [M, C] per tile
 BN_MAX_CHANNELS = 64  # channels per tile at most
 BN_WARPS = 8
@@ -73,7 +73,7 @@ def driver_error() -> TritonBuildError | None:
 def _build_errors() -> tuple[type[Exception], ...]:
     """Triton's exception types for a kernel that cannot be built: the front end's ``CompilationError``,
     ``PTXASError`` (ptxas rejected the PTX) and ``OutOfResources`` (shared memory or threads over the GPU's
-    limit, raised when the kernel is loaded). Triton's autotuner skips a config on the same types."""
+    limit, raised when the kernel is loaded), much as Triton's autotuner skips a config that cannot be built."""
     from triton.compiler.errors import CompilationError
     from triton.runtime import errors
 

@@ -85,7 +85,7 @@ stage 30 device.txt "$python" -c "import torch, triton; print('torch', torch.__v
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 stage 60 gpu_model.txt "$python" benchmarks/gpu_model.py "${model_args[@]}"
 stage 120 test_cuda.log "$python" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not interpreter"
-stage 150 step.log "$python" benchmarks/step.py "${step_args[@]}" --json "$out/step.json"
+stage 180 step.log "$python" benchmarks/step.py "${step_args[@]}" --json "$out/step.json"
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --json "$out/epoch.json"
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --amp bf16 --json "$out/epoch-bf16.json"
 echo "gpu.sh: $((SECONDS))s, exit status $status; results in $out"

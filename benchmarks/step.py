@@ -6,7 +6,9 @@ Cases (each in its own process, so every peak-memory figure starts clean):
 * ``sg``            msgsnn with the plain surrogate gradient (mask_p = 0)
 * ``floor``         the same convolutions and BatchNorms as a plain ReLU network on the
                     folded ``[T*B, C, H, W]`` batch, channels-last: what the convolutions alone cost
-* ``spikingjelly``  SpikingJelly's multi-step ``LIFNode`` on the same network (if installed)
+* ``spikingjelly``  SpikingJelly's multi-step ``LIFNode`` on the same network (if installed); on CUDA it
+                    runs its fastest implementation there (its native CUDA build, else its Triton
+                    kernels), and the report names the one it took
 * ``snntorch``      snnTorch's ``Leaky`` stepped over T on the same network (if installed)
 
 The processes run in rounds, the order reversed every other round; a case's time is
@@ -225,7 +227,29 @@ def worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _rss_kib("VmHWM") * 1024 - base if peak_reset else float("nan")
-    return {"case": args.worker, "precision": args.precision, "times": times, "cpu_times": cpu_times, "peak_bytes": peak}
+    return {"case": args.worker, "precision": args.precision, "times": times, "cpu_times": cpu_times, "peak_bytes": peak,
+            "backend": backend_used(args.worker, device)}
+
+
+def backend_used(case: str, device) -> str:
+    """Which implementation ran the neurons (and msgsnn's per-step BatchNorm) in this worker."""
+    if case in ("msg", "sg"):
+        from msgsnn.snn import cpu_kernels, neuron
+
+        if device.type == "cuda":
+            return "Triton kernels" if neuron._TRITON not in (None, False) else "torch operators (Triton off, see stderr)"
+        return "C kernels" if cpu_kernels.get() is not None else "torch operators"
+    if case == "spikingjelly":
+        # SpikingJelly 2.0 has no backend argument: on CUDA it takes its native CUDA build if there is one, else
+        # its Triton kernels, else torch operators (SJ_LIF_CUDA_IMPLEMENTATION overrides); ask which it took.
+        from spikingjelly.activation_based.functional import neuron_implementation
+
+        info = neuron_implementation("lif", device)
+        skipped = "; ".join(f"{name} unavailable: {why.splitlines()[0]}" for name, why in info["unavailable"].items())
+        return info["implementation"] + (f" ({skipped})" if skipped else "")
+    if case == "snntorch":
+        return "torch operators, stepped over T"
+    return "torch operators (cuDNN/oneDNN convolutions and BatchNorm)"
 
 
 # --------------------------------------------------------------------------- driver side
@@ -336,14 +360,19 @@ def main(argv=None) -> int:
           f"device={args.device}, threads={args.threads}, torch {torch.__version__}, "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds", flush=True)
     jobs = [(c, p) for p in precisions for c in runnable]
-    results = []
+    results, backends = [], {}
     for r in range(args.rounds):
         for case, prec in (jobs if r % 2 == 0 else jobs[::-1]):
             res = run_process(case, prec, args)
             status = res.get("error") or f"median {statistics.median(res['times']):.3f} s, peak {res['peak_bytes'] / 2**20:.0f} MB"
             print(f"  round {r + 1}: {case:<13} {prec:<5} {status}", file=sys.stderr, flush=True)
             results.append(res)
+            if "backend" in res and case not in backends:
+                backends[case] = res["backend"]
     summary = summarise(results)
+    notes.extend(f"{case} ran on: {backend}" for case, backend in backends.items())
+    if backends.get("spikingjelly", "").startswith("torch") and args.device == "cuda":
+        notes.append("spikingjelly fell back to torch operators on CUDA: its Triton kernels need the triton package")
     notes.append("peers use joint (T*B) BatchNorm statistics, msgsnn its default per-step statistics; "
                  "peak = growth of peak memory during the steps (includes grads and AdamW state); "
                  "cpu s = process CPU time per step (user + system), steadier than wall time on a busy machine")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import load_script
 
@@ -30,3 +34,70 @@ def test_epoch_estimate_covers_every_paper_row_and_stops_on_a_bad_preset(capsys)
     assert all(f"`msgsnn train --preset {name}`" in readme for name in epoch.PAPER_PRESETS)
     assert epoch.main(["--presets", "dvs-vgg,nope", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_gpu_model_counts_the_bytes_and_flops_of_vggsnn(tmp_path, capsys):
+    """The H200 yardstick for dvs-vgg from shapes alone: FLOPs by hand over the layers, LIF bytes from the activations."""
+    gpu_model = load_script("benchmarks/gpu_model.py")
+    out = tmp_path / "model.json"
+    assert gpu_model.main(["--presets", "dvs-vgg", "--batch", "4", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert "spiking layers (LIF + BatchNorm)" in capsys.readouterr().out
+    TB = 10 * 4
+    convs = [(2, 64, 48), (64, 128, 48), (128, 256, 24), (256, 256, 24), (256, 512, 12), (512, 512, 12),
+             (512, 512, 6), (512, 512, 6)]  # (in, out, size) of VGGSNN's 3x3 convolutions at 48x48
+    forward = sum(2 * TB * size * size * cout * cin * 9 for cin, cout, size in convs)
+    assert r["parts"]["conv forward"]["flops"] == forward
+    assert r["parts"]["conv backward"]["flops"] == 2 * forward - 2 * TB * 48 * 48 * 64 * 2 * 9  # no input grad of the data
+    lif_elements = sum(TB * size * size * cout for _, cout, size in convs)
+    assert r["parts"]["LIF forward"]["bytes_kernels"] == 3 * 2 * lif_elements  # bf16: x in, spikes and H out
+    assert r["parts"]["BN backward"]["bytes_kernels"] == 5 * 2 * lif_elements
+    assert r["parts"]["BN backward"]["bytes_min"] == 3 * 2 * lif_elements
+    assert r["launch_count"]["triton"] == 8 * 2 + 8 * 4  # per step: LIF forward + backward, BN two each way
+    assert 0 < r["spiking_share_min"] < r["spiking_share_kernels"] < 1
+    assert r["step_ms_kernels"] == pytest.approx(sum(p["seconds_kernels"] for p in r["parts"].values()) * 1e3)
+    lif_rows = [row for row in r["launches"] if row["kernel"] == "LIF"]
+    shapes = list(dict.fromkeys((c, s) for _, c, s in convs))  # one row per distinct LIF shape
+    assert [row["programs"] for row in lif_rows] == [-(-4 * c * s * s // 1024) for c, s in shapes]
+
+
+GPU_SH_FILES = {"device.txt", "gpu_model.txt", "test_cuda.log", "step.log", "step.json", "epoch.log", "epoch.json",
+                "epoch-bf16.json"}
+
+
+def _gpu_sh(tmp_path, **env):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.sh"
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_sh_without_cuda_stops_at_once_with_one_line_naming_cuda(tmp_path):
+    done = _gpu_sh(tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error:") and "CUDA" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gpu_sh_runs_every_stage_on_the_cpu(tmp_path):
+    """GPU_CHECK=cpu: the same stages at toy sizes, so a renamed flag or a broken stage shows before a GPU is lent."""
+    done = _gpu_sh(tmp_path, GPU_CHECK="cpu")
+    assert done.returncode == 0, done.stdout[-3000:]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == GPU_SH_FILES  # the device tool brings back 8 files at most
+    step = json.loads((out / "step.json").read_text())
+    assert {key.split("/")[0] for key in step["summary"]} >= {"msg", "floor"}
+    assert "msg ran on: C kernels" in (out / "step.log").read_text()
+    assert json.loads((out / "epoch-bf16.json").read_text())[0]["amp"] == "bf16"
+    assert "spiking layers (LIF + BatchNorm)" in (out / "gpu_model.txt").read_text()
+
+
+def test_step_benchmark_names_the_implementation_each_case_ran_on():
+    step = load_script("benchmarks/step.py")
+    cpu = torch.device("cpu")
+    from msgsnn.snn import cpu_kernels
+
+    assert step.backend_used("msg", cpu) == ("C kernels" if cpu_kernels.get() is not None else "torch operators")
+    pytest.importorskip("spikingjelly")
+    assert step.backend_used("spikingjelly", cpu) == "torch-reference"  # SpikingJelly 2.0's own name for it

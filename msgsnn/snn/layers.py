@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from msgsnn.snn import cpu_kernels
-from msgsnn.snn.neuron import disable_triton, levels_of, mark_levels
+from msgsnn.snn.neuron import _triton_lif, disable_triton, levels_of, mark_levels
 
 BN_MODES = ("per_step", "joint")
 
@@ -148,8 +148,6 @@ def _bn_kernels(x: torch.Tensor):
         kernels = cpu_kernels.get()
         return kernels if kernels is not None and cpu_kernels.supports(x) else None
     if x.is_cuda:
-        from msgsnn.snn.neuron import _triton_lif
-
         triton_lif = _triton_lif()
         return triton_lif if triton_lif is not None and triton_lif.bn_supports(x) else None
     return None
@@ -174,6 +172,23 @@ def _all_reduce_stats(mean: torch.Tensor, var: torch.Tensor, count: int):
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total.to(mean.dtype)
 
 
+def _fused(kernels, name: str, *args):
+    """``kernels.<name>(*args)``, or None where torch operators must do it instead: no kernels, or Triton's
+    that are switched off or cannot build this one for the GPU (see :func:`disable_triton`)."""
+    if kernels is None:
+        return None
+    build_error = getattr(kernels, "TritonBuildError", None)
+    if build_error is None:  # the C kernels
+        return getattr(kernels, name)(*args)
+    if _triton_lif() is None:
+        return None
+    try:
+        return getattr(kernels, name)(*args)
+    except build_error as err:
+        disable_triton(err)
+        return None
+
+
 class _PerStepBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``.
 
@@ -196,19 +211,15 @@ class _PerStepBatchNorm(torch.autograd.Function):
         if count <= 1 and not sync:
             raise ValueError(f"TemporalBatchNorm: expected more than 1 value per channel and timestep when training, got input of shape {tuple(x.shape)}")
         kernels = _bn_kernels(x)
-        if kernels is not None:
-            try:
-                mean, var = kernels.bn_stats(x)
-            except Exception as err:  # noqa: BLE001 - Triton could not compile or run on this GPU
-                if not x.is_cuda:
-                    raise
-                disable_triton(err)
-                kernels = None
-        if kernels is None:
+        stats = _fused(kernels, "bn_stats", x)
+        if stats is None:
+            kernels = None
             stat = torch.float64 if x.dtype == torch.float64 else torch.float32
             view, dims, _ = _step_view(x, layout)
             var, mean = torch.var_mean(view.to(stat), dim=dims, correction=0)
             mean, var = mean.reshape(T, C), var.reshape(T, C)
+        else:
+            mean, var = stats
         if sync:
             mean, var, count = _all_reduce_stats(mean, var, count)
         stat = mean.dtype
@@ -217,9 +228,9 @@ class _PerStepBatchNorm(torch.autograd.Function):
         b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
         scale = w * invstd
         shift = b - mean * scale
-        if kernels is not None:
-            y = kernels.bn_apply(x, scale, shift)
-        else:
+        y = _fused(kernels, "bn_apply", x, scale, shift)
+        if y is None:
+            kernels = None
             view, _, shape = _step_view(x, layout)
             y = _from_step_view(torch.addcmul(shift.view(shape).to(x.dtype), view, scale.view(shape).to(x.dtype)), x, layout)
         ctx.save_for_backward(x, weight, mean, invstd)
@@ -235,17 +246,21 @@ class _PerStepBatchNorm(torch.autograd.Function):
         layout, count, kernels = ctx.layout, ctx.count, ctx.kernels
         T, B, C = x.shape[:3]
         stat = mean.dtype
+        sums = None
         if kernels is not None:
             if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype:
                 like = cpu_kernels.pool.empty_like(x) if x.device.type == "cpu" else torch.empty_like(x)
                 grad_y = like.copy_(grad_y)
-            sdy, sdyx = kernels.bn_backward_sums(grad_y, x, mean)
-        else:
-            gview, dims, shape = _step_view(grad_y, layout)
-            xview, _, _ = _step_view(x, layout)
-            centred = xview.to(stat) - mean.view(shape)
+            sums = _fused(kernels, "bn_backward_sums", grad_y, x, mean)
+        gview, dims, shape = _step_view(grad_y, layout)
+        centred = None
+        if sums is None:
+            kernels = None
+            centred = _step_view(x, layout)[0].to(stat) - mean.view(shape)
             sdy = gview.sum(dim=dims, dtype=stat).reshape(T, C)
             sdyx = (gview.to(stat) * centred).sum(dim=dims).reshape(T, C)
+        else:
+            sdy, sdyx = sums
         w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
         grad_x = grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -260,9 +275,10 @@ class _PerStepBatchNorm(torch.autograd.Function):
             a = w * invstd
             q = invstd * invstd * sdyx / count
             r = a * sdy / count
-            if kernels is not None:
-                grad_x = kernels.bn_backward_input(grad_y, x, mean, q, a, r)
-            else:
+            grad_x = _fused(kernels, "bn_backward_input", grad_y, x, mean, q, a, r)
+            if grad_x is None:
+                if centred is None:
+                    centred = _step_view(x, layout)[0].to(stat) - mean.view(shape)
                 g = (gview.to(stat) - centred * q.view(shape)) * a.view(shape) - r.view(shape)
                 grad_x = _from_step_view(g.to(x.dtype), x, layout)
         return grad_x, grad_w, grad_b, None, None

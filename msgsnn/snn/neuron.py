@@ -175,7 +175,10 @@ def levels_of(x: torch.Tensor) -> int | None:
 
 
 def _triton_lif():
-    """The Triton module if triton imports (CUDA only), else None; imported once, lazily."""
+    """The Triton kernels' module where triton imports, CUDA is there and Triton's driver starts, else None.
+
+    Checked once per process, at first use; :func:`disable_triton` turns it off for good.
+    """
     global _TRITON
     if _TRITON is False:
         try:
@@ -183,18 +186,48 @@ def _triton_lif():
         except ImportError:
             triton_lif = None
         _TRITON = triton_lif if triton_lif is not None and triton_lif.AVAILABLE else None
+        if _TRITON is not None:
+            err = _TRITON.driver_error()
+            if err is not None:
+                disable_triton(err)
     return _TRITON
 
 
 _TRITON = False
+_TRITON_WARNED = False
 
 
 def disable_triton(err: Exception) -> None:
-    """Stop using the Triton kernels in this process (after they failed to compile or run)."""
-    global _TRITON
-    warnings.warn(f"msgsnn: Triton kernels failed ({type(err).__name__}: {err}); using torch operators on CUDA",
-                  RuntimeWarning, stacklevel=3)
+    """Run the LIF and BatchNorm on torch operators on CUDA for the rest of the process, because Triton
+    could not build a kernel (``err`` names it); warns once, loudly."""
+    global _TRITON, _TRITON_WARNED
     _TRITON = None
+    if not _TRITON_WARNED:
+        _TRITON_WARNED = True
+        warnings.warn(f"msgsnn: {err}. The LIF and BatchNorm layers now run on torch operators on CUDA for the rest "
+                      "of this process: same results, slower steps. Please report this with your GPU and the torch "
+                      "and triton versions; backend='fused' chooses torch operators from the start.",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _triton_or_torch(triton_fn, torch_fn, strict: bool):
+    """``triton_fn``, or ``torch_fn`` (same arguments, same result) once Triton is off or cannot build the kernel.
+
+    ``strict`` (``backend='triton'``) runs ``triton_fn`` whatever happens and lets its errors propagate.
+    Only a build failure falls back: an error while running a kernel (CUDA out of memory, say) propagates.
+    """
+    def run(*args, **kwargs):
+        if strict:
+            return triton_fn(*args, **kwargs)
+        kernels = _triton_lif()
+        if kernels is not None:
+            try:
+                return triton_fn(*args, **kwargs)
+            except kernels.TritonBuildError as err:
+                disable_triton(err)
+        return torch_fn(*args, **kwargs)
+
+    return run
 
 
 class LIF(nn.Module):
@@ -259,12 +292,9 @@ class LIF(nn.Module):
             return lif_reference(current, *args)
         triton_lif = _triton_lif() if current.is_cuda and self.backend in ("auto", "triton") else None
         if triton_lif is not None and triton_lif.supports(current):
-            try:
-                return fused_lif(current, triton_lif.lif_forward, triton_lif.lif_backward, *args)
-            except Exception as err:  # noqa: BLE001 - e.g. no compiler for this GPU: use the torch path
-                if self.backend == "triton":
-                    raise
-                disable_triton(err)
+            strict = self.backend == "triton"
+            return fused_lif(current, _triton_or_torch(triton_lif.lif_forward, lif_forward, strict),
+                             _triton_or_torch(triton_lif.lif_backward, lif_backward, strict), *args)
         if self.backend == "triton":
             raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
                              "use 'auto' to fall back to 'fused'")

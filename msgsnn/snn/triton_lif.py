@@ -1,4 +1,4 @@
-"""Multi-step LIF with MSG as two Triton kernels (forward, backward) for CUDA tensors.
+"""Multi-step LIF with MSG as two Triton kernels (forward, backward) for CUDA tensors, and per-step BatchNorm.
 
 One program owns a block of neurons and runs the whole time loop in registers:
 the forward reads the input current once and writes spikes and the pre-spike
@@ -12,8 +12,14 @@ from torch's, so ``p > 0`` matches the reference only in distribution.
 
 Inputs may be float32, float16 or bfloat16 (arithmetic in float32; ``H`` is
 rounded to the input dtype before the spike test, so the spikes recomputed in
-backward are the forward's). All four surrogates, both resets and ``detach_reset``
-are compile-time switches.
+backward are the forward's). The surrogate, the reset, ``detach_reset`` and the
+mask mode are compile-time switches (:func:`lif_forward_switches`,
+:func:`lif_backward_switches`); the mask's fill and rescaling are run-time values,
+so one compiled kernel serves all of them.
+
+Every launch goes through :func:`_launch`: a kernel that Triton cannot build for the
+GPU raises :class:`TritonBuildError` (the callers then fall back to torch operators),
+while an error of running it (a CUDA out-of-memory, say) propagates unchanged.
 """
 
 from __future__ import annotations
@@ -32,12 +38,74 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SURROGATES = {"piecewise_linear": 0, "arctan": 1, "sigmoid": 2, "rectangular": 3}
 MASK_MODES = {"element": 1, "channel": 2, "timestep": 3}
-BLOCK = 1024
-NUM_WARPS = 4
+LIF_BLOCK = 1024  # neurons per program
+LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
+BN_ROWS = 64  # rows of [M, C] per tile
+BN_MAX_CHANNELS = 64  # channels per tile at most
+BN_WARPS = 8
+
+
+class TritonBuildError(RuntimeError):
+    """Triton could not build one of these kernels for this GPU (compile, ptxas or resource limits)."""
+
+    def __init__(self, kernel: str, err: Exception) -> None:
+        super().__init__(f"Triton cannot build {kernel} here ({type(err).__name__}: {err})")
+        self.kernel = kernel
 
 
 def supports(x: torch.Tensor) -> bool:
     return triton is not None and x.dtype in DTYPES and 0 < x[0].numel() < 2**31
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def driver_error() -> TritonBuildError | None:
+    """Why Triton's CUDA driver cannot start here (it builds a small C module at first use), or None."""
+    try:
+        triton.runtime.driver.active.get_current_target()
+    except Exception as err:  # noqa: BLE001 - any failure here means: no Triton kernels in this process
+        return TritonBuildError("the C module of its CUDA driver", err)
+    return None
+
+
+def _build_errors() -> tuple[type[Exception], ...]:
+    """Triton's exception types for a kernel that cannot be built: the front end's ``CompilationError``,
+    ``PTXASError`` (ptxas rejected the PTX) and ``OutOfResources`` (shared memory or threads over the GPU's
+    limit, raised when the kernel is loaded), much as Triton's autotuner skips a config that cannot be built."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    return tuple(t for t in (CompilationError, getattr(errors, "PTXASError", None), errors.OutOfResources) if t)
+
+
+def is_build_error(err: BaseException) -> bool:
+    """True if ``err`` says Triton could not build the kernel, False if something failed while running it.
+
+    Besides Triton's own types, anything raised inside ``triton.compile`` is a build failure: an MLIR pass
+    that fails raises a plain ``RuntimeError("PassManager::run failed")``. A CUDA error (out of memory
+    included) is never raised there, so it is never taken for a build failure.
+    """
+    if isinstance(err, _build_errors()):
+        return True
+    compile_code = triton.compiler.compiler.compile.__code__
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is compile_code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _launch(kernel, grid: tuple, *args, num_warps: int, **switches) -> None:
+    """``kernel[grid](*args, **switches)``, with a failure to build it raised as :class:`TritonBuildError`."""
+    try:
+        kernel[grid](*args, num_warps=num_warps, **switches)
+    except Exception as err:
+        if is_build_error(err):
+            raise TritonBuildError(kernel.__name__, err) from err
+        raise
 
 
 if triton is not None:
@@ -57,47 +125,50 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _fill(x, alpha, kind):
+        """What a masked entry gets: 0 (``kind < 0``) or surrogate ``kind``, chosen at run time."""
+        g = tl.zeros_like(x)
+        if kind == 0:
+            g = _surrogate(x, alpha, 0)
+        elif kind == 1:
+            g = _surrogate(x, alpha, 1)
+        elif kind == 2:
+            g = _surrogate(x, alpha, 2)
+        elif kind == 3:
+            g = _surrogate(x, alpha, 3)
+        return g
+
+    @triton.jit
     def _lif_forward_kernel(x_ptr, s_ptr, h_ptr, N, T, tau, vth,
                             HARD: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
         inb = offs < N
         v = tl.zeros([BLOCK], dtype=tl.float32)
-        x_ptrs = x_ptr + offs
-        s_ptrs = s_ptr + offs
-        h_ptrs = h_ptr + offs
-        for _t in range(T):
-            x = tl.load(x_ptrs, mask=inb, other=0.0).to(tl.float32)
+        n64 = N.to(tl.int64)
+        for t in range(T):
+            step = t * n64
+            x = tl.load(x_ptr + step + offs, mask=inb, other=0.0).to(tl.float32)
             h = v + (x - v) / tau
             h = h.to(s_ptr.dtype.element_ty).to(tl.float32)  # what backward will read back
             fired = h >= vth
             spike = fired.to(tl.float32)
-            tl.store(s_ptrs, spike.to(s_ptr.dtype.element_ty), mask=inb)
+            tl.store(s_ptr + step + offs, spike.to(s_ptr.dtype.element_ty), mask=inb)
             if SAVE_H:
-                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=inb)
+                tl.store(h_ptr + step + offs, h.to(h_ptr.dtype.element_ty), mask=inb)
             if HARD:
                 v = tl.where(fired, 0.0, h)
             else:
                 v = (h - vth * spike).to(s_ptr.dtype.element_ty).to(tl.float32)
-            x_ptrs += N
-            s_ptrs += N
-            h_ptrs += N
 
     @triton.jit
-    def _lif_step_backward(g_ptrs, h_ptrs, o_ptrs, inb, gv, rnd, tau, leak, vth, alpha, p, keep_div,
-                           HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, FILL: tl.constexpr,
-                           MASK: tl.constexpr, RESCALE: tl.constexpr):
+    def _lif_step_backward(g_ptrs, h_ptrs, o_ptrs, inb, gv, rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                           HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr):
         h = tl.load(h_ptrs, mask=inb, other=0.0).to(tl.float32)
         x = h - vth
         sg = _surrogate(x, alpha, SURR)
         if MASK != 0:
             u = (rnd.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
-            if RESCALE:
-                sg = sg / keep_div
-            if FILL >= 0:
-                fill = _surrogate(x, alpha, FILL)
-            else:
-                fill = tl.zeros_like(sg)
-            sg = tl.where(u >= p, sg, fill)
+            sg = tl.where(u >= p, sg * keep_scale, _fill(x, alpha, fill_kind))
         gs = tl.load(g_ptrs, mask=inb, other=0.0).to(tl.float32)
         if HARD:
             if not DETACH:
@@ -110,11 +181,11 @@ if triton is not None:
         tl.store(o_ptrs, (gh / tau).to(o_ptrs.dtype.element_ty), mask=inb)
         return gh * leak
 
-    @triton.jit
-    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed, tau, leak, vth, alpha, p, keep_div,
-                             HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, FILL: tl.constexpr,
-                             MASK: tl.constexpr, NLC: tl.constexpr, RESCALE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    @triton.jit(do_not_specialize=["seed"])
+    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                             HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr,
+                             NLC: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
         inb = offs < N
         # the index of each element's draw within a timestep (element, (sample, channel) or sample)
         if MASK == 2:
@@ -126,7 +197,6 @@ if triton is not None:
             ridx = offs // (C * L)
         else:
             ridx = offs
-        ridx = ridx.to(tl.int32)
         gv = tl.zeros([BLOCK], dtype=tl.float32)
         zero = tl.zeros([BLOCK], dtype=tl.int32)
         for gi in range(0, (T + 3) // 4):
@@ -147,31 +217,41 @@ if triton is not None:
                 if t >= 0:
                     step = t.to(tl.int64) * N
                     gv = _lif_step_backward(g_ptr + step + offs, h_ptr + step + offs, o_ptr + step + offs, inb, gv,
-                                            rnd, tau, leak, vth, alpha, p, keep_div,
-                                            HARD, DETACH, SURR, FILL, MASK, RESCALE)
+                                            rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                                            HARD, DETACH, SURR, MASK)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if step_layout(x) is not None else x.contiguous()
 
 
+def lif_forward_switches(reset_mode: str, keep_membrane: bool) -> dict:
+    """The compile-time switches of the LIF forward kernel for these options."""
+    return {"HARD": reset_mode == "hard", "SAVE_H": bool(keep_membrane), "BLOCK": LIF_BLOCK}
+
+
+def lif_backward_switches(spec, reset_mode: str, detach_reset: bool, channels_last: bool) -> dict:
+    """The compile-time switches of the LIF backward kernel; a switch that cannot change the result is
+    given one value (no mask: no layout), so no two kernels that compute the same thing are compiled."""
+    mask = MASK_MODES[spec.mask_mode] if spec.mask_p > 0 else 0
+    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": SURROGATES[spec.surrogate],
+            "MASK": mask, "NLC": mask == MASK_MODES["channel"] and channels_last, "BLOCK": LIF_BLOCK}
+
+
 def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
     """Spikes of ``current [T, B, ...]`` and, if asked, the pre-spike membrane ``H``: one program per block of neurons."""
     current = _dense(current)
-    hard = reset_mode == "hard"
     T, N = current.shape[0], current[0].numel()
     spikes = torch.empty_like(current)
     membrane = torch.empty_like(current) if keep_membrane else spikes
-    grid = (triton.cdiv(N, BLOCK),)
-    _lif_forward_kernel[grid](current, spikes, membrane, N, T, float(tau), float(v_threshold),
-                              HARD=hard, SAVE_H=keep_membrane, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _launch(_lif_forward_kernel, (cdiv(N, LIF_BLOCK),), current, spikes, membrane, N, T, float(tau),
+            float(v_threshold), num_warps=LIF_WARPS, **lif_forward_switches(reset_mode, keep_membrane))
     return spikes, (membrane if keep_membrane else None)
 
 
 def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str,
                  detach_reset: bool) -> torch.Tensor:
     """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from a fresh seed (never stored)."""
-    hard = reset_mode == "hard"
     T, N = membrane.shape[0], membrane[0].numel()
     if grad.stride() != membrane.stride() or grad.dtype != membrane.dtype:
         grad = torch.empty_like(membrane).copy_(grad)
@@ -179,17 +259,15 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
     B = membrane.shape[1]
     C = membrane.shape[2] if membrane.dim() > 2 else 1
     L = N // (B * C)
-    mask = MASK_MODES[spec.mask_mode] if spec.mask_p > 0 else 0
-    # a fresh 62-bit key per backward call, from torch's CPU generator (no device sync)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if mask else 0
-    rescale = bool(spec.rescale and 0 < spec.mask_p < 1)
-    fill = -1 if spec.mask_fill == "zero" else SURROGATES[spec.mask_fill]
-    grid = (triton.cdiv(N, BLOCK),)
-    _lif_backward_kernel[grid](
-        grad, membrane, out, N, T, C, L, seed, float(tau), 1.0 - 1.0 / float(tau), float(v_threshold),
-        float(spec.alpha), float(spec.mask_p), 1.0 - float(spec.mask_p),
-        HARD=hard, DETACH=bool(detach_reset), SURR=SURROGATES[spec.surrogate], FILL=fill, MASK=mask,
-        NLC=step_layout(membrane) == "nlc" and membrane.dim() == 5, RESCALE=rescale, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    switches = lif_backward_switches(spec, reset_mode, detach_reset,
+                                     step_layout(membrane) == "nlc" and membrane.dim() == 5)
+    # a fresh 62-bit key per backward call from torch's CPU generator (no device sync), always an int64 argument
+    seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] else 2**32
+    keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
+    fill_kind = -1 if spec.mask_fill == "zero" else SURROGATES[spec.mask_fill]
+    _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),
+            1.0 - 1.0 / float(tau), float(v_threshold), float(spec.alpha), float(spec.mask_p), keep_scale, fill_kind,
+            num_warps=LIF_WARPS, **switches)
     return out
 
 
@@ -198,12 +276,11 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
 # (t, c) are column sums over the rows of one timestep. Partial sums come from a grid of
 # (timestep, channel block, row split) programs, shifted by the first row for accuracy.
 
-BN_ROWS = 64
-
 
 def bn_supports(x: torch.Tensor) -> bool:
     """Triton per-step BatchNorm takes CUDA tensors whose timesteps are ``[M, C]`` row-major."""
-    return (AVAILABLE or (triton is not None and _interpreting())) and x.dtype in DTYPES and _rows_layout(x)
+    return ((AVAILABLE or (triton is not None and _interpreting())) and x.dtype in DTYPES and x[0].numel() < 2**31
+            and _rows_layout(x))
 
 
 def _interpreting() -> bool:
@@ -215,6 +292,20 @@ def _interpreting() -> bool:
 def _rows_layout(x: torch.Tensor) -> bool:
     layout = step_layout(x)
     return layout == "nlc" or (layout == "ncl" and x.dim() == 3)
+
+
+def bn_channel_block(channels: int) -> int:
+    """Channels per tile of the BatchNorm kernels: the next power of two, at most ``BN_MAX_CHANNELS``."""
+    return min(BN_MAX_CHANNELS, 1 << max(0, channels - 1).bit_length())
+
+
+def bn_sums_split(T: int, M: int, C: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)``: each (timestep, channel block) is cut into row splits so that about
+    1024 programs share the sums; a split's rows are a multiple of ``BN_ROWS``."""
+    channel_blocks = cdiv(C, bn_channel_block(C))
+    splits = max(1, min(cdiv(M, BN_ROWS), 1024 // max(1, T * channel_blocks)))
+    rows_per_split = cdiv(cdiv(M, splits), BN_ROWS) * BN_ROWS
+    return cdiv(M, rows_per_split), rows_per_split
 
 
 if triton is not None:
@@ -250,53 +341,52 @@ if triton is not None:
         tl.store(out + C, acc2, mask=cin)
 
     @triton.jit
-    def _bn_map_kernel(a_ptr, b_ptr, out_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, rows_total, M, C,
+    def _bn_map_kernel(a_ptr, b_ptr, out_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, M, C,
                        BACKWARD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        """Forward: out = a * c0 + c1. Backward: out = (a - (b - c0) * c1) * c2 - c3 (a = dy, b = x)."""
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)
-        rin = rows < rows_total
+        """Per (t, c), forward: out = a * c0 + c1; backward: out = (a - (b - c0) * c1) * c2 - c3 (a = dy, b = x).
+
+        A program maps a [BM, BC] tile of one timestep, so each coefficient is loaded once per tile column.
+        """
+        r0 = tl.program_id(0) * BM
+        t = tl.program_id(1)
+        cols = tl.program_id(2) * BC + tl.arange(0, BC)
         cin = cols < C
-        m = rin[:, None] & cin[None, :]
-        tc = (rows // M)[:, None] * C + cols[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        k0 = tl.load(c0_ptr + tc, mask=m, other=0.0)
-        k1 = tl.load(c1_ptr + tc, mask=m, other=0.0)
+        m = (r0 + tl.arange(0, BM) < M)[:, None] & cin[None, :]
+        base = (t.to(tl.int64) * M + r0) * C
+        tile = tl.arange(0, BM)[:, None] * C + cols[None, :]  # int32 offsets within the tile
+        a = tl.load(a_ptr + base + tile, mask=m, other=0.0).to(tl.float32)
+        k0 = tl.load(c0_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+        k1 = tl.load(c1_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
         if BACKWARD:
-            b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            k2 = tl.load(c2_ptr + tc, mask=m, other=0.0)
-            k3 = tl.load(c3_ptr + tc, mask=m, other=0.0)
+            b = tl.load(b_ptr + base + tile, mask=m, other=0.0).to(tl.float32)
+            k2 = tl.load(c2_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+            k3 = tl.load(c3_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
             y = (a - (b - k0) * k1) * k2 - k3
         else:
             y = a * k0 + k1
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + base + tile, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _bn_geometry(x: torch.Tensor):
     T, C = x.shape[0], x.shape[2]
-    M = x[0].numel() // C
-    BC = min(64, triton.next_power_of_2(C))
-    return T, M, C, BC
+    return T, x[0].numel() // C, C
 
 
 def _bn_sums(a: torch.Tensor, b: torch.Tensor | None, shift: torch.Tensor, product: bool):
     """Column sums per (t, c) over the M rows of each timestep: float32 ``[T, C]`` twice."""
-    T, M, C, BC = _bn_geometry(a)
-    cblocks = triton.cdiv(C, BC)
-    splits = max(1, min(triton.cdiv(M, BN_ROWS), 1024 // max(1, T * cblocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BN_ROWS) * BN_ROWS
-    splits = triton.cdiv(M, rows_per_split)
+    T, M, C = _bn_geometry(a)
+    BC = bn_channel_block(C)
+    splits, rows_per_split = bn_sums_split(T, M, C)
     part = torch.empty(T, splits, 2, C, device=a.device, dtype=torch.float32)
-    _bn_sums_kernel[(T, cblocks, splits)](a, a if b is None else b, shift.float().contiguous(), part, M, C, splits,
-                                          rows_per_split, PRODUCT=product, BM=BN_ROWS, BC=BC, num_warps=4)
+    _launch(_bn_sums_kernel, (T, cdiv(C, BC), splits), a, a if b is None else b, shift.float().contiguous(), part,
+            M, C, splits, rows_per_split, num_warps=BN_WARPS, PRODUCT=product, BM=BN_ROWS, BC=BC)
     sums = part.sum(1)
     return sums[:, 0], sums[:, 1]
 
 
 def bn_stats(x: torch.Tensor):
     """Biased mean and variance per (t, c), float32 ``[T, C]``."""
-    T, M, C, _ = _bn_geometry(x)
+    T, M, C = _bn_geometry(x)
     shift = _first_row(x)
     s1, s2 = _bn_sums(x, None, shift, product=False)
     d = s1 / M
@@ -309,13 +399,18 @@ def _first_row(x: torch.Tensor) -> torch.Tensor:
     return x[(slice(None), 0, slice(None)) + idx].float()
 
 
+def _bn_map(a: torch.Tensor, b: torch.Tensor, coefficients: list[torch.Tensor], backward: bool) -> torch.Tensor:
+    T, M, C = _bn_geometry(a)
+    BC = bn_channel_block(C)
+    out = torch.empty_like(a)
+    _launch(_bn_map_kernel, (cdiv(M, BN_ROWS), T, cdiv(C, BC)), a, b, out,
+            *[c.float().contiguous() for c in coefficients], M, C,
+            num_warps=BN_WARPS, BACKWARD=backward, BM=BN_ROWS, BC=BC)
+    return out
+
+
 def bn_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    T, M, C, BC = _bn_geometry(x)
-    y = torch.empty_like(x)
-    grid = (triton.cdiv(T * M, BN_ROWS), triton.cdiv(C, BC))
-    sc, sh = scale.float().contiguous(), shift.float().contiguous()
-    _bn_map_kernel[grid](x, x, y, sc, sh, sc, sh, T * M, M, C, BACKWARD=False, BM=BN_ROWS, BC=BC, num_warps=4)
-    return y
+    return _bn_map(x, x, [scale, shift, scale, shift], backward=False)
 
 
 def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
@@ -323,9 +418,4 @@ def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
 
 
 def bn_backward_input(dy, x, mean, q, a, r) -> torch.Tensor:
-    T, M, C, BC = _bn_geometry(x)
-    dx = torch.empty_like(x)
-    grid = (triton.cdiv(T * M, BN_ROWS), triton.cdiv(C, BC))
-    coefs = [c.float().contiguous() for c in (mean, q, a, r)]
-    _bn_map_kernel[grid](dy, x, dx, *coefs, T * M, M, C, BACKWARD=True, BM=BN_ROWS, BC=BC, num_warps=4)
-    return dx
+    return _bn_map(dy, x, [mean, q, a, r], backward=True)

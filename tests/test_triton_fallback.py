@@ -1,0 +1,205 @@
+"""A Triton kernel that cannot be built for the GPU falls back to torch operators, once and loudly;
+an error while running one (a CUDA out-of-memory, say) propagates.
+
+Build failures are Triton's ``CompilationError``, ``PTXASError`` and ``OutOfResources`` and anything
+raised inside ``triton.compile``. ``test_kernel_failures_in_the_interpreter`` runs the layers with
+Triton's kernels on CPU tensors (``TRITON_INTERPRET=1``, in a subprocess), one launch at a time
+replaced by one that raises: LIF forward and backward, BatchNorm statistics, normalisation,
+backward sums and input gradient. No GPU is needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not importable")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.errors import CompilationError  # noqa: E402
+from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
+
+from msgsnn.snn import TemporalBatchNorm, layers, neuron, triton_lif  # noqa: E402
+from msgsnn.snn.surrogate import SpikeSpec  # noqa: E402
+from tests.test_cuda import run_in_interpreter  # noqa: E402
+
+
+def build_errors() -> list[Exception]:
+    return [CompilationError("def kernel(x): ...", None, "unsupported construct"),
+            PTXASError("`ptxas` failed with error code 255"),
+            OutOfResources(300_000, 232_448, "shared memory")]
+
+
+def run_errors() -> list[Exception]:
+    return [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")]
+
+
+class RaisingKernel:
+    """Stands in for a Triton kernel: raises ``error`` at the launches whose switches match, runs ``kernel`` at the others."""
+
+    def __init__(self, kernel, switches: dict, error: Exception) -> None:
+        self.kernel, self.switches, self.error, self.raised = kernel, switches, error, 0
+        self.__name__ = kernel.__name__
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if all(kwargs.get(k) == v for k, v in self.switches.items()):
+                self.raised += 1
+                raise self.error
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+# --- which errors are build failures ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", build_errors(), ids=lambda e: type(e).__name__)
+def test_triton_build_errors_are_build_failures(error):
+    assert triton_lif.is_build_error(error)
+
+
+@pytest.mark.parametrize("error", run_errors(), ids=lambda e: type(e).__name__)
+def test_run_errors_are_not_build_failures(error):
+    assert not triton_lif.is_build_error(error)
+
+
+@triton.jit
+def _kernel_with_an_error(x_ptr, BLOCK: triton.language.constexpr):
+    triton.language.store(x_ptr + triton.language.arange(0, BLOCK), undefined_name)  # noqa: F821
+
+
+def _compile(kernel, signature, constexprs):
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+
+def test_errors_raised_inside_triton_compile_are_build_failures(monkeypatch, tmp_path):
+    """The front end's error, and a RuntimeError from an MLIR pass (which has no type of its own)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with pytest.raises(CompilationError) as caught:
+        _compile(_kernel_with_an_error, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16})
+    assert triton_lif.is_build_error(caught.value)
+
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    def failing_pass(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(CUDABackend, "make_ttgir", staticmethod(failing_pass))
+    signature = {"x_ptr": "*fp32", "s_ptr": "*fp32", "h_ptr": "*fp32", "N": "i32", "T": "i32", "tau": "fp32",
+                 "vth": "fp32", "HARD": "constexpr", "SAVE_H": "constexpr", "BLOCK": "constexpr"}
+    with pytest.raises(RuntimeError, match="PassManager") as caught:
+        _compile(triton_lif._lif_forward_kernel, signature, triton_lif.lif_forward_switches("hard", True))
+    assert triton_lif.is_build_error(caught.value)
+
+
+@pytest.mark.parametrize("error", build_errors() + run_errors(), ids=lambda e: type(e).__name__)
+def test_launch_names_the_kernel_of_a_build_failure_and_passes_other_errors_on(error):
+    kernel = RaisingKernel(triton_lif._lif_forward_kernel, {}, error)
+    with pytest.raises(Exception) as caught:
+        triton_lif._launch(kernel, (1,), num_warps=4)
+    if triton_lif.is_build_error(error):
+        assert isinstance(caught.value, triton_lif.TritonBuildError) and caught.value.__cause__ is error
+        assert "_lif_forward_kernel" in str(caught.value) and type(error).__name__ in str(caught.value)
+    else:
+        assert caught.value is error
+
+
+@pytest.fixture
+def triton_on(monkeypatch):
+    """Triton as if it were usable (CUDA there, driver up), not yet warned about."""
+    monkeypatch.setattr(neuron, "_TRITON", triton_lif)
+    monkeypatch.setattr(neuron, "_TRITON_WARNED", False)
+
+
+def test_strict_backend_raises_a_build_failure(triton_on):
+    def failing(*args):
+        raise triton_lif.TritonBuildError("_lif_forward_kernel", PTXASError("boom"))
+
+    run = neuron._triton_or_torch(failing, lambda *args: "torch", strict=True)
+    with pytest.raises(triton_lif.TritonBuildError, match="_lif_forward_kernel"):
+        run()
+    assert neuron._TRITON is triton_lif
+    with pytest.warns(RuntimeWarning, match="_lif_forward_kernel"):
+        assert neuron._triton_or_torch(failing, lambda *args: "torch", strict=False)() == "torch"
+
+
+def test_a_driver_that_cannot_start_turns_triton_off_with_one_warning(monkeypatch):
+    monkeypatch.setattr(neuron, "_TRITON", False)
+    monkeypatch.setattr(neuron, "_TRITON_WARNED", False)
+    monkeypatch.setattr(triton_lif, "AVAILABLE", True)
+    error = triton_lif.TritonBuildError("the C module of its CUDA driver", RuntimeError("Failed to find C compiler"))
+    monkeypatch.setattr(triton_lif, "driver_error", lambda: error)
+    with pytest.warns(RuntimeWarning, match="C module of its CUDA driver.*Failed to find C compiler"):
+        assert neuron._triton_lif() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert neuron._triton_lif() is None
+
+
+# --- end to end, kernels in Triton's interpreter ----------------------------------------------
+
+PLACES = {  # a launch that fails: the kernel, and the switches that single out the launch
+    "LIF forward": ("_lif_forward_kernel", {}),
+    "LIF backward": ("_lif_backward_kernel", {}),
+    "BN statistics": ("_bn_sums_kernel", {"PRODUCT": False}),
+    "BN normalisation": ("_bn_map_kernel", {"BACKWARD": False}),
+    "BN backward sums": ("_bn_sums_kernel", {"PRODUCT": True}),
+    "BN input gradient": ("_bn_map_kernel", {"BACKWARD": True}),
+}
+
+
+def _layer_output_and_grad(place: str):
+    """A LIF or per-step BatchNorm layer's output and input gradient on a channels-last CPU tensor."""
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 2, 4, 3, 3)
+    x = (torch.randn(shape, generator=g) * 0.8 + 0.4).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    x = x.view(shape).requires_grad_()
+    up = torch.randn(shape, generator=g)
+    if place.startswith("LIF"):
+        forward = neuron._triton_or_torch(triton_lif.lif_forward, neuron.lif_forward, strict=False)
+        backward = neuron._triton_or_torch(triton_lif.lif_backward, neuron.lif_backward, strict=False)
+        y = neuron.fused_lif(x, forward, backward, 2.0, 0.5, SpikeSpec(), "hard", False)
+    else:
+        y = TemporalBatchNorm(4)(x)
+    y.backward(up)
+    return y.detach(), x.grad
+
+
+def check_fallbacks() -> None:
+    """Every place, every error: build failures give the torch result and one warning, run errors propagate."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "_bn_kernels", lambda x: None)
+        references = {place: _layer_output_and_grad(place) for place in PLACES}  # torch operators throughout
+    for place, (name, switches) in PLACES.items():
+        for error in build_errors() + run_errors():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(neuron, "_TRITON", triton_lif)
+                mp.setattr(neuron, "_TRITON_WARNED", False)
+                mp.setattr(layers, "_bn_kernels", lambda x: triton_lif if neuron._triton_lif() is not None else None)
+                kernel = RaisingKernel(getattr(triton_lif, name), switches, error)
+                mp.setattr(triton_lif, name, kernel)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if triton_lif.is_build_error(error):
+                        y, grad = _layer_output_and_grad(place)
+                        torch.testing.assert_close(y, references[place][0], rtol=1e-5, atol=1e-5)
+                        torch.testing.assert_close(grad, references[place][1], rtol=1e-5, atol=1e-5)
+                        assert neuron._TRITON is None, place
+                        _layer_output_and_grad(place)  # Triton is off now: not tried again, not warned again
+                        assert kernel.raised == 1, place
+                        assert len(caught) == 1 and caught[0].category is RuntimeWarning, (place, caught)
+                        assert name in str(caught[0].message) and type(error).__name__ in str(caught[0].message)
+                    else:
+                        with pytest.raises(type(error)) as raised:
+                            _layer_output_and_grad(place)
+                        assert raised.value is error, place
+                        assert neuron._TRITON is triton_lif and not caught, (place, caught)
+
+
+def test_kernel_failures_in_the_interpreter():
+    run_in_interpreter("from tests.test_triton_fallback import check_fallbacks; check_fallbacks()")

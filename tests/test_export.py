@@ -130,6 +130,15 @@ def test_residual_sums_export_as_fan_in(name):
     assert_same_network(model, graph, images.expand(2, *images.shape))
 
 
+@pytest.mark.parametrize("name, options, size", [("vggsnn", {"input_size": 16}, 16), ("cifarnet", {}, 8),
+                                                ("sew_resnet34", {"stem": "cifar"}, 8)])
+def test_the_readmes_other_backbones_export(name, options, size):
+    model = build_model(name, 3, 5, 2, **options).eval()
+    graph = to_nir(model, TWO(2), (3, size, size))
+    assert [n for n, node in graph.nodes.items() if isinstance(node, nir.LIF)] == list(spiking_layers(model))
+    assert list(graph.output_type["output"]) == [5]
+
+
 def test_two_weights_decode_as_the_decoder():
     logits = torch.randn(3, 5, 4, dtype=torch.float64)
     for two in (TWO(3), TWO(3, rule="paper"), TWO(3, enabled=False)):

@@ -177,8 +177,9 @@ def export_command(
     for node in graph.nodes.values():
         kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
     weights = ", ".join(f"{w:.4g}" for w in graph.metadata["output_weights"])
-    console.print(f"wrote {escape(str(path))}: {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; dt = {dt:g} s per "
-                  f"timestep; class scores = sum over t of w[t] * output[t], w = [{weights}]", highlight=False, soft_wrap=True)
+    console.print(escape(f"wrote {path}: {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; dt = {dt:g} s per "
+                         f"timestep; class scores = sum over t of w[t] * output[t], w = [{weights}]"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -84,6 +84,7 @@ def test_exported_run_reproduces_msgsnn_spikes_logits_and_two_decoding(tmp_path)
     result = invoke("export", run, "--checkpoint", "last", "--format", "nir", "-o", tmp_path / "tiny.nir")
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "3 LIF" in result.output and "dt = 0.0001 s" in result.output
+    assert "class scores = sum over t of w[t] * output[t]" in result.output
 
     graph = nir.read(tmp_path / "tiny.nir")
     cfg = tiny_config(tmp_path)

@@ -131,6 +131,17 @@ def test_residual_sums_export_as_fan_in(name):
     assert_same_network(model, graph, images.expand(2, *images.shape))
 
 
+def test_an_average_pooled_imagenet_stem_exports_with_its_padding():
+    """The 7x7/2 conv, then AvgPool2d(3, 2, padding 1) counting the padding as torch does: same spikes and logits."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, 5, 2, stem="imagenet")
+    model.stem[3] = Folded(nn.AvgPool2d(3, stride=2, padding=1))
+    graph = to_nir(model, TWO(2), (3, 16, 16))
+    assert list(graph.nodes["stem.3"].padding) == [1, 1]
+    images = torch.rand(2, 3, 16, 16) * 2
+    assert_same_network(model, graph, images.expand(2, *images.shape))
+
+
 @pytest.mark.parametrize("name, options, size", [("vggsnn", {"input_size": 16}, 16), ("cifarnet", {}, 8),
                                                 ("sew_resnet34", {"stem": "cifar"}, 8)])
 def test_the_readmes_other_backbones_export(name, options, size):

@@ -168,7 +168,8 @@ class _GraphBuilder:
                                padding=_pair(conv.padding), dilation=_pair(conv.dilation), groups=conv.groups, bias=_array(bias))
         return self.add(name, node, sources), tuple(int(n) for n in node.output_type["output"])
 
-    def pool(self, name, kernel, stride, padding, sources, shape):
+    def pool(self, name: str, kernel, stride, padding, sources: list[str], shape: tuple[int, ...]):
+        """An average pool (no ceil mode: the output size rounds down, as torch's)."""
         node = self.nir.AvgPool2d(kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding))
         height, width = ((size + 2 * p - k) // s + 1 for size, k, s, p in zip(shape[1:], kernel, stride, padding))
         return self.add(name, node, sources), (shape[0], height, width)

@@ -63,6 +63,7 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
         "epochs": "train.epochs", "batch_size": "train.batch_size", "mask_p": "model.neuron.mask_p",
         "two": "two.enabled", "surrogate": "model.neuron.surrogate", "seed": "train.seed", "device": "train.device",
         "amp": "train.amp", "limit_batches": "train.limit_batches", "data_root": "data.root", "name": "name",
+        "loggers": "train.loggers",
     }
     return {keys[k]: v for k, v in flags.items() if v is not None}
 
@@ -107,22 +108,27 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
     amp: Optional[str] = typer.Option(None, help="Mixed precision: none, bf16 or fp16."),
     limit_batches: Optional[int] = typer.Option(None, help="Cap train and test batches per epoch (smoke runs)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the metrics as TensorBoard scalars under "
+                                     "<run>/tb/ (train.loggers: [csv, tensorboard]; needs the tensorboard package)."),
     sets: list[str] = typer.Option([], "--set", help="Override any config key: --set model.neuron.alpha=4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly where it stopped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ) -> None:
     """Train one run; writes config.yaml, metrics.csv, checkpoints/, train.log and summary.json."""
+    from msgsnn.engine import loggers
     from msgsnn.engine.train import train as run_training
 
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, mask_p=mask_p, two=two, surrogate=surrogate, seed=seed,
-                               device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name)
+                               device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name,
+                               loggers=["csv", "tensorboard"] if tensorboard else None)
     cfg = resolve_config(preset, config_file, overrides, sets)
     run_name = cfg.name or cfg.preset or "run"
     saved = out / run_name / "config.yaml"
     if resume and saved.exists():
         # continue with the saved config; only flags given now change it (e.g. more --epochs)
         cfg = resolve_config(None, saved, overrides, sets)
+    loggers.require(cfg.train.loggers)
     result = run_training(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, console=console)
     s = result.summary
     console.print(f"[green]done[/green] {s['run_dir']}: best test accuracy {s['best_test_acc']:.2f}%, "
@@ -149,6 +155,31 @@ def evaluate_run(
               "test_acc_per_timestep": result.timestep_accuracy, "firing_rates": result.firing_rates, "samples": result.samples}
     write_atomic(path, json.dumps(report, indent=2) + "\n")
     console.print(f"saved {path}")
+
+
+@app.command("export")
+@exit_on_user_errors
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `msgsnn train`."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    file_format: str = typer.Option("nir", "--format", help="nir: the Neuromorphic Intermediate Representation "
+                                    "(snnTorch, SpikingJelly, Norse, Sinabs, Lava and chips read it; needs the nir package)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: <run>/<checkpoint>.nir."),
+    dt: float = typer.Option(1e-4, help="Seconds one timestep lasts in the graph; every LIF's tau is msgsnn's tau times dt."),
+) -> None:
+    """Write the trained network as a NIR graph: BatchNorm folded, LIF nodes, TWO's output weights in the metadata."""
+    if file_format != "nir":
+        raise ConfigError(f"--format: {file_format!r} is not allowed; choose one of nir")
+    from msgsnn.export.nir import export_run
+
+    path, graph = export_run(run_dir, checkpoint, output, dt)
+    kinds: dict[str, int] = {}
+    for node in graph.nodes.values():
+        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
+    weights = ", ".join(f"{w:.4g}" for w in graph.metadata["output_weights"])
+    console.print(escape(f"wrote {path}: {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; dt = {dt:g} s per "
+                         f"timestep; class scores = sum over t of w[t] * output[t], w = [{weights}]"),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

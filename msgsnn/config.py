@@ -22,6 +22,7 @@ import yaml
 PRESET_DIR = Path(os.environ.get("MSGSNN_PRESETS", Path(__file__).resolve().parent.parent / "presets"))
 
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
+LOGGERS = ("csv", "tensorboard")
 MASK_FILLS = ("zero",) + SURROGATES
 
 
@@ -37,6 +38,11 @@ def _choice(*values: str, default: str | None) -> Any:
 
 def _ranged(default: float, lo: float | None = None, hi: float | None = None) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
+
+
+def _listed(*values: str, default: tuple[str, ...], required: tuple[str, ...] = ()) -> Any:
+    """A list of choices; ``required`` ones must be in it."""
+    return field(default_factory=lambda: list(default), metadata={"choices": values, "required": required})
 
 
 @dataclass
@@ -154,6 +160,7 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     threads: int = _ranged(0, 0)
+    loggers: list[str] = _listed(*LOGGERS, default=("csv",), required=("csv",))  # metrics.csv is the source of truth
 
 
 @dataclass
@@ -236,6 +243,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):  # from the command line: "csv,tensorboard" or "[csv, tensorboard]"
+            value = [part.strip(" '\"") for part in value.strip().strip("[]").split(",") if part.strip(" '\"")]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, typing.get_args(tp)[0], key) for item in value]
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -245,8 +258,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     choices = f.metadata.get("choices")
-    if choices and value is not None and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item is not None and item not in choices:
+            raise ConfigError(f"{key}: {item!r} is not allowed; choose one of {', '.join(choices)}")
+    missing = [item for item in f.metadata.get("required", ()) if item not in value]
+    if missing:
+        raise ConfigError(f"{key}: must include {', '.join(missing)} (always written); e.g. [{', '.join(choices)}]")
     lo, hi = f.metadata.get("range", (None, None))
     if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"

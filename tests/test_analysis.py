@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from msgsnn import config as config_io
-from msgsnn.analysis import firing, grads
+from msgsnn.analysis import figures, firing, grads, runs
 from msgsnn.cli import app
 from msgsnn.engine.build import build_model_from_config, build_two
 from msgsnn.snn import build_model
@@ -134,7 +136,7 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path):
         (("analyze", "temporal", tmp_path / "fresh"), "nothing to draw: fresh: no finished epoch yet"),
         (("analyze", "table", tmp_path / "fresh"), "nothing to draw: fresh: not finished"),
         (("analyze", "grads", tmp_path / "empty"), "is not a run directory"),
-        (("analyze", "grads"), "give either a RUN_DIR or --preset"),
+        (("analyze", "grads", tmp_path / "fresh", "--preset", "digits-dvs"), "give either a RUN_DIR or --preset, not both"),
         (("analyze", "maskp", tmp_path / "fresh", "--metric", "worst"), "--metric"),
     ]
     for args, message in cases:
@@ -197,12 +199,14 @@ def test_msg_keeps_about_1_minus_p_of_the_surrogate_gradient_entries():
 
 
 @pytest.mark.slow
-def test_grads_and_friends_on_a_real_run(tmp_path):
-    result = invoke("train", "--out", tmp_path / "runs", "--epochs", "2", "--quiet", *tiny_cli_args(tmp_path))
+def test_grads_and_friends_on_a_real_run_named_or_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default results/ folder is the temporary one
+    result = invoke("train", "--epochs", "2", "--quiet", *tiny_cli_args(tmp_path))
     assert result.exit_code == 0, result.output
-    run = tmp_path / "runs" / "digits-dvs"
-    result = invoke("analyze", "grads", run, "--batch-size", "8")
+    run = Path("results") / "digits-dvs"
+    result = invoke("analyze", "grads", "--batch-size", "8")  # no run named: the one just finished
     assert result.exit_code == 0, result.output
+    assert lines(result)[0] == f"using {run} (the most recently finished run)"
     fractions = pd.read_csv(run / "figures" / "grads.csv")
     surrogate = fractions[fractions["quantity"] == "dS/dV"].groupby("setting")[["nonzero", "entries"]].sum()
     share = surrogate["nonzero"] / surrogate["entries"]
@@ -210,8 +214,106 @@ def test_grads_and_friends_on_a_real_run(tmp_path):
     for name in ("grads.png", "grads.pdf", "grads_hist.csv"):
         assert (run / "figures" / name).exists()
     for command in ("temporal", "firing", "curves"):
-        result = invoke("analyze", command, run)
-        assert result.exit_code == 0, (command, result.output)
+        for named in ([run], []):
+            result = invoke("analyze", command, *named)
+            assert result.exit_code == 0, (command, result.output)
+            assert ("using" in result.output) == (not named), result.output
+        assert (run / "figures" / f"{command}.png").exists()
     result = invoke("analyze", "grads", "--preset", "digits-dvs", "--out", tmp_path / "preset", *tiny_cli_args(tmp_path))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "preset" / "grads.png").exists()
+
+
+def test_bare_commands_take_the_most_recent_finished_run_or_sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in ("grads", "temporal", "curves", "firing"):
+        result = invoke("analyze", command)
+        assert result.exit_code != 0 and len(lines(result)) == 1, result.output
+        assert "no finished run under results/; make one with: msgsnn train --preset digits-dvs" in result.output
+    for command in ("maskp", "table"):
+        result = invoke("analyze", command)
+        assert result.exit_code != 0 and len(lines(result)) == 1, result.output
+        assert "no sweep under results/; make one with: msgsnn sweep --preset digits-dvs" in result.output
+
+    results = tmp_path / "results"
+    older = make_run(results, "older", epochs=8)
+    newer = make_run(results / "sweeps" / "demo", "mask_p=0_seed=42", mask_p=0.0, epochs=8)
+    make_run(results, "unfinished", epochs=2, finished=False)  # no summary.json: not a candidate
+    os.utime(older / "summary.json", (1e9, 1e9))
+    result = invoke("analyze", "temporal")
+    assert result.exit_code == 0, result.output
+    assert lines(result)[0] == "using results/sweeps/demo/mask_p=0_seed=42 (the most recently finished run)"
+    assert (newer / "figures" / "temporal.png").exists()
+
+    make_run(results / "sweeps" / "demo", "mask_p=0.5_seed=42", mask_p=0.5, epochs=8)
+    (results / "sweeps" / "demo" / "sweep.csv").write_text("run,status\nmask_p=0_seed=42,finished\nmask_p=0.5_seed=42,finished\n")
+    (results / "sweeps" / "old").mkdir()
+    (results / "sweeps" / "old" / "sweep.csv").write_text("run,status\n")
+    os.utime(results / "sweeps" / "old" / "sweep.csv", (1e9, 1e9))
+    for command, written in (("maskp", "maskp.csv"), ("table", "ablation.csv")):
+        result = invoke("analyze", command)
+        assert result.exit_code == 0, result.output
+        assert lines(result)[0] == "using results/sweeps/demo (the most recently finished sweep)"
+        assert (results / "sweeps" / "demo" / "figures" / written).exists()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the analyses save, drawn, by file stem (nothing is written)."""
+    figures_by_stem = {}
+
+    def keep(fig, directory, stem):
+        fig.canvas.draw()
+        figures_by_stem[stem] = fig
+        return []
+
+    for module in (figures, firing, grads):
+        monkeypatch.setattr(module, "save_figure", keep)
+    return figures_by_stem
+
+
+def legend_texts(ax) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_legends_name_the_variant_and_epoch_axes_tick_whole_epochs(tmp_path, drawn):
+    runs_ = [runs.load_run(make_run(tmp_path, name, mask_p=p, two=two, epochs=20))
+             for name, p, two in (("a", 0.0, False), ("b", 0.0, True), ("c", 0.5, False), ("d", 0.5, True), ("e", 0.3, True))]
+    figures.plot_curves(runs_, tmp_path)
+    accuracy, loss = drawn["curves"].axes
+    assert legend_texts(accuracy) == ["baseline", "+TWO", "+MSG", "MSG+TWO", "MSG+TWO (p=0.3)"]
+    for ax in (accuracy, loss):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+    figures.plot_temporal(runs_[1], tmp_path)
+    assert all(float(t).is_integer() for t in drawn["temporal"].axes[0].get_xticks())
+
+    seeds = [runs.load_run(make_run(tmp_path / "seeds", f"s{seed}", seed=seed)) for seed in (42, 43)]
+    twins = [runs.load_run(make_run(tmp_path / "twins", name)) for name in ("first", "second")]
+    assert runs.legend_labels(seeds) == ["MSG+TWO, seed 42", "MSG+TWO, seed 43"]
+    assert runs.legend_labels(twins) == ["MSG+TWO: first", "MSG+TWO: second"]  # a tie: the run names tell them apart
+
+
+def test_firing_figure_has_no_empty_middle_and_names_variants(tmp_path, drawn):
+    chosen = [runs.load_run(make_run(tmp_path, "plain", mask_p=0.0, two=False)), runs.load_run(make_run(tmp_path, "msg", two=False))]
+    firing.plot_firing(chosen, tmp_path)
+    rates, timing = drawn["firing"].axes
+    assert legend_texts(rates) == ["baseline", "+MSG"]
+    assert [t.get_text() for t in timing.get_xticklabels()] == ["baseline", "+MSG"]
+    gap = timing.get_position().x0 - rates.get_position().x1  # figure fractions
+    assert 0 < gap < 0.1, gap
+
+
+def test_gradient_histograms_share_axes_and_bins_as_in_fig_1(tmp_path, drawn):
+    torch.manual_seed(0)
+    model = build_model("vggsnn_tiny", 2, 4, T, input_size=16, mask_p=0.5)
+    chosen = grads.settings(model.features[0][2].spec, 0.5)
+    stats = grads.measure_gradients(model, build_two(config_io.RunConfig(T=T)), torch.rand(8, T, 2, 16, 16) * 3,
+                                    torch.randint(0, 4, (8,)), chosen)
+    edges = stats.histogram.groupby("setting")["bin_high"].max()
+    assert (edges == 4 * 2.0).all()  # one set of bins for all: up to the narrow surrogate's peak (4 alpha)
+    grads.plot_gradients(stats, chosen, "test", tmp_path)
+    panels = drawn["grads"].axes[:len(chosen)]
+    assert {ax.get_xlim() for ax in panels} == {panels[0].get_xlim()}
+    assert {ax.get_ylim() for ax in panels} == {panels[0].get_ylim()}
+    assert panels[0].get_xlim()[1] >= 8.0 and panels[0].get_xlim()[0] < 0  # the dS/dV = 0 bar sits left of 0

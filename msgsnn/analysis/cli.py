@@ -24,7 +24,8 @@ analyze_app = typer.Typer(
 )
 console = Console()
 
-RUNS = typer.Argument(..., help="Run directories (written by `msgsnn train`) or sweep directories (`msgsnn sweep`).")
+RUNS = typer.Argument(None, help="Run directories (written by `msgsnn train`) or sweep directories (`msgsnn sweep`). "
+                                  "Default: the most recently finished run under results/.")
 OUT = typer.Option(None, "--out", help="Folder for the outputs (default: <run or sweep>/figures, or beside several runs).")
 METRIC = typer.Option("best", help="Which test accuracy of each run: best or final.")
 
@@ -52,6 +53,15 @@ def select(paths: list[Path], choose: Callable) -> tuple[list[runs.Run], list[st
     return kept, gaps
 
 
+def latest(kind: str) -> Path:
+    """The most recently finished run (``kind="run"``) or sweep under results/, announced on the terminal."""
+    from msgsnn.analysis import runs
+
+    path = runs.latest_run() if kind == "run" else runs.latest_sweep()
+    console.print(f"using {escape(str(path))} (the most recently finished {kind})", highlight=False, soft_wrap=True)
+    return path
+
+
 def check_metric(metric: str) -> None:
     if metric not in ("best", "final"):
         raise UserError(f"--metric: {metric!r} is not allowed; choose one of best, final")
@@ -60,7 +70,8 @@ def check_metric(metric: str) -> None:
 @analyze_app.command("grads")
 @user_errors
 def grads_command(
-    run_dir: Optional[Path] = typer.Argument(None, help="A run directory (its config and trained weights)."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory (its config and trained weights). Default: the most recently finished run under results/."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Instead of a run: a preset, with initial weights."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key of the preset: --set data.size=32."),
     data_root: Optional[str] = typer.Option(None, help="Folder holding the datasets."),
@@ -73,8 +84,10 @@ def grads_command(
     from msgsnn import config as config_io
     from msgsnn.analysis import grads, runs
 
-    if (run_dir is None) == (preset is None):
-        raise UserError("give either a RUN_DIR or --preset (not both)")
+    if run_dir is not None and preset is not None:
+        raise UserError("give either a RUN_DIR or --preset, not both")
+    if run_dir is None and preset is None:
+        run_dir = latest("run")
     overrides = dict(config_io.parse_override(s) for s in sets)
     if data_root is not None:
         overrides["data.root"] = data_root
@@ -92,10 +105,12 @@ def grads_command(
 
 @analyze_app.command("temporal")
 @user_errors
-def temporal_command(run_dir: Path = typer.Argument(..., help="A run directory."), out: Optional[Path] = OUT) -> None:
+def temporal_command(run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory. Default: the most recently finished run under results/."), out: Optional[Path] = OUT) -> None:
     """Fig. 3: the TWO factor of every timestep against epoch."""
     from msgsnn.analysis import figures, runs
 
+    run_dir = run_dir or latest("run")
     run = runs.load_run(run_dir)
     _, gaps = runs.with_epochs([run])
     if gaps:
@@ -105,42 +120,49 @@ def temporal_command(run_dir: Path = typer.Argument(..., help="A run directory."
 
 @analyze_app.command("curves")
 @user_errors
-def curves_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
+def curves_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 4: test accuracy and training loss against epoch, runs overlaid."""
     from msgsnn.analysis import figures, runs
 
+    paths = paths or [latest("run")]
     chosen, gaps = select(paths, runs.with_epochs)
     show(runs.Report(figures.plot_curves(chosen, runs.output_dir(paths, out)), []), gaps)
 
 
 @analyze_app.command("maskp")
 @user_errors
-def maskp_command(sweep_dir: Path = typer.Argument(..., help="A sweep directory (or a folder of runs)."),
+def maskp_command(sweep_dir: Optional[Path] = typer.Argument(
+                      None, help="A sweep directory (or a folder of runs). Default: the most recent sweep under results/."),
                   metric: str = METRIC, out: Optional[Path] = OUT) -> None:
     """Fig. 5: test accuracy against the mask probability p, mean ± std over seeds, one line per network/surrogate."""
     from msgsnn.analysis import figures, runs
 
     check_metric(metric)
+    sweep_dir = sweep_dir or latest("sweep")
     chosen, gaps = select([sweep_dir], runs.finished)
     show(figures.maskp_report(chosen, metric, sweep_dir.resolve().name, runs.output_dir([sweep_dir], out)), gaps)
 
 
 @analyze_app.command("firing")
 @user_errors
-def firing_command(paths: list[Path] = RUNS, out: Optional[Path] = OUT) -> None:
+def firing_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 6: firing rate per layer and seconds per epoch; synaptic operations and an energy estimate."""
     from msgsnn.analysis import firing, runs
 
+    paths = paths or [latest("run")]
     chosen, gaps = select(paths, runs.with_epochs)
     show(firing.firing_report(chosen, runs.output_dir(paths, out)), gaps)
 
 
 @analyze_app.command("table")
 @user_errors
-def table_command(paths: list[Path] = RUNS, metric: str = METRIC, out: Optional[Path] = OUT) -> None:
+def table_command(paths: Optional[list[Path]] = typer.Argument(
+                      None, help="Sweep or run directories. Default: the most recent sweep under results/."),
+                  metric: str = METRIC, out: Optional[Path] = OUT) -> None:
     """The ablation table (baseline / +TWO / +MSG / MSG+TWO, mean ± std over seeds) beside the paper's numbers."""
     from msgsnn.analysis import runs, stats
 
     check_metric(metric)
+    paths = paths or [latest("sweep")]
     chosen, gaps = select(paths, runs.finished)
     show(stats.table_report(chosen, metric, runs.output_dir(paths, out)), gaps)

@@ -14,8 +14,9 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from msgsnn.analysis.runs import Report, Run
+from msgsnn.analysis.runs import Report, Run, describe_runs, legend_labels
 from msgsnn.analysis.stats import maskp_table
 from msgsnn.engine.errors import UserError
 
@@ -35,14 +36,30 @@ def save_figure(fig: Figure, directory: Path, stem: str) -> list[Path]:
     return paths
 
 
-def grouped_bars(ax: Axes, categories: list[str], series: dict[str, list[float]]) -> None:
-    """One group of bars per category, one bar (and legend entry) per series."""
+def epoch_axis(ax: Axes) -> None:
+    """Epochs are whole numbers: label the x axis so and never tick 2.5."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def grouped_bars(ax: Axes, categories: list[str], series: dict[str, list[float]], legend: bool = True) -> None:
+    """One group of bars per category, one bar (and legend entry) per series.
+
+    The legend goes inside the axes, over headroom added above the tallest bar, so it
+    takes no width from the figure; ``legend=False`` leaves it to the caller.
+    """
     width = 0.8 / max(1, len(series))
     x = np.arange(len(categories))
     for i, (label, values) in enumerate(series.items()):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
-    ax.set_xticks(x, categories, rotation=45, ha="right", fontsize="small")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    slanted = len(categories) > 4 or max(map(len, categories), default=0) > 14
+    ax.set_xticks(x, categories, rotation=30 if slanted else 0, ha="right" if slanted else "center", fontsize="small")
+    if legend:
+        columns = min(len(series), 2)
+        rows = -(-len(series) // columns)
+        tallest = np.nanmax([v for values in series.values() for v in values] + [0.0])
+        ax.set_ylim(0, (tallest or 1.0) * (1.08 + 0.1 * rows))
+        ax.legend(fontsize="small", loc="upper left", ncols=columns)
 
 
 def plot_temporal(run: Run, directory: Path) -> list[Path]:
@@ -53,10 +70,10 @@ def plot_temporal(run: Run, directory: Path) -> list[Path]:
     for t, column in enumerate(factors):
         colour = colormaps["viridis"](t / max(1, factors.shape[1] - 1))
         ax.plot(run.metrics["epoch"], factors[column], marker=".", color=colour, label=f"t = {t}")
-    ax.set_xlabel("epoch")
+    epoch_axis(ax)
     ax.set_ylabel("temporal factor (unitless)")
     rule = f"{run.config.two.rule} rule" if run.config.two.enabled else "TWO off: factors stay fixed"
-    ax.set_title(f"TWO factors per timestep - {run.name} ({rule})")
+    ax.set_title(f"TWO factors per timestep - {run.name} ({run.variant}, {rule})", fontsize="medium")
     ax.legend(ncol=2 if factors.shape[1] > 5 else 1, fontsize="small", title="timestep")
     ax.grid(alpha=0.3)
     return save_figure(fig, directory, "temporal")
@@ -66,17 +83,16 @@ def plot_curves(runs: list[Run], directory: Path) -> list[Path]:
     """Fig. 4: test accuracy and training loss against epoch, one line per run."""
     fig = new_figure(12, 4.5)
     accuracy, loss = fig.subplots(1, 2)
-    for run in runs:
-        accuracy.plot(run.metrics["epoch"], run.metrics["test_acc"], marker=".", label=run.label)
-        loss.plot(run.metrics["epoch"], run.metrics["train_loss"], marker=".", label=run.label)
+    for run, label in zip(runs, legend_labels(runs)):
+        accuracy.plot(run.metrics["epoch"], run.metrics["test_acc"], marker=".", label=label)
+        loss.plot(run.metrics["epoch"], run.metrics["train_loss"], marker=".", label=label)
     accuracy.set_ylabel("test accuracy (%)")
     loss.set_ylabel("training loss (cross-entropy, nats)")
     for ax in (accuracy, loss):
-        ax.set_xlabel("epoch")
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    names = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
-    fig.suptitle(f"Test accuracy and training loss - {names}")
+    fig.suptitle(f"Test accuracy and training loss - {describe_runs(runs)}")
     return save_figure(fig, directory, "curves")
 
 

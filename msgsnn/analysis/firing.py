@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from msgsnn.analysis.figures import grouped_bars, new_figure, save_figure
-from msgsnn.analysis.runs import Report, Run, trained_model
+from msgsnn.analysis.runs import Report, Run, describe_runs, legend_labels, trained_model
 from msgsnn.engine.build import spiking_layers
 
 PJ_PER_AC = 0.9
@@ -130,10 +130,10 @@ def firing_rates(run: Run) -> pd.Series:
 
 def plot_firing(runs: list[Run], directory: Path) -> list[Path]:
     """Left: firing rate per spiking layer, one bar per run; right: seconds per epoch (mean ± std)."""
-    fig = new_figure(14, 5)
-    grid = fig.add_gridspec(1, 4)
-    rates, timing = fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3])
-    per_run = {run.label: firing_rates(run) for run in runs}
+    labels = legend_labels(runs)
+    fig = new_figure(11, 4.8)
+    rates, timing = fig.subplots(1, 2, width_ratios=(3, 1))
+    per_run = {label: firing_rates(run) for label, run in zip(labels, runs)}
     layers = list(dict.fromkeys(name for series in per_run.values() for name in series.index))
     grouped_bars(rates, layers, {label: [100 * series.get(n, float("nan")) for n in layers] for label, series in per_run.items()})
     rates.set_xlabel("spiking layer")
@@ -142,11 +142,10 @@ def plot_firing(runs: list[Run], directory: Path) -> list[Path]:
     seconds = [run.metrics["epoch_seconds"] for run in runs]
     timing.bar(range(len(runs)), [s.mean() for s in seconds], yerr=[s.std() if len(s) > 1 else 0 for s in seconds],
                color=[f"C{i}" for i in range(len(runs))], capsize=4)
-    timing.set_xticks(range(len(runs)), [run.name for run in runs], rotation=45, ha="right", fontsize="small")
+    timing.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize="small")
     timing.set_ylabel("wall time per epoch (s)")
     timing.set_title("Time per epoch")
-    names = runs[0].name if len(runs) == 1 else ", ".join(run.name for run in runs[:3]) + (" ..." if len(runs) > 3 else "")
-    fig.suptitle(f"Firing rates and time per epoch - {names}")
+    fig.suptitle(f"Firing rates and time per epoch - {describe_runs(runs)}")
     return save_figure(fig, directory, "firing")
 
 

@@ -32,7 +32,7 @@ from msgsnn.snn import LIF, TWO, SpikeSpec
 from msgsnn.snn.neuron import lif_forward
 from msgsnn.snn.surrogate import get_surrogate
 
-BINS = 40
+BINS = 80  # over [0, the largest peak of the settings]: the same bins for every setting
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,8 @@ class GradientStats:
     histogram: pd.DataFrame
 
 
-def _surrogate_counter(lif: LIF, name: str, setting: Setting, fractions: list, histogram: list):
-    """Forward hook: count the non-zero dS/dV entries of one layer and histogram their values."""
-    edges = torch.linspace(0.0, peak(setting.spec), BINS + 1)
+def _surrogate_counter(lif: LIF, name: str, setting: Setting, edges: torch.Tensor, fractions: list, histogram: list):
+    """Forward hook: count the non-zero dS/dV entries of one layer and histogram their values over ``edges``."""
 
     @torch.no_grad()
     def hook(module, inputs, output):
@@ -105,13 +104,14 @@ def measure_gradients(model: nn.Module, two: TWO, inputs: torch.Tensor, targets:
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     fractions: list[dict] = []
     histogram: list[dict] = []
+    edges = torch.linspace(0.0, max(peak(setting.spec) for setting in chosen), BINS + 1)
     model.train()
     try:
         for setting in chosen:
             handles = []
             for name, lif in layers.items():
                 lif.spec = setting.spec
-                handles.append(lif.register_forward_hook(_surrogate_counter(lif, name, setting, fractions, histogram)))
+                handles.append(lif.register_forward_hook(_surrogate_counter(lif, name, setting, edges, fractions, histogram)))
             model.zero_grad(set_to_none=True)
             try:
                 F.cross_entropy(two(model(inputs)), targets).backward()
@@ -139,31 +139,39 @@ def totals(fractions: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_gradients(stats: GradientStats, chosen: list[Setting], title: str, directory: Path) -> list[Path]:
-    """Top: dS/dV histograms per setting (all spiking layers); bottom: non-zero fractions per layer."""
-    fig = new_figure(16, 8.5)
-    grid = fig.add_gridspec(2, len(chosen))
+    """Top, as the paper's Fig. 1: one dS/dV histogram per setting (all spiking layers) on shared axes, the
+    entries that get no gradient (dS/dV = 0) as a bar of their own; bottom: non-zero fractions per layer."""
+    fig = new_figure(16, 9)
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1, 1.1))
     overall = totals(stats.fractions).set_index(["setting", "quantity"])["nonzero_fraction"]
-    for i, setting in enumerate(chosen):
-        ax = fig.add_subplot(grid[0, i])
+    histograms = top.subplots(1, len(chosen), sharex=True, sharey=True)
+    for ax, setting in zip(histograms, chosen):
         rows = stats.histogram[stats.histogram["setting"] == setting.key]
         pooled = rows.groupby(["bin_low", "bin_high"], sort=True)["count"].sum().reset_index()
         entries = stats.fractions.query("setting == @setting.key and quantity == 'dS/dV'")["entries"].sum()
-        ax.stairs(pooled["count"] / entries, [*pooled["bin_low"], pooled["bin_high"].iloc[-1]], fill=True)
+        edges = [*pooled["bin_low"], pooled["bin_high"].iloc[-1]]
+        width = edges[1] - edges[0]
+        nonzero = overall[setting.key, "dS/dV"]
+        zeros = ax.bar(-width, 1 - nonzero, 2 * width, align="edge", color="0.6")
+        values = ax.stairs(pooled["count"] / entries, edges, fill=True, color="C0")
         ax.set_yscale("log")
         ax.set_xlabel("dS/dV (per unit of membrane potential)")
-        ax.set_ylabel("fraction of all entries (zeros not drawn)")
-        ax.set_title(f"{setting.label}\n{100 * overall[setting.key, 'dS/dV']:.1f}% of dS/dV non-zero", fontsize="medium")
+        ax.set_title(f"{setting.label}\n{100 * nonzero:.1f}% of dS/dV non-zero", fontsize="medium")
+    histograms[0].set_ylabel("fraction of all dS/dV entries")
+    histograms[0].legend([zeros, values], ["dS/dV = 0 (no gradient)", "dS/dV > 0, per bin"], fontsize="small",
+                         loc="upper right")
     labels = {s.key: s.label for s in chosen}
-    for column, quantity in enumerate(("dS/dV", "dL/dW")):
-        ax = fig.add_subplot(grid[1, column * len(chosen) // 2:(column + 1) * len(chosen) // 2])
+    for ax, quantity in zip(bottom.subplots(1, 2), ("dS/dV", "dL/dW")):
         rows = stats.fractions[stats.fractions["quantity"] == quantity]
         layers = list(dict.fromkeys(rows["layer"]))
         series = {labels[key]: list(100 * part.set_index("layer").loc[layers, "nonzero_fraction"])
                   for key, part in rows.groupby("setting", sort=False)}
-        grouped_bars(ax, layers, series)
+        grouped_bars(ax, [layer.removesuffix(".module") for layer in layers], series, legend=False)
+        ax.set_ylim(0, 100)
         ax.set_ylabel(f"non-zero entries of {quantity} (%)")
         ax.set_xlabel("spiking layer" if quantity == "dS/dV" else "weight layer")
         ax.set_title(f"{quantity}: fraction of non-zero entries per layer", fontsize="medium")
+    bottom.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(chosen), fontsize="small")
     fig.suptitle(title)
     return save_figure(fig, directory, "grads")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from msgsnn.engine.sweep import SWEEP_CSV
 from msgsnn.snn import TWO
 
 VARIANTS = ("baseline", "+TWO", "+MSG", "MSG+TWO")
+RESULTS = Path("results")  # where `msgsnn train` and `msgsnn sweep` write by default
 
 
 def variant(cfg: RunConfig) -> str:
@@ -55,11 +57,6 @@ class Run:
     def variant(self) -> str:
         return variant(self.config)
 
-    @property
-    def label(self) -> str:
-        """Legend text: the run's name and what it trains with."""
-        return f"{self.name} ({self.variant}, p={self.config.model.neuron.mask_p:g})"
-
     def per_timestep(self, prefix: str) -> pd.DataFrame:
         """Columns ``<prefix>0 .. <prefix>{T-1}`` of the metrics, those present, in timestep order."""
         columns = [f"{prefix}{t}" for t in range(self.config.T) if f"{prefix}{t}" in self.metrics]
@@ -78,6 +75,27 @@ class Report:
     gaps: list[str]
     table: pd.DataFrame | None = None
     title: str = ""
+
+
+def legend_labels(runs: list[Run]) -> list[str]:
+    """Legend text per run: its variant from its config, with p where MSG's p is not 0.5 and the seed where the
+    runs have several; a run's name is added only where two labels would otherwise tie."""
+    seeds = {run.config.train.seed for run in runs}
+    labels = []
+    for run in runs:
+        p = run.config.model.neuron.mask_p
+        label = run.variant + (f" (p={p:g})" if p > 0 and p != 0.5 else "")
+        labels.append(label + (f", seed {run.config.train.seed}" if len(seeds) > 1 else ""))
+    ties = Counter(labels)
+    return [f"{label}: {run.name}" if ties[label] > 1 else label for label, run in zip(labels, runs)]
+
+
+def describe_runs(runs: list[Run]) -> str:
+    """Figure-title text: one run's name, or the setup(s) several runs share and how many there are."""
+    if len(runs) == 1:
+        return runs[0].name
+    setups = dict.fromkeys(f"{r.config.preset or r.config.data.name}, {r.config.model.name}" for r in runs)
+    return f"{'; '.join(setups)} ({len(runs)} runs)"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -144,6 +162,28 @@ def finished(runs: list[Run]) -> tuple[list[Run], list[str]]:
     """The finished runs, and a gap for each unfinished one (left out of means over seeds)."""
     gaps = [f"{r.name}: {r.note or 'not finished (no summary.json)'}; left out" for r in runs if not r.finished]
     return [r for r in runs if r.finished], gaps
+
+
+def _newest(root: Path, marker: str) -> Path | None:
+    """The folder under ``root`` whose ``marker`` file was written last, or None."""
+    found = [path for path in Path(root).rglob(marker) if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime).parent if found else None
+
+
+def latest_run(root: Path = RESULTS) -> Path:
+    """The most recently finished run under ``root`` (by its summary.json, written when a run finishes)."""
+    found = _newest(root, "summary.json")
+    if found is None:
+        raise UserError(f"no finished run under {root}/; make one with: msgsnn train --preset digits-dvs")
+    return found
+
+
+def latest_sweep(root: Path = RESULTS) -> Path:
+    """The most recently written sweep under ``root`` (by its sweep.csv, rewritten as its points finish)."""
+    found = _newest(root, SWEEP_CSV)
+    if found is None:
+        raise UserError(f"no sweep under {root}/; make one with: msgsnn sweep --preset digits-dvs --mask-p 0:1:0.25")
+    return found
 
 
 def output_dir(paths: list[Path], out: Path | None) -> Path:

@@ -97,12 +97,19 @@ def ablation_table(runs: list[Run], metric: str) -> pd.DataFrame:
     return table
 
 
+def group_part(key: str, value, named: bool) -> str:
+    """A setting in a legend: TWO as "with TWO" / "without TWO", other keys as key=value (or the bare value)."""
+    if key == "two.enabled":
+        return "with TWO" if value else "without TWO"
+    return f"{key}={value}" if named else str(value)
+
+
 def maskp_table(runs: list[Run], metric: str) -> pd.DataFrame:
     """Accuracy per mask probability, mean ± std over seeds, one group per network/surrogate/other setting."""
     frame = run_frame(runs, metric)
     keys = ["model.name", "model.neuron.surrogate"]
     keys += [k for k in varying(frame, ("model.neuron.mask_p",)) if k not in keys]
-    frame["group"] = frame.apply(lambda row: ", ".join(str(row[k]) if k in keys[:2] else f"{k}={row[k]}" for k in keys), axis=1)
+    frame["group"] = frame.apply(lambda row: ", ".join(group_part(k, row[k], named=k not in keys[:2]) for k in keys), axis=1)
     frame["mask_p"] = frame["model.neuron.mask_p"].round(6)
     return summarize(frame.sort_values(["group", "mask_p"]), ["group", "mask_p"])
 

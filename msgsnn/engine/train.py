@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from msgsnn import config as config_io
 from msgsnn.config import RunConfig
 from msgsnn.data import build_datasets
-from msgsnn.engine import checkpoint, distributed
+from msgsnn.engine import checkpoint, distributed, loggers
 from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, spiking_layers
 from msgsnn.engine.errors import Interrupted, NonFiniteLoss, UserError
 from msgsnn.engine.evaluate import autocast, evaluate, test_loader
@@ -211,7 +211,8 @@ def _train(
     # ---- the loop
     layers = list(spiking_layers(raw_model))
     started = time.time() - state["seconds"]
-    with StopFlag() as stop, make_progress(console, progress and ctx.is_main and console.is_terminal) as bar:
+    with (StopFlag() as stop, make_progress(console, progress and ctx.is_main and console.is_terminal) as bar,
+          loggers.MetricLoggers(cfg.train.loggers if ctx.is_main else [], run.path, state["rows"]) as extra):
         for epoch in range(state["epoch"], cfg.train.epochs):
             epoch_start = time.time()
             lr = lr_at(epoch, cfg)
@@ -294,6 +295,7 @@ def _train(
                 checkpoint.save(checkpoint.load(run.last), run.best)
             if ctx.is_main:
                 run.write_metrics(state["rows"])
+                extra.log(row)
             message = (f"epoch {epoch + 1}/{cfg.train.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
                        f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
                        f"({row['epoch_seconds']:.1f}s)")

@@ -1,0 +1,1 @@
+"""Trained networks in formats other tools read: ``nir`` (the Neuromorphic Intermediate Representation)."""

@@ -258,8 +258,8 @@ def train(
                        f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
                        f"({row['epoch_seconds']:.1f}s)")
             log.info(message)
-            if ctx.is_main and progress:
-                console.print(message)
+            if ctx.is_main and progress:  # one line an epoch in logs and pipes, however long
+                console.print(message, soft_wrap=not console.is_terminal)
             if stop.agreed(ctx) and epoch + 1 < cfg.train.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume")
 

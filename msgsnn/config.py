@@ -51,7 +51,7 @@ def _ranged(default: float, lo: float | None = None, hi: float | None = None) ->
 
 @dataclass
 class NeuronConfig:
-    """LIF neuron, surrogate gradient and MSG mask (see METHOD.md)."""
+    """LIF neuron, surrogate gradient and MSG mask (see docs/method.md)."""
 
     tau: float = _ranged(2.0, 1.0)
     v_threshold: float = 0.5

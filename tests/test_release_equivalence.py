@@ -3,7 +3,7 @@
 The release wraps an ordinary ANN (Conv2d, BatchNorm2d, AvgPool2d, Linear, with every ReLU
 replaced by a LIF that keeps its membrane between calls) and calls it ONCE PER TIMESTEP.
 This file writes those semantics out by hand, from plain torch modules, copies msgsnn's
-weights into them, and checks logits and gradients (METHOD.md, "Neuron").
+weights into them, and checks logits and gradients (docs/method.md, "Neuron").
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Static image datasets (CIFAR10/100, ImageNet) through torchvision, never downloaded.
 
 Samples are ``(image float32 [C, H, W], label)``; the model repeats an image over T
-(direct encoding). Training augmentation follows METHOD.md, each part switchable.
+(direct encoding). Training augmentation follows docs/method.md, each part switchable.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def test_processes_starting_together_compile_once(tmp_path):
     assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
 
 
-def test_the_build_folder_is_private_and_another_users_is_refused(fresh_build, monkeypatch, tmp_path):
+def test_the_build_folder_is_private_and_another_users_is_refused(monkeypatch, tmp_path):
     folder = cpu_kernels._private_dir(tmp_path / "made")
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     loose = tmp_path / "loose"

@@ -120,3 +120,16 @@ def test_smoke_strips_comments_but_not_quoted_hashes():
     smoke = load_script(".ci/smoke.py")
     assert smoke.strip_comment('msgsnn analyze grads results/x   # Fig. 1') == "msgsnn analyze grads results/x"
     assert smoke.strip_comment("msgsnn train --name 'a #b' --set x=c#d") == "msgsnn train --name 'a #b' --set x=c#d"
+
+
+def test_the_method_is_in_the_repository_and_every_citation_points_to_it():
+    repo = Path(__file__).resolve().parent.parent
+    method = (repo / "docs" / "method.md").read_text()
+    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's table
+        accuracy = config_io.load_preset(preset).paper.accuracy
+        if accuracy is not None:
+            assert f"{accuracy:.2f}" in method, preset
+    files = [p for p in repo.rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".c") and ".venv" not in p.parts]
+    citing = [p for p in files if "METHOD" + ".md" in p.read_text()]
+    assert not citing, citing
+    assert "docs/method.md" in README

@@ -57,6 +57,9 @@ def exit_on_user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+SKIP_BAD_SAMPLES_HELP = "Skip and count unusable recordings (empty, unreadable, from another sensor) instead of stopping."
+
+
 def flag_overrides(**flags: Any) -> dict[str, Any]:
     """Dotted-key overrides from the flags the user actually gave (None = not given)."""
     keys = {
@@ -64,6 +67,7 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
         "two": "two.enabled", "surrogate": "model.neuron.surrogate", "seed": "train.seed", "device": "train.device",
         "amp": "train.amp", "limit_batches": "train.limit_batches", "data_root": "data.root", "name": "name",
         "loggers": "train.loggers",
+        "skip_bad_samples": "data.skip_bad_samples",
     }
     return {keys[k]: v for k, v in flags.items() if v is not None}
 
@@ -110,6 +114,7 @@ def train(
     limit_batches: Optional[int] = typer.Option(None, help="Cap train and test batches per epoch (smoke runs)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the metrics as TensorBoard scalars under "
                                      "<run>/tb/ (train.loggers: [csv, tensorboard]; needs the tensorboard package)."),
+    skip_bad_samples: bool = typer.Option(False, "--skip-bad-samples", help=SKIP_BAD_SAMPLES_HELP),
     sets: list[str] = typer.Option([], "--set", help="Override any config key: --set model.neuron.alpha=4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly where it stopped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
@@ -121,7 +126,8 @@ def train(
 
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, mask_p=mask_p, two=two, surrogate=surrogate, seed=seed,
                                device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name,
-                               loggers=["csv", "tensorboard"] if tensorboard else None)
+                               loggers=["csv", "tensorboard"] if tensorboard else None,
+                               skip_bad_samples=skip_bad_samples or None)
     cfg = resolve_config(preset, config_file, overrides, sets)
     run_name = cfg.name or cfg.preset or "run"
     saved = out / run_name / "config.yaml"
@@ -132,7 +138,7 @@ def train(
     result = run_training(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, console=console)
     s = result.summary
     console.print(f"[green]done[/green] {s['run_dir']}: best test accuracy {s['best_test_acc']:.2f}%, "
-                  f"final {s['final_test_acc']:.2f}% after {s['epochs']} epochs in {s['seconds']:.0f}s")
+                  f"final {s['final_test_acc']:.2f}% after {s['epochs']} epochs in {s['seconds']:.0f}s", soft_wrap=True)
 
 
 @app.command("eval")

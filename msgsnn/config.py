@@ -19,7 +19,17 @@ from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(os.environ.get("MSGSNN_PRESETS", Path(__file__).resolve().parent.parent / "presets"))
+
+def _preset_dir() -> Path:
+    """``$MSGSNN_PRESETS``; else the presets an installed package ships (``msgsnn/presets/``), else the checkout's ``presets/``."""
+    if os.environ.get("MSGSNN_PRESETS"):
+        return Path(os.environ["MSGSNN_PRESETS"])
+    package = Path(__file__).resolve().parent
+    shipped = package / "presets"
+    return shipped if shipped.is_dir() else package.parent / "presets"
+
+
+PRESET_DIR = _preset_dir()
 
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 LOGGERS = ("csv", "tensorboard")
@@ -47,7 +57,7 @@ def _listed(*values: str, default: tuple[str, ...], required: tuple[str, ...] = 
 
 @dataclass
 class NeuronConfig:
-    """LIF neuron, surrogate gradient and MSG mask (see METHOD.md)."""
+    """LIF neuron, surrogate gradient and MSG mask (see docs/method.md)."""
 
     tau: float = _ranged(2.0, 1.0)
     v_threshold: float = 0.5

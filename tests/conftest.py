@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from msgsnn import config as config_io
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a Ray started by a test reports nothing over the network
 
 TINY = {
     "data.name": "synthetic", "data.size": 16, "data.num_workers": 0, "T": 4,

@@ -75,7 +75,7 @@ def test_table_gives_mean_and_std_over_seeds_per_ablation_cell_beside_the_paper(
     assert list(table["mean"]) == [81.0, 82.0, 85.0, 87.0]
     assert table["std"].tolist() == pytest.approx([np.sqrt(2), np.sqrt(2), np.sqrt(2), np.sqrt(8)])
     assert list(table["n"]) == [2] * 4
-    assert list(table["paper"]) == [82.70, 83.20, 83.30, 83.90]  # METHOD.md's DVS-CIFAR10 VGGSNN row
+    assert list(table["paper"]) == [82.70, 83.20, 83.30, 83.90]  # docs/method.md's DVS-CIFAR10 VGGSNN row
     markdown = (tmp_path / "sweep" / "figures" / "ablation.md").read_text()
     assert "| dvs-vgg | MSG+TWO | 0.5 | 2 | 87.00 ± 2.83 | 83.90 |" in markdown
     assert "87.00 ± 2.83" in result.output

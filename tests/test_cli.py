@@ -91,3 +91,27 @@ def test_the_command_line_loads_without_torch_pandas_or_matplotlib():
     code = "import sys, msgsnn.cli; print(sorted({'torch', 'pandas', 'matplotlib', 'torchvision'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_skip_bad_samples_is_a_flag_of_train_and_sweep(tmp_path):
+    import yaml
+
+    out = tmp_path / "out"
+    common = [*tiny_cli_args(tmp_path), "--epochs", "1", "--limit-batches", "1", "--out", str(out)]
+    for name, flag in (("skipping", ["--skip-bad-samples"]), ("stopping", [])):
+        result = invoke("train", *common, "--name", name, "--quiet", *flag)
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["data"]["skip_bad_samples"] == bool(flag)
+    result = invoke("sweep", *common, "--name", "skip", "--skip-bad-samples")
+    assert result.exit_code == 0, result.output
+    configs = list((out / "sweeps" / "skip").glob("*/config.yaml"))
+    assert len(configs) == 1 and yaml.safe_load(configs[0].read_text())["data"]["skip_bad_samples"] is True
+
+
+def test_epoch_lines_are_not_wrapped_when_the_output_is_not_a_terminal(tmp_path):
+    result = invoke("train", *tiny_cli_args(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(len(line) > 80 and line.endswith("s)") for line in epochs), result.output
+    assert any(line.startswith("done ") and "after 2 epochs in" in line for line in lines), result.output

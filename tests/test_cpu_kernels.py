@@ -3,6 +3,11 @@ core tests do not reach: channels-last activations, structured MSG masks, bf16, 
 fallback, the random stream they share with torch, and the buffer pool."""
 
 import itertools
+import os
+import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +16,18 @@ from msgsnn.snn import LIF, TemporalBatchNorm, cpu_kernels
 from msgsnn.snn import layers as layers_module
 from msgsnn.snn import neuron as neuron_module
 
-needs_kernels = pytest.mark.skipif(cpu_kernels.get() is None, reason="no C compiler: the torch fallback is tested below")
+has_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C compiler: the torch fallback is tested below")
+
+
+@pytest.fixture
+def built_kernels():
+    """The kernels, which must build wherever a C compiler exists (a broken source fails, never skips)."""
+    kernels = cpu_kernels.get()
+    assert kernels is not None, "a C compiler is there but the kernels are unavailable: see the warning"
+    return kernels
+
+
+needs_kernels = pytest.mark.usefixtures("built_kernels")
 
 
 def _channels_last(x):
@@ -49,6 +65,7 @@ OPTIONS = [
 ]
 
 
+@has_compiler
 @needs_kernels
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("opts", OPTIONS)
@@ -75,6 +92,7 @@ def test_torch_fallback_equals_reference(torch_fallback, opts):
     torch.testing.assert_close(g_fus, g_ref, rtol=0, atol=1e-10)
 
 
+@has_compiler
 @needs_kernels
 def test_float32_and_vectors():
     for shape in [(7, 5, 33), (4, 2, 3, 5, 5), (3, 1000)]:
@@ -85,6 +103,7 @@ def test_float32_and_vectors():
         torch.testing.assert_close(g_fus, g_ref, rtol=1e-5, atol=1e-5)
 
 
+@has_compiler
 @needs_kernels
 def test_bfloat16_close_to_float32_on_the_same_input():
     """bf16 in, bf16 out (autocast on CPU): arithmetic in float32, membrane rounded to bf16 before the test."""
@@ -98,6 +117,7 @@ def test_bfloat16_close_to_float32_on_the_same_input():
     torch.testing.assert_close(g16.float()[:, agree], g32[:, agree], rtol=0.05, atol=0.05)
 
 
+@has_compiler
 @needs_kernels
 def test_mask_stream_is_torch_rand_in_logical_order():
     """The element mask of a channels-last tensor is the reference's torch.rand(shape) >= p, timestep T-1 first."""
@@ -115,11 +135,13 @@ def test_mask_stream_is_torch_rand_in_logical_order():
 
 @pytest.mark.parametrize("fallback", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, fallback, layout):
+def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, request, fallback, layout):
     if fallback:
         monkeypatch.setattr(cpu_kernels, "get", lambda: None)
-    elif cpu_kernels.get() is None:
+    elif cpu_kernels.compiler() is None:
         pytest.skip("no C compiler")
+    else:
+        request.getfixturevalue("built_kernels")
     g = torch.Generator().manual_seed(0)
     T, B, C, H, W = 4, 3, 16, 5, 3
     x = torch.randn(T, B, C, H, W, generator=g, dtype=torch.float64) * 3 + torch.arange(T).double().view(T, 1, 1, 1, 1)
@@ -145,6 +167,7 @@ def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, fallback, 
     assert y.stride() == x.stride()
 
 
+@has_compiler
 @needs_kernels
 def test_per_step_batchnorm_bfloat16_and_float32():
     x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
@@ -162,6 +185,7 @@ def test_folded_convolutions_run_channels_last():
     assert cpu_kernels.step_layout(y) == "nlc"
 
 
+@has_compiler
 @needs_kernels
 def test_pool_reuses_freed_buffers_and_never_live_ones():
     pool = cpu_kernels.BufferPool(limit=1 << 30)
@@ -186,12 +210,18 @@ def test_pool_reuses_freed_buffers_and_never_live_ones():
     assert pool.cached == 0
 
 
-def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The next ``get()`` builds (or fails to build) afresh in ``tmp_path/cache``."""
     monkeypatch.setattr(cpu_kernels, "_kernels", False)
     monkeypatch.delenv("MSGSNN_CPU_KERNELS", raising=False)
-    monkeypatch.setenv("MSGSNN_CACHE", str(tmp_path))
+    monkeypatch.setenv("MSGSNN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "cpu-kernels"
+
+
+def test_no_compiler_falls_back_with_its_own_warning(fresh_build, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
+    with pytest.warns(RuntimeWarning, match="no C compiler: .CC .*no-such-compiler. not found"):
         assert cpu_kernels.get() is None
     x, upstream = _inputs(3)
     s_ref, g_ref = _run(LIF(backend="reference", mask_p=0.5), x, upstream, seed=2)
@@ -200,12 +230,102 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
     torch.testing.assert_close(g_fus, g_ref, rtol=0, atol=1e-10)
 
 
+@has_compiler
+def test_a_broken_source_is_a_failed_build_not_a_missing_compiler(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "cpu_kernels.c"
+    broken.write_text("#error injected by the test\n" + cpu_kernels.SOURCE.read_text())
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    with pytest.warns(RuntimeWarning, match="failed to build.*injected by the test") as caught:
+        assert cpu_kernels.get() is None
+    assert not any("no C compiler" in str(w.message) for w in caught)
+
+
+@has_compiler
+def test_cc_is_split_like_a_shell_and_its_version_is_in_the_key(fresh_build, monkeypatch, tmp_path):
+    """``CC="wrapper gcc"`` (as ``ccache gcc``) works; another compiler version builds another library."""
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", f"{wrapper} {cpu_kernels.compiler()[0]}")
+    assert cpu_kernels.compiler() == [str(wrapper), cpu_kernels.compiler()[1]]
+    assert cpu_kernels.get() is not None
+    assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
+    first = {p.name for p in fresh_build.glob("*.so")}
+    monkeypatch.setattr(cpu_kernels, "_compiler_version", lambda cc: "gcc 99.0 (a future release)")
+    monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    assert cpu_kernels.get() is not None
+    assert len(first) == 1 and len(set(p.name for p in fresh_build.glob("*.so")) - first) == 1
+
+
+@has_compiler
+@pytest.mark.slow
+def test_processes_starting_together_compile_once(tmp_path):
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "MSGSNN_CACHE": str(tmp_path / "cache"), "CC": f"{wrapper} {cpu_kernels.compiler()[0]}"}
+    env.pop("MSGSNN_CPU_KERNELS", None)
+    code = "from msgsnn.snn import cpu_kernels; assert cpu_kernels.get() is not None"
+    ranks = [subprocess.Popen([sys.executable, "-W", "error", "-c", code], env=env) for _ in range(3)]
+    assert [rank.wait(timeout=600) for rank in ranks] == [0, 0, 0]
+    assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
+
+
+def test_the_build_folder_is_private_and_another_users_is_refused(monkeypatch, tmp_path):
+    folder = cpu_kernels._private_dir(tmp_path / "made")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    assert stat.S_IMODE(os.stat(cpu_kernels._private_dir(loose)).st_mode) == 0o700  # ours: closed
+    monkeypatch.setattr(cpu_kernels.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(cpu_kernels.BuildFailed, match="belongs to another user"):
+        cpu_kernels._private_dir(tmp_path / "made")
+    (tmp_path / "link").symlink_to(folder)
+    with pytest.raises(cpu_kernels.BuildFailed, match="not a folder"):
+        cpu_kernels._private_dir(tmp_path / "link")
+
+
+def test_an_unwritable_cache_builds_in_a_private_temporary_folder(fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("MSGSNN_CACHE", "/proc/msgsnn-cannot-be-made-here")
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = cpu_kernels._kernel_dir()
+    assert folder == tmp_path / f"msgsnn-{os.getuid()}" and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+@has_compiler
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batchnorm_sums_do_not_depend_on_the_thread_count(layout):
+    kern = cpu_kernels.get()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, 16, 12, 12, generator=g) * 2 + 1  # 8 * 144 rows a timestep: several chunks
+    dy = torch.randn(x.shape, generator=g)
+    if layout == "channels_last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            mean, var = kern.bn_stats(x)
+            results.append((mean, var, *kern.bn_backward_sums(dy, x, mean)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    torch.testing.assert_close(results[0][0], x.double().mean((1, 3, 4)), rtol=0, atol=1e-12)
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_kernels", False)
     monkeypatch.setenv("MSGSNN_CPU_KERNELS", "0")
     assert cpu_kernels.get() is None
 
 
+@has_compiler
 @needs_kernels
 @pytest.mark.parametrize("surrogate, reset", list(itertools.product(("piecewise_linear", "sigmoid"), ("hard", "soft"))))
 def test_eval_forward_matches_training_forward(surrogate, reset):
@@ -277,6 +397,7 @@ def test_modified_spikes_and_hooked_convolutions_take_the_plain_path():
     assert calls == [1]
 
 
+@has_compiler
 @needs_kernels
 def test_spiking_network_under_bf16_autocast_matches_float32_closely():
     from msgsnn.snn import build_model

@@ -362,6 +362,58 @@ def test_cache_is_reused_and_keyed_by_every_frame_parameter(tmp_path, data_tonic
     torch.testing.assert_close(rebuilt.train[1][0], expected)
 
 
+def test_a_recording_rewritten_at_the_same_size_is_rendered_again(tmp_path, data_tonic_accepts_few_files):
+    write_cifar10dvs(tmp_path / "data", {"airplane": 2, "cat": 2})
+    cfg = config(tmp_path, "cifar10dvs", train_fraction=0.5)
+    before = build_datasets(cfg).train[0][0]
+    path = next((tmp_path / "data" / "CIFAR10DVS" / "airplane").glob("*_0.aedat4"))
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    x, y, t, p = random_events(np.random.default_rng(99), 20, 128, 128)  # as many events as before, others
+    write_aedat4(path, x, y, t, p)
+    assert path.stat().st_size == size
+    if path.stat().st_mtime_ns == mtime:  # a filesystem with coarse timestamps: the rewrite came later
+        os.utime(path, ns=(mtime + 1_000_000, mtime + 1_000_000))
+    after = build_datasets(cfg).train[0][0]
+    expected = events_to_frames(tonic.io.make_structured_array(x, y, t, p), FrameSpec(4, 16, (128, 128, 2)), "new")
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, torch.from_numpy(expected.astype(np.float16).astype(np.float32)))
+
+
+def _global_random_states():
+    return torch.get_rng_state(), pickle.dumps(np.random.get_state()), random.getstate()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_building_datasets_draws_nothing_from_the_global_random_streams(tmp_path, data_tonic_accepts_few_files, workers):
+    """A run that renders the frames (cold cache) and one that reads them start training from the same random state."""
+    write_cifar10dvs(tmp_path / "data", {"airplane": 3, "cat": 3})
+    cfg = config(tmp_path, "cifar10dvs", num_workers=workers, train_fraction=0.5)
+    cfg.data.augment.crop = True
+    built = {}
+    for cache in ("cold", "warm"):
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+        before = _global_random_states()
+        bundle = build_datasets(cfg)
+        after = _global_random_states()
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:], cache
+        built[cache] = np.asarray(bundle.test.frames)
+    assert built["cold"].dtype == built["warm"].dtype == np.float16
+    assert np.array_equal(built["cold"], built["warm"])
+    for name in ("synthetic", "digits-dvs"):  # in memory, and the main job's dataset (emulator stubbed)
+        before = _global_random_states()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SaccadeDVS, "record", lambda self, images: [_one_event() for _ in images])
+            build_datasets(config(tmp_path, name))
+        after = _global_random_states()
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:], name
+
+
+def _one_event() -> np.ndarray:
+    events = np.zeros(1, dtype=tonic.io.events_struct)
+    events["x"] = events["y"] = 3
+    return events
+
+
 def test_cached_clips_load_in_worker_processes(tmp_path, data_tonic_accepts_few_files):
     write_cifar10dvs(tmp_path / "data", {"bird": 4})
     cfg = config(tmp_path, "cifar10dvs", num_workers=2, train_fraction=0.5)

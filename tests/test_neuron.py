@@ -1,4 +1,4 @@
-"""Multi-step LIF: the equations of METHOD.md, fused == reference, MSG limits, no state between calls."""
+"""Multi-step LIF: the equations of docs/method.md, fused == reference, MSG limits, no state between calls."""
 
 import itertools
 import math
@@ -11,7 +11,7 @@ from msgsnn.snn import LIF
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 CASES = list(itertools.product(SURROGATES, ("hard", "soft"), (False, True)))
 
-# The formulas of METHOD.md, written again here so the library is checked against them, not itself.
+# The formulas of docs/method.md, written again here so the library is checked against them, not itself.
 DERIVATIVES = {
     "piecewise_linear": lambda x, a: torch.where(x.abs() < 1 / a, a - a * a * x.abs(), torch.zeros_like(x)),
     "arctan": lambda x, a: a / (1 + (math.pi / 2 * a * x) ** 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,16 @@ def test_library_snippet_runs_as_written():
     assert scope["spikes"].shape == (6, 4, 32) and set(scope["spikes"].unique().tolist()) <= {0.0, 1.0}
 
 
-def test_ci_smoke_runs_every_readme_command():
+GPU_ONLY = ("python benchmarks/step.py --device cuda --batch 64", "python benchmarks/epoch.py --device cuda --amp bf16",
+            "bash benchmarks/gpu.sh")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_ci_smoke_plans_every_readme_command(cuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("MSGSNN_DATA", str(tmp_path / "datasets"))  # CI's empty data root
     smoke = load_script(".ci/smoke.py")
     commands = smoke.readme_commands(README)
-    planned = {command: smoke.plan(section, command, cuda=False) for section, command in commands}
+    planned = {command: smoke.plan(section, command, cuda=cuda) for section, command in commands}
     # every shell line and inline command in the README has a plan, none is silently dropped
     shell_lines = [
         line for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines() if line.strip()
@@ -62,24 +69,67 @@ def test_ci_smoke_runs_every_readme_command():
             assert part.strip() in planned, part
     for inline in ('pip install -e ".[ray]"', "python benchmarks/step.py --amp bf16", "python benchmarks/data.py"):
         assert planned[inline].expect == "ok", inline
-    for gpu_only in ("python benchmarks/step.py --device cuda --batch 64", "python benchmarks/epoch.py --device cuda --amp bf16",
-                     "bash benchmarks/gpu.sh"):
-        assert planned[gpu_only].expect == "no-cuda", gpu_only
-    assert smoke.plan("Performance", "python benchmarks/step.py --device cuda --batch 64", cuda=True).expect == "ok"
+    for gpu_only in GPU_ONLY:  # run where CUDA is, a one-line stop elsewhere
+        assert planned[gpu_only].expect == ("ok" if cuda else "no-cuda"), gpu_only
     assert planned["python -m pytest -q"] is None  # .ci/run's own step
     for command in planned:  # prose must not quote a fragment such as `pip install` as if it were a command
         assert len(shlex.split(command)) >= (3 if command.startswith(("pip", "python -m")) else 2), command
     main_job = planned["msgsnn train --preset digits-dvs"]
     assert main_job.args == ["msgsnn", "train", "--preset", "digits-dvs"] and main_job.expect == "ok"
     expectations = {step.expect for step in planned.values() if step}
-    assert expectations == {"ok", "offline", "no-cuda"}
-    for command in COMMANDS:  # the paper's rows need their datasets: CI checks the offline stop
-        assert planned[command].expect == "offline"
-    torchrun = next(c for c in planned if c.startswith("torchrun"))
-    assert planned[torchrun].expect == "offline"
+    assert expectations == ({"ok", "offline"} if cuda else {"ok", "offline", "no-cuda"})
+    for command in COMMANDS:  # the paper's rows: the stop names the preset's dataset and its file under the root
+        cfg = config_io.load_preset(shlex.split(command)[-1])
+        step = planned[command]
+        assert step.expect == "offline" and step.stop.startswith(f"{cfg.data.name}: {tmp_path / 'datasets'}/"), step.stop
+    offline = [step for step in planned.values() if step and step.expect == "offline"]
+    torchrun = next(step for step in offline if step.args[0] == "torchrun")
+    assert torchrun.stop.startswith("cifar10dvs: /data/CIFAR10DVS/CIFAR10DVS.zip not found")
+    analyze = [step for step in offline if step.args[1] == "analyze"]
+    assert analyze and all(step.stop == step.args[-1] and step.stop.startswith("results/sweeps/") for step in analyze)
+    assert all(step.stop for step in offline)
+
+
+def test_an_offline_step_passes_only_with_its_own_stop(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSGSNN_DATA", str(tmp_path))
+    smoke = load_script(".ci/smoke.py")
+    step = smoke.plan("Reproducing the paper", "msgsnn train --preset ncaltech-vgg", cuda=False)
+
+    def stopped(line: str, code: int = 2) -> bool:
+        return smoke.passed(step, subprocess.CompletedProcess(step.args, code, "", line + "\n"))[0]
+
+    assert stopped(f"error: {step.stop}")
+    assert not stopped(f"error: {step.stop}", code=0)
+    assert not stopped("error: model.neuron.mask_pp: unknown key (did you mean 'model.neuron.mask_p'?)")
+    assert not stopped(f"error: {step.stop.replace('ncaltech101', 'cifar10dvs')}")  # another dataset's stop
+    gpu = smoke.plan("Performance", GPU_ONLY[0], cuda=True)
+    assert not smoke.passed(gpu, subprocess.CompletedProcess(gpu.args, 1, "", "error: CUDA is not available\n"))[0]
+
+
+def test_smoke_compares_the_main_jobs_accuracy_with_the_readme_within_a_tolerance():
+    smoke = load_script(".ci/smoke.py")
+    quoted = smoke.readme_accuracy(README)
+    assert f"reached **{quoted:.2f}% test accuracy**" in README
+    assert smoke.compare_with_readme({"final_test_acc": quoted}, quoted) == (True, f"final test accuracy {quoted:.2f}% matches the README exactly")
+    near, why = smoke.compare_with_readme({"final_test_acc": quoted - 0.56}, quoted)
+    assert near and "within the 1.0-point tolerance" in why
+    assert not smoke.compare_with_readme({"final_test_acc": quoted - 1.2}, quoted)[0]
 
 
 def test_smoke_strips_comments_but_not_quoted_hashes():
     smoke = load_script(".ci/smoke.py")
     assert smoke.strip_comment('msgsnn analyze grads results/x   # Fig. 1') == "msgsnn analyze grads results/x"
     assert smoke.strip_comment("msgsnn train --name 'a #b' --set x=c#d") == "msgsnn train --name 'a #b' --set x=c#d"
+
+
+def test_the_method_is_in_the_repository_and_every_citation_points_to_it():
+    repo = Path(__file__).resolve().parent.parent
+    method = (repo / "docs" / "method.md").read_text()
+    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's table
+        accuracy = config_io.load_preset(preset).paper.accuracy
+        if accuracy is not None:
+            assert f"{accuracy:.2f}" in method, preset
+    files = [p for p in repo.rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".c") and ".venv" not in p.parts]
+    citing = [p for p in files if "METHOD" + ".md" in p.read_text()]
+    assert not citing, citing
+    assert "docs/method.md" in README

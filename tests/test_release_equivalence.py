@@ -8,7 +8,7 @@ VGGNet and CIFARConvNet (``model/convnet.py``), ResNet18 as ``main.py`` builds i
 default ADD connection). None of it is built from msgsnn's modules, so a different layer, pool,
 stride or connection shows: msgsnn's weights are copied in by order (every shape checked), and
 logits, weight gradients and BatchNorm statistics are compared in float64 with mask_p = 0 (no
-random mask, so both sides are deterministic). METHOD.md, "Neuron" and "Networks".
+random mask, so both sides are deterministic). docs/method.md, "Neuron" and "Networks".
 """
 
 import math

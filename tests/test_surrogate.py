@@ -1,4 +1,4 @@
-"""Surrogate derivatives and the MSG mask (METHOD.md, "Surrogate gradients" and "MSG")."""
+"""Surrogate derivatives and the MSG mask (docs/method.md, "Surrogate gradients" and "MSG")."""
 
 import math
 

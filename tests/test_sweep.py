@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import sys
+import types
 
 import pandas as pd
 import pytest
@@ -113,6 +116,22 @@ def test_ray_backend_runs_points_as_tasks_on_a_local_instance(tmp_path):
     table = pd.read_csv(plan.directory / "sweep.csv")
     assert list(table["model.neuron.mask_p"]) == [0.25] and list(table["epochs"]) == [1]
     assert (plan.directory / "mask_p=0.25_seed=42" / "summary.json").exists()
+
+
+def test_the_ray_backend_starts_ray_without_usage_statistics(monkeypatch):
+    """Ray's usage reporting tries the network at ray.init; a sweep turns it off unless the user chose."""
+    seen = {}
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: False, shutdown=lambda: None, cluster_resources=lambda: {},
+        init=lambda **kwargs: seen.setdefault("stats", os.environ.get("RAY_USAGE_STATS_ENABLED")),
+        remote=lambda **kwargs: (lambda fn: fn))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
+    assert list(sweeps.run_ray([], None)) == [] and seen == {"stats": "0"}
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    seen.clear()
+    list(sweeps.run_ray([], None))
+    assert seen == {"stats": "1"}
 
 
 def test_a_missing_dataset_stops_the_sweep_before_any_run_starts(tmp_path):

@@ -20,7 +20,7 @@ from msgsnn.engine.sweep import PLACEMENT_KEYS, flat_config
 # Keys that differ between runs without making them different experiments.
 NOT_A_SETTING = ("name", "train.seed", "paper.accuracy", "paper.std", "paper.note", *PLACEMENT_KEYS)
 
-# METHOD.md's ablation rows (baseline / +TWO / +MSG / MSG+TWO, top-1 %), by preset.
+# docs/method.md's ablation rows (baseline / +TWO / +MSG / MSG+TWO, top-1 %), by preset.
 PAPER_ABLATION = {
     "cifar100-resnet18": (68.79, 68.98, 69.08, 69.21),
     "dvs-resnet18": (72.90, 74.40, 78.30, 79.10),
@@ -64,7 +64,7 @@ def mean_std(mean: float, std: float) -> str:
 
 
 def paper_number(run: Run, variant: str) -> str:
-    """The paper's accuracy for ``run``'s preset and an ablation cell, if METHOD.md or the preset has it."""
+    """The paper's accuracy for ``run``'s preset and an ablation cell, if docs/method.md or the preset has it."""
     ablation = PAPER_ABLATION.get(run.config.preset)
     if ablation:
         return f"{ablation[VARIANTS.index(variant)]:.2f}"

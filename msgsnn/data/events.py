@@ -172,8 +172,13 @@ def open_offline(source: TonicDataset, root: Path, part: Part) -> tonic.Dataset:
 
 
 def _fingerprint(paths: list[str], root: Path) -> dict[str, Any]:
-    """Identifies the recordings (paths and sizes) for the cache key, so changed data is re-read."""
-    listing = "\n".join(f"{os.path.relpath(p, root)}:{os.path.getsize(p)}" for p in paths)
+    """Identifies the recordings for the cache key (path, size and modification time of each), so changed data is re-read.
+
+    The modification time catches a recording rewritten with other events of the same
+    size; hashing the contents would mean reading the whole dataset on every run.
+    """
+    stats = [os.stat(p) for p in paths]
+    listing = "\n".join(f"{os.path.relpath(p, root)}:{s.st_size}:{s.st_mtime_ns}" for p, s in zip(paths, stats))
     return {"root": str(root.resolve()), "files": len(paths), "digest": hashlib.sha256(listing.encode()).hexdigest()}
 
 

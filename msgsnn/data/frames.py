@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 from tonic.transforms import ToFrame
@@ -162,7 +163,11 @@ def render(
     """
     if multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker: no child processes allowed
         workers = 0
-    jobs = DataLoader(_FrameJobs(recordings, spec), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    # A DataLoader without a generator of its own draws its workers' base seed from torch's global
+    # generator: a run that renders (cold cache) would then train from another random state than
+    # one that reads the cache. Rendering draws nothing at random, so any fixed generator will do.
+    jobs = DataLoader(_FrameJobs(recordings, spec), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                      generator=torch.Generator())
     kept: list[int] = []
     problems: list[str] = []
     for index, (clip, problem) in enumerate(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,26 @@ def save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy 2
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+
+# What a checkpoint holds beyond tensors and plain containers: numpy's random state (an ndarray).
+NUMPY_STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint, unpickled with ``weights_only=True``: a file that asks to run any other code is refused."""
     if not path.exists():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_STATE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(err))
+        what = found.group(1) if found else "objects only code can rebuild"
+        raise UserError(f"cannot read checkpoint {path}: it holds {what}, and msgsnn loads only weights and "
+                        "plain data (torch.load with weights_only=True)") from None
     except Exception as err:  # a truncated or foreign file
         raise UserError(f"cannot read checkpoint {path}: {err}") from None

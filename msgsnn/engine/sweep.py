@@ -218,6 +218,9 @@ def run_ray(jobs: list[Job], address: str | None) -> Iterator[tuple[Job, Outcome
     same PYTHONPATH as the local processes; the sweep directory must be on
     storage the Ray nodes share.
     """
+    # A Ray started here would report usage statistics, reaching out to the network (a cloud metadata
+    # address first); a sweep sends nothing anywhere. Set RAY_USAGE_STATS_ENABLED=1 to allow it.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
     except ImportError:

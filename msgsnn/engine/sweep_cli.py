@@ -50,6 +50,8 @@ def sweep_command(
     device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
     amp: Optional[str] = typer.Option(None, help="Mixed precision: none, bf16 or fp16."),
     limit_batches: Optional[int] = typer.Option(None, help="Cap train and test batches per epoch (smoke runs)."),
+    skip_bad_samples: bool = typer.Option(
+        False, "--skip-bad-samples", help="Skip and count unusable recordings (empty, unreadable, from another sensor) instead of stopping."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key in every run: --set model.neuron.alpha=4 (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every run of the sweep, finished ones too."),
 ) -> None:
@@ -64,7 +66,8 @@ def sweep_command(
     from msgsnn.cli import flag_overrides, resolve_config
 
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, two=two, surrogate=surrogate, seed=seed,
-                               device=device, amp=amp, limit_batches=limit_batches, data_root=data_root)
+                               device=device, amp=amp, limit_batches=limit_batches, data_root=data_root,
+                               skip_bad_samples=skip_bad_samples or None)
     base = resolve_config(preset, None, overrides, sets)
     axes = {}
     if mask_p is not None:

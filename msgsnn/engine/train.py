@@ -300,8 +300,8 @@ def _train(
                        f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}%  "
                        f"({row['epoch_seconds']:.1f}s)")
             log.info(message)
-            if ctx.is_main and progress:
-                console.print(message)
+            if ctx.is_main and progress:  # one line an epoch in logs and pipes, however long
+                console.print(message, soft_wrap=not console.is_terminal)
             if stop.agreed(ctx)[0] and epoch + 1 < cfg.train.epochs:
                 raise distributed.stop_everywhere(ctx, Interrupted(
                     f"interrupted after epoch {epoch + 1}; checkpoint saved, continue with --resume"))

@@ -1,6 +1,6 @@
 """Multi-step leaky integrate-and-fire neuron over a whole ``[T, B, ...]`` sequence.
 
-A neuron step is three named parts, as in METHOD.md:
+A neuron step is three named parts, as in docs/method.md:
 
 * charge: ``H[t] = V[t-1] + (I[t] - V[t-1]) / tau``
 * fire:   ``S[t] = H(H[t] - V_th)`` with a (masked) surrogate derivative

@@ -1,7 +1,7 @@
 """Surrogate derivatives of the Heaviside spike and the MSG mask applied to them.
 
 The spike is ``S = H(x)`` with ``x = V - V_th`` and ``H(x) = 1 if x >= 0``. Its
-derivative is replaced by a smooth surrogate ``g(x)`` (formulas from METHOD.md,
+derivative is replaced by a smooth surrogate ``g(x)`` (formulas from docs/method.md,
 ``alpha`` sets height and width). MSG (masked surrogate gradient) drops each
 entry of ``g`` with probability ``p`` at every backward call; nothing is stored
 between forward and backward, the mask is drawn in backward.

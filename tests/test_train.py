@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from msgsnn.data import DatasetMissing, build_datasets
+from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint
 from msgsnn.engine import train as train_module
-from msgsnn.engine.errors import NonFiniteLoss, RunExists, UserError
+from msgsnn.errors import DatasetMissing, NonFiniteLoss, RunExists, UserError
 from msgsnn.engine.train import lr_at, train
 from tests.conftest import tiny_cli_args, tiny_config
 

@@ -22,7 +22,7 @@ from msgsnn import config as config_io
 from msgsnn.config import RunConfig
 from msgsnn.engine import checkpoint
 from msgsnn.engine.build import build_model_from_config, build_two
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 from msgsnn.engine.sweep import SWEEP_CSV
 from msgsnn.snn import TWO
 

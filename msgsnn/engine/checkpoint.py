@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 
 
 def rng_state() -> dict[str, Any]:

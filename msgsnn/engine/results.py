@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from msgsnn.engine.errors import RunExists, UserError
+from msgsnn.errors import RunExists, UserError
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from msgsnn import config as config_io
 from msgsnn.config import ConfigError, RunConfig
-from msgsnn.engine.errors import Interrupted, UserError
+from msgsnn.errors import Interrupted, UserError
 from msgsnn.engine.results import csv_text, write_atomic
 
 DEFAULT_STEP = 0.1

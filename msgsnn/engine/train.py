@@ -34,7 +34,7 @@ from msgsnn.config import RunConfig
 from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint, distributed, loggers
 from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, spiking_layers
-from msgsnn.engine.errors import Interrupted, NonFiniteLoss, UserError
+from msgsnn.errors import Interrupted, NonFiniteLoss, UserError
 from msgsnn.engine.evaluate import autocast, evaluate, test_loader
 from msgsnn.engine.results import RunDirectory, append_row_locked
 from msgsnn.engine.sampling import EpochSampler, SeededDataset, epoch_generator, ignore_stop_signals

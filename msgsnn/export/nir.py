@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 from msgsnn.snn import LIF, TWO
 from msgsnn.snn.layers import Folded
 from msgsnn.snn.models.resnet import BasicBlock, SEWBlock, SpikingResNet

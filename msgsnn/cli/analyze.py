@@ -80,6 +80,7 @@ def grads_command(
     """Fig. 1: dS/dV histograms under narrow/default/wide SG and MSG; non-zero fractions of dS/dV and dL/dW."""
     from msgsnn import config as config_io
     from msgsnn.analysis import grads, runs
+    from msgsnn.engine.results import RunDirectory
 
     if run_dir is not None and preset is not None:
         raise UserError("give either a RUN_DIR or --preset, not both")
@@ -91,7 +92,7 @@ def grads_command(
     if run_dir is not None:
         check_choice("--checkpoint", checkpoint, ("last", "best"), UserError)
         run = runs.load_run(run_dir)
-        cfg, weights, name = config_io.apply_overrides(run.config, overrides), run_dir / "checkpoints" / f"{checkpoint}.pt", run.name
+        cfg, weights, name = config_io.apply_overrides(run.config, overrides), RunDirectory(run_dir).checkpoint(checkpoint), run.name
         directory = runs.output_dir([run_dir], out)
     else:
         cfg, weights, name = config_io.apply_overrides(config_io.load_preset(preset), overrides), None, preset

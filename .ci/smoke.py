@@ -143,8 +143,10 @@ def expected_stop(args: list[str]) -> str:
     import click
     import typer
 
-    from msgsnn.cli import app, flag_overrides, resolve_config
-    from msgsnn.data import DatasetMissing, check_datasets
+    from msgsnn.cli import app
+    from msgsnn.cli.common import flag_overrides, resolve_config
+    from msgsnn.data import check_datasets
+    from msgsnn.errors import DatasetMissing
 
     if args[0] == "analyze":
         return args[-1]

@@ -44,7 +44,7 @@ from epoch import DATASETS  # noqa: E402
 
 from msgsnn import config as config_io  # noqa: E402
 from msgsnn.engine.build import build_model_from_config  # noqa: E402
-from msgsnn.snn import LIF, Folded, TemporalBatchNorm, layers as snn_layers, neuron, triton_lif  # noqa: E402
+from msgsnn.snn import LIF, Folded, TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
 
 # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core 1,979 TFLOPS
 # and TF32 Tensor Core 989 TFLOPS, both "with sparsity", i.e. 989 and 494.5 dense. 132 SMs: the H100 SXM5
@@ -254,8 +254,8 @@ def _triton_on_meta(launches: collections.Counter):
         return neuron.fused_lif(current, triton_lif.lif_forward, triton_lif.lif_backward, lif.tau, lif.v_threshold,
                                 lif.spec, lif.reset, lif.detach_reset)
 
-    with mock.patch.object(triton_lif, "_launch", record), mock.patch.object(neuron, "_TRITON", triton_lif), \
-            mock.patch.object(snn_layers, "_bn_kernels", lambda x: triton_lif), mock.patch.object(LIF, "_spikes", spikes):
+    with mock.patch.object(triton_lif, "_launch", record), mock.patch.object(backends, "_TRITON", triton_lif), \
+            mock.patch.object(backends, "bn_kernels", lambda x: triton_lif), mock.patch.object(LIF, "_spikes", spikes):
         yield
 
 

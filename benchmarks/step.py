@@ -234,10 +234,10 @@ def worker(args) -> dict:
 def backend_used(case: str, device) -> str:
     """Which implementation ran the neurons (and msgsnn's per-step BatchNorm) in this worker."""
     if case in ("msg", "sg"):
-        from msgsnn.snn import cpu_kernels, neuron
+        from msgsnn.snn import backends, cpu_kernels
 
         if device.type == "cuda":
-            return "Triton kernels" if neuron._TRITON not in (None, False) else "torch operators (Triton off, see stderr)"
+            return "Triton kernels" if backends._TRITON not in (None, False) else "torch operators (Triton off, see stderr)"
         return "C kernels" if cpu_kernels.get() is not None else "torch operators"
     if case == "spikingjelly":
         # SpikingJelly 2.0 has no backend argument: on CUDA it takes its native CUDA build if there is one, else

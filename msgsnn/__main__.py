@@ -1,3 +1,3 @@
-from msgsnn.cli import app
+from msgsnn.cli import main
 
-app(prog_name="msgsnn")
+main()

@@ -9,7 +9,6 @@ and range and raise :class:`ConfigError` with a message naming the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from msgsnn.errors import ConfigError, did_you_mean
+from msgsnn.snn import options
 
 
 def _preset_dir() -> Path:
@@ -31,15 +33,7 @@ def _preset_dir() -> Path:
 
 PRESET_DIR = _preset_dir()
 
-SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 LOGGERS = ("csv", "tensorboard")
-MASK_FILLS = ("zero",) + SURROGATES
-
-
-class ConfigError(ValueError):
-    """A configuration value the user must fix; the message names the key."""
-
-    exit_code = 2  # a usage error, as the CLI reports it
 
 
 def _choice(*values: str, default: str | None) -> Any:
@@ -61,15 +55,15 @@ class NeuronConfig:
 
     tau: float = _ranged(2.0, 1.0)
     v_threshold: float = 0.5
-    surrogate: str = _choice(*SURROGATES, default="piecewise_linear")
+    surrogate: str = _choice(*options.SURROGATES, default="piecewise_linear")
     alpha: float = _ranged(2.0, 0.0)
     mask_p: float = _ranged(0.5, 0.0, 1.0)
-    mask_mode: str = _choice("element", "channel", "timestep", default="element")
-    mask_fill: str = _choice(*MASK_FILLS, default="zero")
+    mask_mode: str = _choice(*options.MASK_MODES, default="element")
+    mask_fill: str = _choice(*options.MASK_FILLS, default="zero")
     rescale: bool = False
-    reset: str = _choice("hard", "soft", default="hard")
+    reset: str = _choice(*options.RESETS, default="hard")
     detach_reset: bool = False
-    backend: str = _choice("auto", "reference", "fused", "triton", default="auto")
+    backend: str = _choice(*options.BACKENDS, default="auto")
 
 
 @dataclass
@@ -83,7 +77,7 @@ class ModelConfig:
     stem: str | None = _choice("imagenet", "cifar", default=None)
     stem_pool: str | None = _choice("avg", "max", default=None)
     init: str = _choice("release", "kaiming", default="release")
-    bn_mode: str = _choice("per_step", "joint", default="per_step")
+    bn_mode: str = _choice(*options.BN_MODES, default="per_step")
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
 
 
@@ -213,11 +207,6 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (YAML or a CLI string) to ``tp``, or raise ConfigError naming ``key``."""
     args = typing.get_args(tp)
@@ -290,7 +279,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         full = prefix + str(key)
         if key not in fields:
             valid = [prefix + name for name in fields]
-            raise ConfigError(f"unknown config key '{full}'{_suggest(full, valid)}; valid keys here: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{full}'{did_you_mean(full, valid)}; valid keys here: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, full + ".")
@@ -335,7 +324,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     valid = all_keys()
     for key, value in overrides.items():
         if key not in valid:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, valid)}")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -366,7 +355,7 @@ def load_preset(name: str) -> RunConfig:
         path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         names = list_presets()
-        raise ConfigError(f"unknown preset '{name}'{_suggest(name, names)}; available: {', '.join(names)}")
+        raise ConfigError(f"unknown preset '{name}'{did_you_mean(name, names)}; available: {', '.join(names)}")
     cfg = from_dict(load_yaml(path))
     if not cfg.preset:
         cfg.preset = path.stem

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from msgsnn.engine import checkpoint
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 
 
 def test_a_checkpoint_with_every_random_state_round_trips(tmp_path):

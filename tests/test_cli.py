@@ -10,9 +10,9 @@ import sys
 from rich.console import Console
 from typer.testing import CliRunner
 
-from msgsnn import cli
 from msgsnn import config as config_io
 from msgsnn.cli import app
+from msgsnn.cli import train as train_commands
 from tests.conftest import tiny_cli_args
 
 runner = CliRunner()
@@ -37,7 +37,7 @@ def test_presets_lists_the_paper_numbers():
 
 def test_presets_table_fits_80_columns_with_network_stem_pool_and_init(monkeypatch):
     narrow = Console(width=80, record=True, file=io.StringIO())
-    monkeypatch.setattr(cli, "console", narrow)
+    monkeypatch.setattr(train_commands, "console", narrow)
     assert invoke("presets").exit_code == 0
     text = narrow.export_text()
     lines = text.splitlines()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from msgsnn.snn import LIF, TemporalBatchNorm, cpu_kernels
+from msgsnn.snn import LIF, TemporalBatchNorm, cpu_kernels, memory
 from msgsnn.snn import layers as layers_module
 from msgsnn.snn import neuron as neuron_module
 
@@ -182,13 +182,13 @@ def test_per_step_batchnorm_bfloat16_and_float32():
 def test_folded_convolutions_run_channels_last():
     conv = layers_module.Folded(torch.nn.Conv2d(3, 8, 3, padding=1))
     y = conv(torch.randn(2, 4, 3, 6, 6))
-    assert cpu_kernels.step_layout(y) == "nlc"
+    assert memory.step_layout(y) == "nlc"
 
 
 @has_compiler
 @needs_kernels
 def test_pool_reuses_freed_buffers_and_never_live_ones():
-    pool = cpu_kernels.BufferPool(limit=1 << 30)
+    pool = memory.BufferPool(limit=1 << 30)
     like = torch.empty(4, 2, 64, 32, 32)
     with torch.no_grad():  # buffers freed while a graph is being built go back to the system
         a = pool.empty_like(like)

@@ -25,11 +25,12 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 from msgsnn.config import ConfigError, RunConfig
-from msgsnn.data import BadSample, DatasetMissing, build_datasets, check_datasets, list_datasets, resolve_root
+from msgsnn.data import build_datasets, check_datasets, list_datasets, resolve_root
 from msgsnn.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
 from msgsnn.data.emulator import SaccadeDVS
 from msgsnn.data.frames import FrameSpec, event_counts, events_to_frames, resize
 from msgsnn.data.split import class_balanced_weights, split_per_class
+from msgsnn.errors import BadSample, DatasetMissing
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 
 SAMPLE_NMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample_nmnist.bin"

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from msgsnn import config as config_io
 from msgsnn.engine import checkpoint
 from msgsnn.engine import train as train_module
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 from msgsnn.engine.seeding import seed_rank
 from msgsnn.snn.layers import TemporalBatchNorm, sync_batchnorm
 from tests.conftest import tiny_cli_args, tiny_config

@@ -13,10 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from msgsnn import config as config_io
-from msgsnn.analysis.runs import trained_model
 from msgsnn.cli import app
 from msgsnn.data import build_datasets
-from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers
+from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers, trained_model
 from msgsnn.export.nir import NotExportable, output_weights, to_nir
 from msgsnn.snn import TWO, build_model
 from msgsnn.snn.layers import Folded

@@ -16,7 +16,7 @@ from msgsnn import config as config_io
 from msgsnn.cli import app
 from msgsnn.config import ConfigError
 from msgsnn.engine import sweep as sweeps
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 from tests.conftest import tiny_cli_args, tiny_config
 from tests.test_data import write_cifar10dvs
 

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from msgsnn.data import DatasetMissing, build_datasets
+from msgsnn.data import build_datasets
 from msgsnn.engine import checkpoint
 from msgsnn.engine import train as train_module
-from msgsnn.engine.errors import NonFiniteLoss, RunExists, UserError
+from msgsnn.engine.build import trained_model
+from msgsnn.errors import DatasetMissing, NonFiniteLoss, RunExists, UserError
 from msgsnn.engine.train import lr_at, train
 from tests.conftest import tiny_cli_args, tiny_config
 
@@ -44,7 +45,12 @@ def test_a_run_writes_config_metrics_checkpoints_and_summary(tmp_path):
     assert list(metrics.loc[0, [f"two_t{t}" for t in range(4)]]) == [1.0] * 4
     ck = checkpoint.load(run / "checkpoints" / "last.pt")
     assert torch.allclose(ck["two"]["factors"].float(), result.two.factors.float().cpu())
-    assert {"model", "optimizer", "scheduler", "two", "ranks", "epoch", "config"} <= set(ck)
+    assert {"model", "optimizer", "two", "ranks", "epoch", "config", "model_args"} <= set(ck)
+    assert "scheduler" not in ck  # the lr is computed from the epoch, never read back
+    # the network is rebuilt from the saved constructor arguments, not from the weights' shapes
+    assert ck["model_args"] | {"name": "vggsnn_tiny", "in_channels": 2, "num_classes": 4, "T": 4} == ck["model_args"]
+    rebuilt, _ = trained_model(run / "checkpoints" / "last.pt", cfg)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), result.model.state_dict().values()))
     assert len(ck["ranks"]) == 1 and {"rng", "sums", "two_correct", "two_seen"} <= set(ck["ranks"][0])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs"] == 2

@@ -33,8 +33,9 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not importable: nothing to compile")
 
 from msgsnn.snn import triton_lif  # noqa: E402
-from msgsnn.snn.neuron import RESETS  # noqa: E402
-from msgsnn.snn.surrogate import MASK_FILLS, MASK_MODES, SURROGATES, SpikeSpec  # noqa: E402
+from msgsnn.snn import options  # noqa: E402
+from msgsnn.snn.options import MASK_FILLS, MASK_MODES, RESETS, SURROGATES  # noqa: E402
+from msgsnn.snn.surrogate import SpikeSpec  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 LIF_KERNELS = ("_lif_forward_kernel", "_lif_backward_kernel")
@@ -229,8 +230,8 @@ def test_launches_cover_every_option(launches):
     by_kernel = {k: [launch for launch in launches if launch.kernel == k] for k in {launch.kernel for launch in launches}}
     assert set(by_kernel) == {"_lif_forward_kernel", "_lif_backward_kernel", "_bn_sums_kernel", "_bn_map_kernel"}
     values = lambda kernel, name: {dict(launch.switches)[name] for launch in by_kernel[kernel]}  # noqa: E731
-    assert values("_lif_backward_kernel", "SURR") == set(triton_lif.SURROGATES.values())
-    assert values("_lif_backward_kernel", "MASK") == {0, *triton_lif.MASK_MODES.values()}
+    assert values("_lif_backward_kernel", "SURR") == set(range(len(SURROGATES)))
+    assert values("_lif_backward_kernel", "MASK") == {options.NO_MASK, *range(len(MASK_MODES))}
     assert values("_lif_forward_kernel", "SAVE_H") == {False, True}
     assert values("_bn_map_kernel", "BC") == {1, 2, 4, 8, 16, 32, 64}
     assert {launch.dtype for launch in launches} == {"fp32", "fp16", "bf16"}

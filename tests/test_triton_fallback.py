@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 
-from msgsnn.snn import TemporalBatchNorm, layers, neuron, triton_lif  # noqa: E402
+from msgsnn.snn import TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
 from msgsnn.snn.surrogate import SpikeSpec  # noqa: E402
 from tests.test_cuda import run_in_interpreter  # noqa: E402
 
@@ -112,33 +112,33 @@ def test_launch_names_the_kernel_of_a_build_failure_and_passes_other_errors_on(e
 @pytest.fixture
 def triton_on(monkeypatch):
     """Triton as if it were usable (CUDA there, driver up), not yet warned about."""
-    monkeypatch.setattr(neuron, "_TRITON", triton_lif)
-    monkeypatch.setattr(neuron, "_TRITON_WARNED", False)
+    monkeypatch.setattr(backends, "_TRITON", triton_lif)
+    monkeypatch.setattr(backends, "_TRITON_WARNED", False)
 
 
 def test_strict_backend_raises_a_build_failure(triton_on):
     def failing(*args):
         raise triton_lif.TritonBuildError("_lif_forward_kernel", PTXASError("boom"))
 
-    run = neuron._triton_or_torch(failing, lambda *args: "torch", strict=True)
+    run = backends.triton_or_torch(failing, lambda *args: "torch", strict=True)
     with pytest.raises(triton_lif.TritonBuildError, match="_lif_forward_kernel"):
         run()
-    assert neuron._TRITON is triton_lif
+    assert backends._TRITON is triton_lif
     with pytest.warns(RuntimeWarning, match="_lif_forward_kernel"):
-        assert neuron._triton_or_torch(failing, lambda *args: "torch", strict=False)() == "torch"
+        assert backends.triton_or_torch(failing, lambda *args: "torch", strict=False)() == "torch"
 
 
 def test_a_driver_that_cannot_start_turns_triton_off_with_one_warning(monkeypatch):
-    monkeypatch.setattr(neuron, "_TRITON", False)
-    monkeypatch.setattr(neuron, "_TRITON_WARNED", False)
+    monkeypatch.setattr(backends, "_TRITON", False)
+    monkeypatch.setattr(backends, "_TRITON_WARNED", False)
     monkeypatch.setattr(triton_lif, "AVAILABLE", True)
     error = triton_lif.TritonBuildError("the C module of its CUDA driver", RuntimeError("Failed to find C compiler"))
     monkeypatch.setattr(triton_lif, "driver_error", lambda: error)
     with pytest.warns(RuntimeWarning, match="C module of its CUDA driver.*Failed to find C compiler"):
-        assert neuron._triton_lif() is None
+        assert backends.triton() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert neuron._triton_lif() is None
+        assert backends.triton() is None
 
 
 # --- end to end, kernels in Triton's interpreter ----------------------------------------------
@@ -161,8 +161,8 @@ def _layer_output_and_grad(place: str):
     x = x.view(shape).requires_grad_()
     up = torch.randn(shape, generator=g)
     if place.startswith("LIF"):
-        forward = neuron._triton_or_torch(triton_lif.lif_forward, neuron.lif_forward, strict=False)
-        backward = neuron._triton_or_torch(triton_lif.lif_backward, neuron.lif_backward, strict=False)
+        forward = backends.triton_or_torch(triton_lif.lif_forward, neuron.lif_forward, strict=False)
+        backward = backends.triton_or_torch(triton_lif.lif_backward, neuron.lif_backward, strict=False)
         y = neuron.fused_lif(x, forward, backward, 2.0, 0.5, SpikeSpec(), "hard", False)
     else:
         y = TemporalBatchNorm(4)(x)
@@ -173,14 +173,14 @@ def _layer_output_and_grad(place: str):
 def check_fallbacks() -> None:
     """Every place, every error: build failures give the torch result and one warning, run errors propagate."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, "_bn_kernels", lambda x: None)
+        mp.setattr(backends, "bn_kernels", lambda x: None)
         references = {place: _layer_output_and_grad(place) for place in PLACES}  # torch operators throughout
     for place, (name, switches) in PLACES.items():
         for error in build_errors() + run_errors():
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(neuron, "_TRITON", triton_lif)
-                mp.setattr(neuron, "_TRITON_WARNED", False)
-                mp.setattr(layers, "_bn_kernels", lambda x: triton_lif if neuron._triton_lif() is not None else None)
+                mp.setattr(backends, "_TRITON", triton_lif)
+                mp.setattr(backends, "_TRITON_WARNED", False)
+                mp.setattr(backends, "bn_kernels", lambda x: triton_lif if backends.triton() is not None else None)
                 kernel = RaisingKernel(getattr(triton_lif, name), switches, error)
                 mp.setattr(triton_lif, name, kernel)
                 with warnings.catch_warnings(record=True) as caught:
@@ -189,7 +189,7 @@ def check_fallbacks() -> None:
                         y, grad = _layer_output_and_grad(place)
                         torch.testing.assert_close(y, references[place][0], rtol=1e-5, atol=1e-5)
                         torch.testing.assert_close(grad, references[place][1], rtol=1e-5, atol=1e-5)
-                        assert neuron._TRITON is None, place
+                        assert backends._TRITON is None, place
                         _layer_output_and_grad(place)  # Triton is off now: not tried again, not warned again
                         assert kernel.raised == 1, place
                         assert len(caught) == 1 and caught[0].category is RuntimeWarning, (place, caught)
@@ -198,7 +198,7 @@ def check_fallbacks() -> None:
                         with pytest.raises(type(error)) as raised:
                             _layer_output_and_grad(place)
                         assert raised.value is error, place
-                        assert neuron._TRITON is triton_lif and not caught, (place, caught)
+                        assert backends._TRITON is triton_lif and not caught, (place, caught)
 
 
 def test_kernel_failures_in_the_interpreter():

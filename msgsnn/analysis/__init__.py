@@ -2,5 +2,5 @@
 
 ``runs`` reads run/sweep directories, ``stats`` makes the ablation and mask-p
 tables, ``figures`` draws Figs. 3-5, ``grads`` Fig. 1 and ``firing`` Fig. 6 with
-the synaptic-operation and energy estimate; ``cli`` is ``msgsnn analyze``.
+the synaptic-operation and energy estimate; :mod:`msgsnn.cli.analyze` is ``msgsnn analyze``.
 """

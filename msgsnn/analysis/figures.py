@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from msgsnn.analysis.runs import Report, Run, describe_runs, legend_labels
 from msgsnn.analysis.stats import maskp_table
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 
 
 def new_figure(width: float, height: float) -> Figure:

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from msgsnn.analysis.figures import grouped_bars, new_figure, save_figure
-from msgsnn.analysis.runs import Report, Run, describe_runs, legend_labels, trained_model
-from msgsnn.engine.build import spiking_layers
+from msgsnn.analysis.runs import Report, Run, describe_runs, legend_labels
+from msgsnn.engine.build import spiking_layers, trained_model
+from msgsnn.engine.results import RunDirectory
 
 PJ_PER_AC = 0.9
 PJ_PER_MAC = 4.6
@@ -155,7 +156,7 @@ def firing_report(runs: list[Run], directory: Path) -> Report:
     written = plot_firing(runs, directory)
     layer_frames, energies = [], []
     for run in runs:
-        last = run.path / "checkpoints" / "last.pt"
+        last = RunDirectory(run.path).last
         if not last.exists():
             gaps.append(f"{run.name}: no checkpoints/last.pt, so its network size is unknown; synaptic operations skipped")
             continue

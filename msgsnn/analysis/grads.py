@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from msgsnn.analysis.figures import grouped_bars, new_figure, save_figure
-from msgsnn.analysis.runs import Report, trained_model
+from msgsnn.analysis.runs import Report
 from msgsnn.config import RunConfig
 from msgsnn.data import DatasetInfo, build_datasets
-from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers
+from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers, trained_model
 from msgsnn.snn import LIF, TWO, SpikeSpec
 from msgsnn.snn.neuron import lif_forward
 from msgsnn.snn.surrogate import get_surrogate

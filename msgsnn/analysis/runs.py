@@ -9,22 +9,17 @@ gaps. Only a path that is neither a run nor a sweep is an error.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from torch import nn
 
-from msgsnn import config as config_io
 from msgsnn.config import RunConfig
-from msgsnn.engine import checkpoint
-from msgsnn.engine.build import build_model_from_config, build_two
-from msgsnn.engine.errors import UserError
+from msgsnn.engine.results import RunDirectory
 from msgsnn.engine.sweep import SWEEP_CSV
-from msgsnn.snn import TWO
+from msgsnn.errors import UserError
 
 VARIANTS = ("baseline", "+TWO", "+MSG", "MSG+TWO")
 RESULTS = Path("results")  # where `msgsnn train` and `msgsnn sweep` write by default
@@ -99,7 +94,7 @@ def describe_runs(runs: list[Run]) -> str:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file()
+    return RunDirectory(path).is_run()
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
@@ -110,12 +105,8 @@ def read_metrics(path: Path) -> pd.DataFrame:
 
 
 def load_run(path: Path) -> Run:
-    path = Path(path)
-    if not is_run_dir(path):
-        raise UserError(f"{path} is not a run directory (no config.yaml); give a directory written by `msgsnn train`")
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return Run(path, config_io.load(path / "config.yaml"), read_metrics(path / "metrics.csv"), summary)
+    run = RunDirectory(path)
+    return Run(run.path, run.read_config(), read_metrics(run.metrics), run.read_summary())
 
 
 def _sweep_rows(directory: Path) -> pd.DataFrame:
@@ -172,7 +163,7 @@ def _newest(root: Path, marker: str) -> Path | None:
 
 def latest_run(root: Path = RESULTS) -> Path:
     """The most recently finished run under ``root`` (by its summary.json, written when a run finishes)."""
-    found = _newest(root, "summary.json")
+    found = _newest(root, RunDirectory.SUMMARY)
     if found is None:
         raise UserError(f"no finished run under {root}/; make one with: msgsnn train --preset digits-dvs")
     return found
@@ -193,18 +184,3 @@ def output_dir(paths: list[Path], out: Path | None) -> Path:
     if len(paths) == 1:
         return Path(paths[0]) / "figures"
     return Path(os.path.commonpath([Path(p).resolve() for p in paths])) / "figures"
-
-
-def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
-    """The network and TWO decoder saved in a checkpoint; input channels and classes are read off the weights."""
-    state = checkpoint.load(path)
-    weights = [w for key, w in state["model"].items() if key.endswith("weight")]
-    in_channels = next(w.shape[1] for w in weights if w.dim() == 4)
-    num_classes = [w for w in weights if w.dim() == 2][-1].shape[0]
-    model, two = build_model_from_config(cfg, in_channels, num_classes), build_two(cfg)
-    try:
-        model.load_state_dict(state["model"])
-        two.load_state_dict(state["two"])
-    except RuntimeError as err:
-        raise UserError(f"{path} does not fit the network its config.yaml describes: {str(err).splitlines()[0]}") from None
-    return model, two

@@ -5,6 +5,6 @@ from a :class:`~msgsnn.config.RunConfig`.
 """
 
 from . import digits, events, images, synthetic  # noqa: F401  (each registers its datasets)
-from .registry import BadSample, DataBundle, DatasetInfo, DatasetMissing, build_datasets, check_datasets, list_datasets, resolve_root
+from .registry import DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root
 
-__all__ = ["BadSample", "DataBundle", "DatasetInfo", "DatasetMissing", "build_datasets", "check_datasets", "list_datasets", "resolve_root"]
+__all__ = ["DataBundle", "DatasetInfo", "build_datasets", "check_datasets", "list_datasets", "resolve_root"]

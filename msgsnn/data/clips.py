@@ -22,7 +22,9 @@ from msgsnn.config import DataConfig, RunConfig
 from .augment import ClipAugment, clip_augment
 from .cache import Clips, build_clips, load_clips, open_frames
 from .frames import FRAME_FORMAT_VERSION, FrameSpec, Recordings, render
-from .registry import BadSample, DataBundle, DatasetInfo, resolve_root
+from msgsnn.errors import BadSample
+
+from .registry import DataBundle, DatasetInfo, resolve_root
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,9 @@ from msgsnn.config import RunConfig
 
 from .clips import EventSplit, event_bundle
 from .frames import FrameSpec
-from .registry import BadSample, DataBundle, DatasetMissing, register, resolve_root
+from msgsnn.errors import BadSample, DatasetMissing
+
+from .registry import DataBundle, register, resolve_root
 from .split import split_per_class
 
 

@@ -18,7 +18,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 from tonic.transforms import ToFrame
 
-from .registry import BadSample
+from msgsnn.errors import BadSample
 
 log = logging.getLogger(__name__)
 

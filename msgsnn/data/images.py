@@ -21,7 +21,9 @@ from torchvision import transforms as tv
 from msgsnn.config import AugmentConfig, RunConfig
 
 from .cifar_policy import ReleaseCIFAR10Policy
-from .registry import DataBundle, DatasetInfo, DatasetMissing, register, resolve_root
+from msgsnn.errors import DatasetMissing
+
+from .registry import DataBundle, DatasetInfo, register, resolve_root
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RELEASE_COLOR_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)

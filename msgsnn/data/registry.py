@@ -6,7 +6,6 @@ engine only ever call :func:`build_datasets` with a :class:`~msgsnn.config.RunCo
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,19 +14,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from msgsnn.config import ConfigError, RunConfig
+from msgsnn.config import RunConfig
+from msgsnn.errors import ConfigError, did_you_mean
 
 from .split import class_balanced_weights
-
-
-class DatasetMissing(Exception):
-    """The dataset is not on disk in the layout msgsnn reads; the message says where to get it."""
-
-    exit_code = 2  # a usage error, as the CLI reports it
-
-
-class BadSample(Exception):
-    """A recording msgsnn cannot turn into frames; the message names the file and the fault."""
 
 
 @dataclass
@@ -117,7 +107,5 @@ def check_datasets(cfg: RunConfig) -> None:
 
 def _builder(name: str) -> Builder:
     if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, list(_BUILDERS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"data.name: unknown dataset '{name}'{hint}; available: {', '.join(list_datasets())}")
+        raise ConfigError(f"data.name: unknown dataset '{name}'{did_you_mean(name, _BUILDERS)}; available: {', '.join(list_datasets())}")
     return _BUILDERS[name]

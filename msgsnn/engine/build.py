@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from msgsnn.config import RunConfig
+from msgsnn.engine import checkpoint
+from msgsnn.errors import UserError
 from msgsnn.snn import LIF, TWO, build_model
 
 
@@ -16,14 +20,40 @@ def neuron_options(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg.model.neuron)
 
 
-def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The backbone named in ``cfg.model`` with the configured neuron, BN mode, init and stem, sized for ``cfg.data``.
+def model_args(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The arguments of :func:`build_model` for the backbone named in ``cfg.model`` with the configured neuron,
+    BN mode, init and stem, sized for ``cfg.data``; checkpoints save them as ``model_args``.
 
     Unset (``None``) options fall back to the backbone's default inside :func:`build_model`.
     """
     m = cfg.model
-    options = dict(neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
-    return build_model(m.name, in_channels, num_classes, cfg.T, input_size=cfg.data.size, **options)
+    return dict(name=m.name, in_channels=in_channels, num_classes=num_classes, T=cfg.T, input_size=cfg.data.size,
+                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
+
+
+def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return build_model(**model_args(cfg, in_channels, num_classes))
+
+
+def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
+    """The network and TWO decoder saved in a checkpoint, the network rebuilt from its ``model_args``.
+
+    A checkpoint of an older msgsnn without them is rebuilt from ``cfg``, its input channels and
+    classes read off the weights.
+    """
+    state = checkpoint.load(path)
+    args = state.get("model_args")
+    if args is None:
+        weights = [w for key, w in state["model"].items() if key.endswith("weight")]
+        in_channels = next(w.shape[1] for w in weights if w.dim() == 4)
+        args = model_args(cfg, in_channels, [w for w in weights if w.dim() == 2][-1].shape[0])
+    model, two = build_model(**args), build_two(cfg)
+    try:
+        model.load_state_dict(state["model"])
+        two.load_state_dict(state["two"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the network its config.yaml describes: {str(err).splitlines()[0]}") from None
+    return model, two
 
 
 def build_two(cfg: RunConfig) -> TWO:

@@ -6,13 +6,14 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,6 +36,13 @@ def save(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def copy(source: Path, path: Path) -> None:
+    """``source``'s bytes at ``path``, atomically as :func:`save` writes (``best.pt`` from ``last.pt``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(source, tmp)
     os.replace(tmp, path)
 
 

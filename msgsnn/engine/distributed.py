@@ -9,7 +9,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from msgsnn.engine.errors import PeerFailed, UserError
+from msgsnn.errors import PeerFailed, UserError
 
 Result = TypeVar("Result")
 

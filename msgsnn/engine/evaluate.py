@@ -94,7 +94,7 @@ def run_evaluation(run_dir: Path, which: str, overrides: dict) -> tuple[EvalResu
     from msgsnn.data import build_datasets
     from msgsnn.engine import checkpoint
     from msgsnn.engine.build import build_model_from_config, build_two
-    from msgsnn.engine.errors import UserError
+    from msgsnn.errors import UserError
     from msgsnn.engine.results import RunDirectory
 
     run = RunDirectory(run_dir)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 
 
 def require(names: list[str]) -> None:

@@ -17,7 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from msgsnn.engine.errors import RunExists, UserError
+from msgsnn import config as config_io
+from msgsnn.config import RunConfig
+from msgsnn.errors import RunExists, UserError
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -59,18 +61,42 @@ def append_row_locked(path: Path, row: dict[str, Any]) -> None:
 
 
 class RunDirectory:
-    """Paths and writers of one run, ``<out>/<name>/``."""
+    """The layout of one run, ``<out>/<name>/``: its paths, readers and writers, spelled out only here."""
+
+    SUMMARY = "summary.json"  # written when the run finishes
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
+    name = property(lambda self: self.path.name)
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.csv")
-    summary = property(lambda self: self.path / "summary.json")
+    summary = property(lambda self: self.path / RunDirectory.SUMMARY)
     log = property(lambda self: self.path / "train.log")
     checkpoints = property(lambda self: self.path / "checkpoints")
-    last = property(lambda self: self.path / "checkpoints" / "last.pt")
-    best = property(lambda self: self.path / "checkpoints" / "best.pt")
+    last = property(lambda self: self.checkpoint("last"))
+    best = property(lambda self: self.checkpoint("best"))
+
+    def checkpoint(self, which: str) -> Path:
+        """``checkpoints/<which>.pt``: ``last`` (every epoch, and an interruption) or ``best`` (best test accuracy)."""
+        return self.checkpoints / f"{which}.pt"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def read_config(self) -> RunConfig:
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a run directory (no config.yaml); give a directory written by `msgsnn train`")
+        return config_io.load(self.config)
+
+    def status(self) -> str:
+        """``finished``, ``interrupted`` (a checkpoint to resume), ``broken`` (a folder, nothing to resume) or ``new``."""
+        summary = self.read_summary()
+        if summary and summary.get("status") == "finished":
+            return "finished"
+        if self.last.exists():
+            return "interrupted"
+        return "broken" if self.path.exists() and any(self.path.iterdir()) else "new"
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the folder, refusing to clobber a run that recorded an epoch unless asked to.

@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import functools
 import itertools
-import json
 import math
 import os
 import queue
@@ -28,8 +27,8 @@ from typing import Any, Callable, Iterator
 
 from msgsnn import config as config_io
 from msgsnn.config import ConfigError, RunConfig
-from msgsnn.engine.errors import Interrupted, UserError
-from msgsnn.engine.results import csv_text, write_atomic
+from msgsnn.errors import Interrupted, UserError
+from msgsnn.engine.results import RunDirectory, csv_text, write_atomic
 
 DEFAULT_STEP = 0.1
 SWEEP_CSV = "sweep.csv"
@@ -120,24 +119,9 @@ def plan_sweep(base: RunConfig, axes: dict[str, list[Any]], seeds: int, out: Pat
     return Sweep(name, Path(out).resolve() / name, base, list(points.values()))
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def run_state(run_dir: Path) -> str:
-    """``finished``, ``interrupted`` (a checkpoint to resume), ``broken`` (a folder, nothing to resume) or ``new``."""
-    summary = read_summary(run_dir)
-    if summary and summary.get("status") == "finished":
-        return "finished"
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        return "interrupted"
-    return "broken" if run_dir.exists() and any(run_dir.iterdir()) else "new"
-
-
 def check_same_config(point: Point, run_dir: Path) -> None:
     """Refuse to skip or resume a run that was made with another config than the one planned now."""
-    saved, planned = flat_config(config_io.load(run_dir / "config.yaml")), flat_config(point.config)
+    saved, planned = flat_config(RunDirectory(run_dir).read_config()), flat_config(point.config)
     changed = [f"{k}: {saved[k]!r} -> {planned[k]!r}" for k in planned if k not in PLACEMENT_KEYS and saved[k] != planned[k]]
     if changed:
         raise UserError(f"{run_dir} was trained with another config ({'; '.join(changed)}); "
@@ -157,7 +141,7 @@ def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, st
     with open(log_path, "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env={**os.environ, **env}).returncode
-    summary = read_summary(Path(run_dir))
+    summary = RunDirectory(run_dir).read_summary()
     if code == 0 and summary and summary.get("status") == "finished":
         return Outcome("finished", summary)
     lines = [line.strip() for line in Path(log_path).read_text().splitlines() if line.strip()]
@@ -288,7 +272,7 @@ def check_data(sweep: Sweep, overwrite: bool) -> None:
     """Stop before any run starts if a dataset that an unfinished point needs is not on disk."""
     from msgsnn.data import check_datasets
 
-    unfinished = [p.config for p in sweep.points if overwrite or run_state(sweep.directory / p.name) != "finished"]
+    unfinished = [p.config for p in sweep.points if overwrite or RunDirectory(sweep.directory / p.name).status() != "finished"]
     for cfg in {repr(cfg.data): cfg for cfg in unfinished}.values():
         check_datasets(cfg)
 
@@ -307,11 +291,11 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, backend: str = "local", ray_addres
         config_io.save(sweep.base, sweep.directory / BASE_CONFIG)
         rows, todo = {}, []
         for point in sweep.points:
-            run_dir = sweep.directory / point.name
-            state = "new" if overwrite else run_state(run_dir)
+            run = RunDirectory(sweep.directory / point.name)
+            state = "new" if overwrite else run.status()
             if state in ("finished", "interrupted"):
-                check_same_config(point, run_dir)
-            rows[point.name] = sweep_row(point, "pending" if state in ("new", "broken") else state, read_summary(run_dir))
+                check_same_config(point, run.path)
+            rows[point.name] = sweep_row(point, "pending" if state in ("new", "broken") else state, run.read_summary())
             if state != "finished":
                 todo.append(point_job(sweep, point, state, overwrite))
         write_atomic(sweep.directory / SWEEP_CSV, csv_text(list(rows.values())))
@@ -331,7 +315,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, backend: str = "local", ray_addres
         finally:
             for job in todo:
                 if rows[job.point.name]["status"] in ("pending", "interrupted"):
-                    state = run_state(Path(job.run_dir))
+                    state = RunDirectory(job.run_dir).status()
                     rows[job.point.name]["status"] = "interrupted" if state == "interrupted" else "pending"
             write_atomic(sweep.directory / SWEEP_CSV, csv_text(list(rows.values())))
     return list(rows.values())

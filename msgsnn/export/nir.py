@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from msgsnn.engine.errors import UserError
+from msgsnn.errors import UserError
 from msgsnn.snn import LIF, TWO
 from msgsnn.snn.layers import Folded
 from msgsnn.snn.models.resnet import BasicBlock, SEWBlock, SpikingResNet
@@ -214,14 +214,15 @@ def export_run(run_dir: Path, checkpoint: str = "best", path: Path | None = None
 
     Default path: ``<run>/<checkpoint>.nir``. The file is written whole or not at all.
     """
-    from msgsnn.analysis.runs import load_run, trained_model
+    from msgsnn.engine.build import trained_model
+    from msgsnn.engine.results import RunDirectory
 
     if checkpoint not in ("best", "last"):
         raise UserError(f"--checkpoint: {checkpoint!r} is not allowed; choose one of best, last")
     nir = load_nir()
-    run = load_run(run_dir)
-    cfg = run.config
-    model, two = trained_model(run.path / "checkpoints" / f"{checkpoint}.pt", cfg)
+    run = RunDirectory(run_dir)
+    cfg = run.read_config()
+    model, two = trained_model(run.checkpoint(checkpoint), cfg)
     model.eval()
     graph = to_nir(model, two, (model.in_channels, cfg.data.size, cfg.data.size), dt,
                    {"model": cfg.model.name, "run": run.name, "checkpoint": checkpoint})

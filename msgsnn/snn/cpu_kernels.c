@@ -61,7 +61,8 @@ static void mt_keep(mtstate* s, uint8_t* restrict out, int64_t n, uint32_t thr) 
 
 static inline void set_bit(uint8_t* row, int64_t i, int v) { row[i >> 3] |= (uint8_t)(v << (i & 7)); }
 
-/* bits[t * rowbytes ...]: bit p = keep for physical element p at timestep t. mode 0 element, 1 channel, 2 timestep. */
+/* bits[t * rowbytes ...]: bit p = keep for physical element p at timestep t. mode: the index in
+   msgsnn/snn/options.py's MASK_MODES (0 element, 1 channel, 2 timestep). */
 /* scratch: at least C*L + L bytes */
 void msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,
                    int nlc, int mode, uint32_t thr, uint8_t* scratch) {
@@ -147,6 +148,7 @@ static void keep_zero_double(double* restrict g, const uint8_t* restrict row, in
 
 #define ABSV(v) ((v) < 0 ? -(v) : (v))
 
+/* sid: the index in msgsnn/snn/options.py's SURROGATES; fill: such an index, or -1 (ZERO_FILL) for zero */
 #define DEF_SURR(S, ct, EXP)                                                                  \
 static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, double alpha) {     \
     const ct a = (ct)alpha;                                                                   \

@@ -15,10 +15,9 @@ made either by one thread or in fixed chunks added in a fixed order, so results 
 depend on the number of threads or on the load of the machine; ``-march=native`` (vector
 width, fused multiply-add) makes them depend on the CPU model.
 
-Layouts. Both kernels see a ``[T, B, C, L]`` tensor (``L`` = the product of the
-trailing dims) whose timesteps are dense blocks of ``N = B*C*L`` elements, stored
-either contiguous (``ncl``) or channels-last (``nlc``: ``[T, B, L, C]`` in memory,
-what channels-last convolutions on the folded batch produce).
+Layouts. Both kernels see a ``[T, B, C, L]`` tensor stored ``ncl`` or ``nlc``
+(:func:`msgsnn.snn.memory.step_layout`), and write their large outputs into buffers of
+:data:`msgsnn.snn.memory.pool`. Options arrive as their indices in :mod:`msgsnn.snn.options`.
 
 MSG mask. The element mask must be the one the reference draws with
 ``torch.rand(shape) >= p`` per timestep, T-1 first. torch's CPU generator is an
@@ -47,6 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msgsnn.snn import options
+from msgsnn.snn.memory import pool, step_layout
+
 try:
     import fcntl
 except ImportError:  # Windows: no build lock
@@ -56,8 +58,6 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")  # shipped with the package
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
-_SURROGATE_IDS = {"piecewise_linear": 0, "arctan": 1, "sigmoid": 2, "rectangular": 3}
-_MASK_MODES = {"element": 0, "channel": 1, "timestep": 2}
 _STATE_BYTES = 5056
 
 _lock = threading.Lock()
@@ -190,18 +190,6 @@ def get() -> "CpuKernels | None":
     return _kernels or None
 
 
-def step_layout(x: torch.Tensor) -> str | None:
-    """``ncl`` if each timestep of ``x [T, B, C, ...]`` is contiguous, ``nlc`` if channels-last, else None."""
-    if x.is_contiguous():
-        return "ncl"
-    if x.dim() == 5:
-        T, B, C, H, W = x.shape
-        expected = (B * H * W * C, H * W * C, 1, W * C, C)
-        if all(s == e or n == 1 for s, e, n in zip(x.stride(), expected, x.shape)):
-            return "nlc"
-    return None
-
-
 def _bcl(x: torch.Tensor) -> tuple[int, int, int, int]:
     T, B = x.shape[0], x.shape[1]
     C = x.shape[2] if x.dim() > 2 else 1
@@ -215,99 +203,6 @@ def keep_threshold(p: float) -> int:
     """Integer threshold u24 with ``rand() >= p`` (float32 compare) <=> ``(u32 & 0xffffff) >= u24``."""
     p32 = float(np.float32(p))
     return int(np.ceil(p32 * 2**24))
-
-
-class BufferPool:
-    """Recycles the large output buffers of these kernels instead of returning them to the OS.
-
-    A fresh large CPU tensor costs a page fault per 4 KiB on first touch (glibc maps
-    big blocks and unmaps them on free), about as much as the kernel that fills it.
-    Training repeats the same shapes every step, so buffers handed out here come
-    back to the pool when torch frees their storage (the storage keeps a small
-    owner object alive whose finaliser returns the block) and serve the next
-    request of the same size: the membranes and gradients freed in one step's
-    backward become the next step's activations. Buffers freed while autograd
-    records a graph (a training forward) go back to the system instead: kept, they
-    would only raise the step's peak. Like CUDA's caching allocator, free blocks
-    stay resident; :meth:`clear` drops them, and at most ``limit`` bytes are kept.
-    """
-
-    MIN_BYTES = 1 << 20
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.cached = 0
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._types: dict[int, type] = {}
-        self._lock = threading.Lock()
-
-    def _lease_type(self, nbytes: int) -> type:
-        kind = self._types.get(nbytes)
-        if kind is None:
-            pool = self
-
-            def release(lease) -> None:
-                block = lease.__dict__.pop("block", None)
-                if block is not None:
-                    pool._give_back(block)
-
-            kind = type(f"_Lease{nbytes}", (ctypes.c_uint8 * nbytes,), {"__del__": release})
-            self._types[nbytes] = kind
-        return kind
-
-    def _give_back(self, block: torch.Tensor) -> None:
-        nbytes = block.numel()
-        if torch.is_grad_enabled():
-            return  # freed while building a graph: the next step's backward refills the pool
-        with self._lock:
-            if self.cached + nbytes <= self.limit:
-                self._free.setdefault(nbytes, []).append(block)
-                self.cached += nbytes
-
-    def empty_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Uninitialised tensor with the shape, strides and dtype of the dense CPU tensor ``x``."""
-        return self.empty_strided(x.shape, x.stride(), x.dtype)
-
-    def empty_strided(self, shape, stride, dtype: torch.dtype) -> torch.Tensor:
-        """Uninitialised dense CPU tensor; ``shape``/``stride`` must cover their storage exactly."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        nbytes = numel * dtype.itemsize
-        if nbytes < self.MIN_BYTES:
-            return torch.empty_strided(shape, stride, dtype=dtype)
-        with self._lock:
-            blocks = self._free.get(nbytes)
-            block = blocks.pop() if blocks else None
-            if block is not None:
-                self.cached -= nbytes
-        if block is None:
-            block = torch.empty(nbytes, dtype=torch.uint8)
-        lease = self._lease_type(nbytes).from_address(block.data_ptr())
-        lease.block = block
-        raw = torch.from_numpy(np.frombuffer(lease, dtype=np.uint8))
-        return raw.view(dtype).as_strided(shape, stride)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self.cached = 0
-
-
-def _pool_limit() -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return int(os.environ.get("MSGSNN_CPU_POOL_MB", total // 4 >> 20)) << 20
-
-
-pool = BufferPool(_pool_limit())
-
-
-def empty_cache() -> None:
-    """Return the free buffers kept by the fused CPU kernels to the system."""
-    pool.clear()
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -368,7 +263,8 @@ class CpuKernels:
         scratch = self._scratch(C * L + L)
         state = torch.get_rng_state()
         self.lib.msg_draw_mask(_ptr(state), _ptr(bits), rowbytes, T, B, C, L,
-                               int(step_layout(like) == "nlc"), _MASK_MODES[mode], keep_threshold(p), _ptr(scratch))
+                               int(step_layout(like) == "nlc"), options.mask_mode_id(mode, p), keep_threshold(p),
+                               _ptr(scratch))
         torch.set_rng_state(state)
         return bits, rowbytes
 
@@ -383,11 +279,11 @@ class CpuKernels:
         bits, rowbytes = None, 0
         if spec.mask_p > 0:
             bits, rowbytes = self.draw_mask(membrane, spec.mask_mode, spec.mask_p)
-        fill = -1 if spec.mask_fill == "zero" else _SURROGATE_IDS[spec.mask_fill]
         keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
         getattr(self.lib, f"lif_bwd_{_DTYPES[membrane.dtype]}")(
             _ptr(grad), _ptr(membrane), _ptr(out), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(hard),
-            int(detach_reset), _SURROGATE_IDS[spec.surrogate], spec.alpha, fill, keep_div, torch.get_num_threads())
+            int(detach_reset), options.surrogate_id(spec.surrogate), spec.alpha, options.fill_id(spec.mask_fill), keep_div,
+            torch.get_num_threads())
         return out
 
     # ---------------------------------------------------------------- BatchNorm per timestep

@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from msgsnn.snn import cpu_kernels
-from msgsnn.snn.neuron import _triton_lif, disable_triton, levels_of, mark_levels
-
-BN_MODES = ("per_step", "joint")
+from msgsnn.snn import backends, options
+from msgsnn.snn.memory import step_layout
+from msgsnn.snn.neuron import levels_of, mark_levels
 
 
 class Folded(nn.Module):
@@ -78,14 +77,14 @@ def _pooled_levels(pool: nn.AvgPool2d, levels: int) -> int | None:
 
 
 def _encode(x: torch.Tensor, levels: int) -> torch.Tensor:
-    kernels = cpu_kernels.get() if x.device.type == "cpu" else None
+    kernels = backends.cpu(x)
     if kernels is not None and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and _dense(x):
         return kernels.encode(x, levels)
     return (x * levels).round_().to(torch.uint8)
 
 
 def _decode(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    kernels = cpu_kernels.get() if codes.device.type == "cpu" else None
+    kernels = backends.cpu(codes)
     if kernels is not None and dtype in (torch.float32, torch.float64, torch.bfloat16) and _dense(codes):
         return kernels.decode(codes, levels, dtype)
     return codes.to(dtype).mul_(1.0 / levels)
@@ -142,17 +141,6 @@ def _from_step_view(v: torch.Tensor, like: torch.Tensor, layout: str) -> torch.T
     return v.view(like.shape)
 
 
-def _bn_kernels(x: torch.Tensor):
-    """Fused per-step BatchNorm kernels for ``x``: the C kernels on CPU, Triton on CUDA, else None."""
-    if x.device.type == "cpu":
-        kernels = cpu_kernels.get()
-        return kernels if kernels is not None and cpu_kernels.supports(x) else None
-    if x.is_cuda:
-        triton_lif = _triton_lif()
-        return triton_lif if triton_lif is not None and triton_lif.bn_supports(x) else None
-    return None
-
-
 def _synchronised() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -172,23 +160,6 @@ def _all_reduce_stats(mean: torch.Tensor, var: torch.Tensor, count: int):
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total.to(mean.dtype)
 
 
-def _fused(kernels, name: str, *args):
-    """``kernels.<name>(*args)``, or None where torch operators must do it instead: no kernels, or Triton's
-    that are switched off or cannot build this one for the GPU (see :func:`disable_triton`)."""
-    if kernels is None:
-        return None
-    build_error = getattr(kernels, "TritonBuildError", None)
-    if build_error is None:  # the C kernels
-        return getattr(kernels, name)(*args)
-    if _triton_lif() is None:
-        return None
-    try:
-        return getattr(kernels, name)(*args)
-    except build_error as err:
-        disable_triton(err)
-        return None
-
-
 class _PerStepBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``.
 
@@ -203,15 +174,15 @@ class _PerStepBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, sync):
-        layout = cpu_kernels.step_layout(x)
+        layout = step_layout(x)
         if layout is None:
             x, layout = x.contiguous(), "ncl"
         T, B, C = x.shape[:3]
         count = x.numel() // (T * C)
         if count <= 1 and not sync:
             raise ValueError(f"TemporalBatchNorm: expected more than 1 value per channel and timestep when training, got input of shape {tuple(x.shape)}")
-        kernels = _bn_kernels(x)
-        stats = _fused(kernels, "bn_stats", x)
+        kernels = backends.bn_kernels(x)
+        stats = backends.call(kernels, "bn_stats", x)
         if stats is None:
             kernels = None
             stat = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -228,7 +199,7 @@ class _PerStepBatchNorm(torch.autograd.Function):
         b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
         scale = w * invstd
         shift = b - mean * scale
-        y = _fused(kernels, "bn_apply", x, scale, shift)
+        y = backends.call(kernels, "bn_apply", x, scale, shift)
         if y is None:
             kernels = None
             view, _, shape = _step_view(x, layout)
@@ -249,9 +220,8 @@ class _PerStepBatchNorm(torch.autograd.Function):
         sums = None
         if kernels is not None:
             if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype:
-                like = cpu_kernels.pool.empty_like(x) if x.device.type == "cpu" else torch.empty_like(x)
-                grad_y = like.copy_(grad_y)
-            sums = _fused(kernels, "bn_backward_sums", grad_y, x, mean)
+                grad_y = backends.empty_like(x).copy_(grad_y)
+            sums = backends.call(kernels, "bn_backward_sums", grad_y, x, mean)
         gview, dims, shape = _step_view(grad_y, layout)
         centred = None
         if sums is None:
@@ -275,7 +245,7 @@ class _PerStepBatchNorm(torch.autograd.Function):
             a = w * invstd
             q = invstd * invstd * sdyx / count
             r = a * sdy / count
-            grad_x = _fused(kernels, "bn_backward_input", grad_y, x, mean, q, a, r)
+            grad_x = backends.call(kernels, "bn_backward_input", grad_y, x, mean, q, a, r)
             if grad_x is None:
                 if centred is None:
                     centred = _step_view(x, layout)[0].to(stat) - mean.view(shape)
@@ -297,8 +267,7 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, mode: str = "per_step", eps: float = 1e-5, momentum: float = 0.1,
                  sync: bool = False) -> None:
-        if mode not in BN_MODES:
-            raise ValueError(f"bn_mode: unknown '{mode}'; choose one of {', '.join(BN_MODES)}")
+        options.check("bn_mode", mode, options.BN_MODES)
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.mode = mode
         self.sync = sync

@@ -20,16 +20,13 @@ such (:func:`mark_levels`), so the next convolution may keep them as bytes.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 from torch import nn
 
-from msgsnn.snn import cpu_kernels
+from msgsnn.snn import backends, cpu_kernels, options
+from msgsnn.snn.memory import step_layout
 from msgsnn.snn.surrogate import SpikeSpec
-
-RESETS = ("hard", "soft")
-BACKENDS = ("auto", "reference", "fused", "triton")
 
 
 def charge(v: torch.Tensor | float, current: torch.Tensor, tau: float) -> torch.Tensor:
@@ -79,8 +76,8 @@ def lif_forward(
     Runs the fused C kernel on CPU when it is available (one pass over the sequence,
     time loop inside), else a loop of torch operators.
     """
-    kernels = cpu_kernels.get() if current.device.type == "cpu" else None
-    if kernels is not None and cpu_kernels.step_layout(current) is None:
+    kernels = backends.cpu(current)
+    if kernels is not None and step_layout(current) is None:
         current = current.contiguous()
     if kernels is not None and cpu_kernels.supports(current):
         return kernels.lif_forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane)
@@ -99,7 +96,7 @@ def lif_forward(
 
 def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
     """Gradient of the time loop w.r.t. its input from the saved ``H``: the C kernel on CPU, else torch operators."""
-    kernels = cpu_kernels.get() if membrane.device.type == "cpu" else None
+    kernels = backends.cpu(membrane)
     if kernels is not None and cpu_kernels.supports(membrane):
         return kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
     leak = 1.0 - 1.0 / tau
@@ -174,62 +171,6 @@ def levels_of(x: torch.Tensor) -> int | None:
     return note[0] if note is not None and note[1] == x._version else None
 
 
-def _triton_lif():
-    """The Triton kernels' module where triton imports, CUDA is there and Triton's driver starts, else None.
-
-    Checked once per process, at first use; :func:`disable_triton` turns it off for good.
-    """
-    global _TRITON
-    if _TRITON is False:
-        try:
-            from msgsnn.snn import triton_lif
-        except ImportError:
-            triton_lif = None
-        _TRITON = triton_lif if triton_lif is not None and triton_lif.AVAILABLE else None
-        if _TRITON is not None:
-            err = _TRITON.driver_error()
-            if err is not None:
-                disable_triton(err)
-    return _TRITON
-
-
-_TRITON = False
-_TRITON_WARNED = False
-
-
-def disable_triton(err: Exception) -> None:
-    """Run the LIF and BatchNorm on torch operators on CUDA for the rest of the process, because Triton
-    could not build a kernel (``err`` names it); warns once, loudly."""
-    global _TRITON, _TRITON_WARNED
-    _TRITON = None
-    if not _TRITON_WARNED:
-        _TRITON_WARNED = True
-        warnings.warn(f"msgsnn: {err}. The LIF and BatchNorm layers now run on torch operators on CUDA for the rest "
-                      "of this process: same results, slower steps. Please report this with your GPU and the torch "
-                      "and triton versions; backend='fused' chooses torch operators from the start.",
-                      RuntimeWarning, stacklevel=2)
-
-
-def _triton_or_torch(triton_fn, torch_fn, strict: bool):
-    """``triton_fn``, or ``torch_fn`` (same arguments, same result) once Triton is off or cannot build the kernel.
-
-    ``strict`` (``backend='triton'``) runs ``triton_fn`` whatever happens and lets its errors propagate.
-    Only a build failure falls back: an error while running a kernel (CUDA out of memory, say) propagates.
-    """
-    def run(*args, **kwargs):
-        if strict:
-            return triton_fn(*args, **kwargs)
-        kernels = _triton_lif()
-        if kernels is not None:
-            try:
-                return triton_fn(*args, **kwargs)
-            except kernels.TritonBuildError as err:
-                disable_triton(err)
-        return torch_fn(*args, **kwargs)
-
-    return run
-
-
 class LIF(nn.Module):
     """Leaky integrate-and-fire neurons over ``[T, B, ...]``, returning spikes of the same shape.
 
@@ -258,10 +199,8 @@ class LIF(nn.Module):
             raise ValueError(f"tau: must be a number >= 1, got {tau!r}")
         if not isinstance(v_threshold, (int, float)):
             raise ValueError(f"v_threshold: must be a number, got {v_threshold!r}")
-        if reset not in RESETS:
-            raise ValueError(f"reset: unknown '{reset}'; choose one of {', '.join(RESETS)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
+        options.check("reset", reset, options.RESETS)
+        options.check("backend", backend, options.BACKENDS)
         self.tau = float(tau)
         self.v_threshold = float(v_threshold)
         self.reset = reset
@@ -290,11 +229,11 @@ class LIF(nn.Module):
         args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
         if self.backend == "reference":
             return lif_reference(current, *args)
-        triton_lif = _triton_lif() if current.is_cuda and self.backend in ("auto", "triton") else None
-        if triton_lif is not None and triton_lif.supports(current):
+        triton_lif = backends.lif_kernels(current) if self.backend in ("auto", "triton") else None
+        if triton_lif is not None:
             strict = self.backend == "triton"
-            return fused_lif(current, _triton_or_torch(triton_lif.lif_forward, lif_forward, strict),
-                             _triton_or_torch(triton_lif.lif_backward, lif_backward, strict), *args)
+            return fused_lif(current, backends.triton_or_torch(triton_lif.lif_forward, lif_forward, strict),
+                             backends.triton_or_torch(triton_lif.lif_backward, lif_backward, strict), *args)
         if self.backend == "triton":
             raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
                              "use 'auto' to fall back to 'fused'")

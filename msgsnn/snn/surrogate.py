@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from msgsnn.snn import options
+
 Derivative = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -36,20 +38,16 @@ def rectangular(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * (x.abs() < 1 / alpha).to(x.dtype)
 
 
-SURROGATES: dict[str, Derivative] = {
+SURROGATES: dict[str, Derivative] = {  # in the order of options.SURROGATES, whose indices the kernels use
     "piecewise_linear": piecewise_linear,
     "arctan": arctan,
     "sigmoid": sigmoid,
     "rectangular": rectangular,
 }
-MASK_MODES = ("element", "channel", "timestep")
-MASK_FILLS = ("zero",) + tuple(SURROGATES)
 
 
 def get_surrogate(name: str) -> Derivative:
-    if name not in SURROGATES:
-        raise ValueError(f"surrogate: unknown '{name}'; choose one of {', '.join(SURROGATES)}")
-    return SURROGATES[name]
+    return SURROGATES[options.check("surrogate", name, options.SURROGATES)]
 
 
 @dataclass(frozen=True)
@@ -76,10 +74,8 @@ class SpikeSpec:
             raise ValueError(f"alpha: must be a positive number, got {self.alpha!r}")
         if not (isinstance(self.mask_p, (int, float)) and 0.0 <= self.mask_p <= 1.0):
             raise ValueError(f"mask_p: must be in [0, 1], got {self.mask_p!r}")
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode: unknown '{self.mask_mode}'; choose one of {', '.join(MASK_MODES)}")
-        if self.mask_fill not in MASK_FILLS:
-            raise ValueError(f"mask_fill: unknown '{self.mask_fill}'; choose one of {', '.join(MASK_FILLS)}")
+        options.check("mask_mode", self.mask_mode, options.MASK_MODES)
+        options.check("mask_fill", self.mask_fill, options.MASK_FILLS)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """Plain surrogate derivative dS/dV at ``x = V - V_th``, no mask."""

@@ -32,12 +32,11 @@ try:
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-from msgsnn.snn.cpu_kernels import step_layout
+from msgsnn.snn import options
+from msgsnn.snn.memory import step_layout
 
 AVAILABLE = triton is not None and torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SURROGATES = {"piecewise_linear": 0, "arctan": 1, "sigmoid": 2, "rectangular": 3}
-MASK_MODES = {"element": 1, "channel": 2, "timestep": 3}
 LIF_BLOCK = 1024  # neurons per program
 LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
 BN_ROWS = 64  # rows of [M, C] per tile
@@ -112,6 +111,7 @@ if triton is not None:
 
     @triton.jit
     def _surrogate(x, alpha, KIND: tl.constexpr):
+        """Surrogate number ``KIND`` of ``options.SURROGATES``."""
         if KIND == 0:
             g = tl.maximum(alpha - alpha * alpha * tl.abs(x), 0.0)
         elif KIND == 1:
@@ -126,7 +126,7 @@ if triton is not None:
 
     @triton.jit
     def _fill(x, alpha, kind):
-        """What a masked entry gets: 0 (``kind < 0``) or surrogate ``kind``, chosen at run time."""
+        """What a masked entry gets: 0 (``kind`` = ``options.ZERO_FILL``) or surrogate ``kind``, chosen at run time."""
         g = tl.zeros_like(x)
         if kind == 0:
             g = _surrogate(x, alpha, 0)
@@ -166,7 +166,7 @@ if triton is not None:
         h = tl.load(h_ptrs, mask=inb, other=0.0).to(tl.float32)
         x = h - vth
         sg = _surrogate(x, alpha, SURR)
-        if MASK != 0:
+        if MASK >= 0:
             u = (rnd.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
             sg = tl.where(u >= p, sg * keep_scale, _fill(x, alpha, fill_kind))
         gs = tl.load(g_ptrs, mask=inb, other=0.0).to(tl.float32)
@@ -187,20 +187,21 @@ if triton is not None:
                              NLC: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
         inb = offs < N
-        # the index of each element's draw within a timestep (element, (sample, channel) or sample)
-        if MASK == 2:
+        # the index of each element's draw within a timestep: MASK is options.MASK_MODES' index of
+        # element, (sample, channel) or sample, or options.NO_MASK
+        if MASK == 1:
             if NLC:
                 ridx = (offs // (C * L)) * C + offs % C
             else:
                 ridx = offs // L
-        elif MASK == 3:
+        elif MASK == 2:
             ridx = offs // (C * L)
         else:
             ridx = offs
         gv = tl.zeros([BLOCK], dtype=tl.float32)
         zero = tl.zeros([BLOCK], dtype=tl.int32)
         for gi in range(0, (T + 3) // 4):
-            if MASK != 0:
+            if MASK >= 0:
                 r0, r1, r2, r3 = tl.randint4x(seed + gi, ridx)
             else:
                 r0, r1, r2, r3 = zero, zero, zero, zero
@@ -233,9 +234,9 @@ def lif_forward_switches(reset_mode: str, keep_membrane: bool) -> dict:
 def lif_backward_switches(spec, reset_mode: str, detach_reset: bool, channels_last: bool) -> dict:
     """The compile-time switches of the LIF backward kernel; a switch that cannot change the result is
     given one value (no mask: no layout), so no two kernels that compute the same thing are compiled."""
-    mask = MASK_MODES[spec.mask_mode] if spec.mask_p > 0 else 0
-    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": SURROGATES[spec.surrogate],
-            "MASK": mask, "NLC": mask == MASK_MODES["channel"] and channels_last, "BLOCK": LIF_BLOCK}
+    mask = options.mask_mode_id(spec.mask_mode, spec.mask_p)
+    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": options.surrogate_id(spec.surrogate),
+            "MASK": mask, "NLC": spec.mask_p > 0 and spec.mask_mode == "channel" and channels_last, "BLOCK": LIF_BLOCK}
 
 
 def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
@@ -262,9 +263,9 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
     switches = lif_backward_switches(spec, reset_mode, detach_reset,
                                      step_layout(membrane) == "nlc" and membrane.dim() == 5)
     # a fresh 62-bit key per backward call from torch's CPU generator (no device sync), always an int64 argument
-    seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] else 2**32
+    seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] != options.NO_MASK else 2**32
     keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
-    fill_kind = -1 if spec.mask_fill == "zero" else SURROGATES[spec.mask_fill]
+    fill_kind = options.fill_id(spec.mask_fill)
     _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),
             1.0 - 1.0 / float(tau), float(v_threshold), float(spec.alpha), float(spec.mask_p), keep_scale, fill_kind,
             num_warps=LIF_WARPS, **switches)

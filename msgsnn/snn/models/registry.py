@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
+import warnings
 from typing import Callable
 
 from torch import nn
 
+from msgsnn.errors import did_you_mean
 from msgsnn.snn.neuron import LIF
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -16,6 +17,10 @@ NEURON_OPTIONS = tuple(inspect.signature(LIF).parameters)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its name (a decorator); a second model of the same name replaces the first, with a warning."""
+    if fn.__name__ in _MODELS and _MODELS[fn.__name__] is not fn:
+        warnings.warn(f"register_model: '{fn.__name__}' was already registered ({_MODELS[fn.__name__].__module__}); "
+                      f"{fn.__module__}'s replaces it", RuntimeWarning, stacklevel=2)
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -38,9 +43,7 @@ def build_model(name: str, in_channels: int, num_classes: int, T: int, input_siz
     per-timestep logits ``[T, B, num_classes]``.
     """
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"model name: unknown '{name}'{hint}; choose one of {', '.join(list_models())}")
+        raise ValueError(f"model name: unknown '{name}'{did_you_mean(name, _MODELS)}; choose one of {', '.join(list_models())}")
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("T", T)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: must be a positive integer, got {value!r}")

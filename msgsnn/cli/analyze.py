@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from msgsnn.engine.errors import UserError
-from msgsnn.engine.sweep_cli import user_errors
+from msgsnn.cli.common import DataRoot, Sets, check_choice, console, exit_on_user_errors
+from msgsnn.errors import UserError
 
 if TYPE_CHECKING:
     from msgsnn.analysis import runs
@@ -22,7 +21,6 @@ analyze_app = typer.Typer(
     help="Draw the paper's figures and tables from runs and sweeps (PNG + PDF + CSV, in <run or sweep>/figures/).",
     no_args_is_help=True,
 )
-console = Console()
 
 RUNS = typer.Argument(None, help="Run directories (written by `msgsnn train`) or sweep directories (`msgsnn sweep`). "
                                   "Default: the most recently finished run under results/.")
@@ -63,18 +61,17 @@ def latest(kind: str) -> Path:
 
 
 def check_metric(metric: str) -> None:
-    if metric not in ("best", "final"):
-        raise UserError(f"--metric: {metric!r} is not allowed; choose one of best, final")
+    check_choice("--metric", metric, ("best", "final"), UserError)
 
 
 @analyze_app.command("grads")
-@user_errors
+@exit_on_user_errors
 def grads_command(
     run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory (its config and trained weights). Default: the most recently finished run under results/."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Instead of a run: a preset, with initial weights."),
-    sets: list[str] = typer.Option([], "--set", help="Override a config key of the preset: --set data.size=32."),
-    data_root: Optional[str] = typer.Option(None, help="Folder holding the datasets."),
+    sets: Sets = [],  # noqa: B006 - typer's repeatable option
+    data_root: DataRoot = None,
     batch_size: int = typer.Option(16, min=1, help="Samples in the batch."),
     mask_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="p of the MSG column (default: the run's p, or 0.5)."),
     checkpoint: str = typer.Option("last", help="Weights of a run: last or best."),
@@ -83,6 +80,7 @@ def grads_command(
     """Fig. 1: dS/dV histograms under narrow/default/wide SG and MSG; non-zero fractions of dS/dV and dL/dW."""
     from msgsnn import config as config_io
     from msgsnn.analysis import grads, runs
+    from msgsnn.engine.results import RunDirectory
 
     if run_dir is not None and preset is not None:
         raise UserError("give either a RUN_DIR or --preset, not both")
@@ -92,10 +90,9 @@ def grads_command(
     if data_root is not None:
         overrides["data.root"] = data_root
     if run_dir is not None:
-        if checkpoint not in ("last", "best"):
-            raise UserError(f"--checkpoint: {checkpoint!r} is not allowed; choose one of last, best")
+        check_choice("--checkpoint", checkpoint, ("last", "best"), UserError)
         run = runs.load_run(run_dir)
-        cfg, weights, name = config_io.apply_overrides(run.config, overrides), run_dir / "checkpoints" / f"{checkpoint}.pt", run.name
+        cfg, weights, name = config_io.apply_overrides(run.config, overrides), RunDirectory(run_dir).checkpoint(checkpoint), run.name
         directory = runs.output_dir([run_dir], out)
     else:
         cfg, weights, name = config_io.apply_overrides(config_io.load_preset(preset), overrides), None, preset
@@ -104,7 +101,7 @@ def grads_command(
 
 
 @analyze_app.command("temporal")
-@user_errors
+@exit_on_user_errors
 def temporal_command(run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory. Default: the most recently finished run under results/."), out: Optional[Path] = OUT) -> None:
     """Fig. 3: the TWO factor of every timestep against epoch."""
@@ -119,7 +116,7 @@ def temporal_command(run_dir: Optional[Path] = typer.Argument(
 
 
 @analyze_app.command("curves")
-@user_errors
+@exit_on_user_errors
 def curves_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 4: test accuracy and training loss against epoch, runs overlaid."""
     from msgsnn.analysis import figures, runs
@@ -130,7 +127,7 @@ def curves_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT
 
 
 @analyze_app.command("maskp")
-@user_errors
+@exit_on_user_errors
 def maskp_command(sweep_dir: Optional[Path] = typer.Argument(
                       None, help="A sweep directory (or a folder of runs). Default: the most recent sweep under results/."),
                   metric: str = METRIC, out: Optional[Path] = OUT) -> None:
@@ -144,7 +141,7 @@ def maskp_command(sweep_dir: Optional[Path] = typer.Argument(
 
 
 @analyze_app.command("firing")
-@user_errors
+@exit_on_user_errors
 def firing_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT) -> None:
     """Fig. 6: firing rate per layer and seconds per epoch; synaptic operations and an energy estimate."""
     from msgsnn.analysis import firing, runs
@@ -155,7 +152,7 @@ def firing_command(paths: Optional[list[Path]] = RUNS, out: Optional[Path] = OUT
 
 
 @analyze_app.command("table")
-@user_errors
+@exit_on_user_errors
 def table_command(paths: Optional[list[Path]] = typer.Argument(
                       None, help="Sweep or run directories. Default: the most recent sweep under results/."),
                   metric: str = METRIC, out: Optional[Path] = OUT) -> None:

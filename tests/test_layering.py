@@ -1,0 +1,81 @@
+"""The import layering, read from the source: snn <- data, engine <- analysis, export <- cli, no cycle.
+
+Every ``import`` of a msgsnn module counts, at the top of a file or inside a function.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import msgsnn
+
+PACKAGE = Path(msgsnn.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """Every msgsnn module and the msgsnn modules it imports (``from msgsnn.x import y``: ``msgsnn.x.y`` if that
+    is a module, else ``msgsnn.x``)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    found: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        found[name] = {t for t in targets if t == "msgsnn" or t.startswith("msgsnn.")} - {name}
+    return found
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    allowed = {  # layer -> the layers it may import (besides itself)
+        "errors": set(), "config": {"errors", "snn"}, "snn": {"errors"}, "data": {"errors", "config", "snn"},
+        "engine": {"errors", "config", "snn", "data"}, "analysis": {"errors", "config", "snn", "data", "engine"},
+        "export": {"errors", "config", "snn", "engine"},
+        "cli": {"errors", "config", "snn", "data", "engine", "analysis", "export"}, "__main__": {"cli"}, "": set(),
+    }
+    wrong = [f"{module} imports {target}" for module, targets in imports().items() for target in targets
+             if layer(target) not in allowed[layer(module)] | {layer(module), ""}]
+    assert not wrong, wrong
+
+
+def test_config_and_cli_read_only_the_torch_free_options_of_snn():
+    for module, targets in imports().items():
+        if layer(module) in ("config", "cli"):
+            assert {t for t in targets if layer(t) == "snn"} <= {"msgsnn.snn.options"}, module
+
+
+def test_no_import_cycle():
+    graph = imports()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if target not in graph:
+                continue
+            assert state.get(target) != "open", " -> ".join(path + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -125,10 +125,13 @@ def test_smoke_strips_comments_but_not_quoted_hashes():
 def test_the_method_is_in_the_repository_and_every_citation_points_to_it():
     repo = Path(__file__).resolve().parent.parent
     method = (repo / "docs" / "method.md").read_text()
-    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's table
-        accuracy = config_io.load_preset(preset).paper.accuracy
-        if accuracy is not None:
-            assert f"{accuracy:.2f}" in method, preset
+    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's tables
+        paper = config_io.load_preset(preset).paper
+        if paper.accuracy is not None:
+            assert f"{paper.accuracy:.2f}" in method, preset
+        ablation = [paper.ablation.baseline, paper.ablation.two, paper.ablation.msg, paper.ablation.msg_two]
+        if any(number is not None for number in ablation):
+            assert " / ".join(f"{number:.2f}" for number in ablation) in " ".join(method.split()), preset
     files = [p for p in repo.rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".c") and ".venv" not in p.parts]
     citing = [p for p in files if "METHOD" + ".md" in p.read_text()]
     assert not citing, citing

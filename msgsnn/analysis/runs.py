@@ -19,7 +19,7 @@ import pandas as pd
 from torch import nn
 
 from msgsnn import config as config_io
-from msgsnn.config import RunConfig
+from msgsnn.config import PaperConfig, RunConfig
 from msgsnn.engine import checkpoint
 from msgsnn.engine.build import build_model_from_config, build_two
 from msgsnn.engine.errors import UserError
@@ -28,6 +28,18 @@ from msgsnn.snn import TWO
 
 VARIANTS = ("baseline", "+TWO", "+MSG", "MSG+TWO")
 RESULTS = Path("results")  # where `msgsnn train` and `msgsnn sweep` write by default
+
+
+def paper_numbers(cfg: RunConfig) -> PaperConfig:
+    """What the paper reports for a run's setup: its preset's ``paper:`` block as the presets say now (so a run
+    saved before a number was added gets it too), else the block saved with the run."""
+    return config_io.load_preset(cfg.preset).paper if cfg.preset in config_io.list_presets() else cfg.paper
+
+
+def paper_ablation(cfg: RunConfig, cell: str) -> float | None:
+    """The paper's top-1 % for one ablation cell (a VARIANTS name) of ``cfg``'s setup, from ``paper.ablation``."""
+    numbers = paper_numbers(cfg).ablation
+    return (numbers.baseline, numbers.two, numbers.msg, numbers.msg_two)[VARIANTS.index(cell)]
 
 
 def variant(cfg: RunConfig) -> str:

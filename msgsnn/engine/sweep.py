@@ -135,10 +135,15 @@ def run_state(run_dir: Path) -> str:
     return "broken" if run_dir.exists() and any(run_dir.iterdir()) else "new"
 
 
+def setting_keys() -> list[str]:
+    """The keys that change what a run computes: not where it runs (PLACEMENT_KEYS), not the paper's numbers it quotes."""
+    return [key for key in config_io.all_keys() if key not in PLACEMENT_KEYS and not key.startswith("paper.")]
+
+
 def check_same_config(point: Point, run_dir: Path) -> None:
     """Refuse to skip or resume a run that was made with another config than the one planned now."""
     saved, planned = flat_config(config_io.load(run_dir / "config.yaml")), flat_config(point.config)
-    changed = [f"{k}: {saved[k]!r} -> {planned[k]!r}" for k in planned if k not in PLACEMENT_KEYS and saved[k] != planned[k]]
+    changed = [f"{k}: {saved[k]!r} -> {planned[k]!r}" for k in setting_keys() if saved[k] != planned[k]]
     if changed:
         raise UserError(f"{run_dir} was trained with another config ({'; '.join(changed)}); "
                         "pass --overwrite to redo the sweep's runs or choose another --name")

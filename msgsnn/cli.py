@@ -206,9 +206,11 @@ def presets() -> None:
 
 from msgsnn.analysis.cli import analyze_app  # noqa: E402  (their commands import msgsnn.cli lazily)
 from msgsnn.engine.sweep_cli import sweep_command  # noqa: E402
+from msgsnn.reproduce_cli import reproduce_command  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 app.command("sweep")(sweep_command)
+app.command("reproduce")(reproduce_command)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -86,8 +86,17 @@ def test_ci_smoke_plans_every_readme_command(cuda, tmp_path, monkeypatch):
     torchrun = next(step for step in offline if step.args[0] == "torchrun")
     assert torchrun.stop.startswith("cifar10dvs: /data/CIFAR10DVS/CIFAR10DVS.zip not found")
     analyze = [step for step in offline if step.args[1] == "analyze"]
-    assert analyze and all(step.stop == step.args[-1] and step.stop.startswith("results/sweeps/") for step in analyze)
+    assert analyze and all(step.stop == step.args[-1] and step.stop.startswith("results/reproduce/") for step in analyze)
     assert all(step.stop for step in offline)
+    # each table's command: one stop that lists every dataset its runs need, each under the root it names
+    tables = {step.args[2]: step for step in offline if step.args[1] == "reproduce"}
+    assert {"main", "ablation", "fig5"} <= set(tables)
+    for table, datasets in (("main", ["cifar10", "cifar100", "cifar10dvs", "imagenet", "ncaltech101"]),
+                            ("ablation", ["cifar100", "cifar10dvs"])):
+        stop = tables[table].stop
+        assert stop.startswith(f"{len(datasets)} datasets are missing: [1] "), stop
+        assert re.findall(r"\[\d+\] ([\w-]+): /data/", stop) == datasets, stop
+    assert tables["fig5"].stop.startswith("cifar10dvs: /data/CIFAR10DVS/CIFAR10DVS.zip not found")
 
 
 def test_an_offline_step_passes_only_with_its_own_stop(tmp_path, monkeypatch):

@@ -69,7 +69,9 @@ def reproduce_command(
     runs = [(s.directory / point.name) for s in plan.sweeps for point in s.points]
     console.print(rich_table(pd.DataFrame(reproduce.plan_table(plan, measured)), f"the plan of msgsnn reproduce {plan.name}"))
     echo(f"{len(runs)} runs, {len(plan.sweeps)} presets, {seeds} seeds each, under {plan.directory}")
-    echo(f"GPU time per run: benchmarks/epoch.py's epoch in {reproduce.EPOCH_TIMES} times the epochs" if measured else
+    devices = ", ".join(dict.fromkeys(str(row.get("device", "an unnamed device")) for row in measured))
+    echo(f"GPU time per run: the training steps of an epoch as benchmarks/epoch.py measured them on {devices} "
+         f"({reproduce.EPOCH_TIMES}), times the epochs" if measured else
          f"GPU time per run: not measured (no {reproduce.EPOCH_TIMES}; bash benchmarks/gpu.sh writes it on a GPU)")
     try:
         sweep.run_sweeps(plan.sweeps, jobs=jobs, backend=backend, ray_address=ray_address, overwrite=overwrite,

@@ -176,9 +176,10 @@ def test_fig5_sweeps_p_with_the_arctan_surrogate_and_draws_the_figure(tmp_path):
     assert "figure only" in markdown and "no numbers" in markdown and "![accuracy against p](maskp.png)" in markdown
 
 
-def test_the_plan_gives_the_measured_gpu_time_per_run(tmp_path):
+def test_the_plan_gives_the_measured_gpu_time_per_run(tmp_path, monkeypatch):
     cfg = config_io.apply_overrides(config_io.load_preset("dvs-vgg"), {"train.epochs": 10})
-    measured = [{"preset": "dvs-vgg", "batch": 64, "T": 10, "amp": "none", "steps_per_epoch": 141, "epoch_min": 1.5}]
+    measured = [{"preset": "dvs-vgg", "batch": 64, "T": 10, "amp": "none", "steps_per_epoch": 141, "epoch_min": 1.5,
+                 "device": "NVIDIA H200"}]
     assert reproduce.expected_minutes(cfg, measured) == pytest.approx(15.0)
     limited = config_io.apply_overrides(cfg, {"train.limit_batches": 47})
     assert reproduce.expected_minutes(limited, measured) == pytest.approx(5.0)
@@ -188,6 +189,13 @@ def test_the_plan_gives_the_measured_gpu_time_per_run(tmp_path):
     assert reproduce.measured_epochs(path) == measured and reproduce.measured_epochs(tmp_path / "none.json") == []
     plan = reproduce.plan_reproduction(["dvs-vgg"], {"train.epochs": 10}, 1, tmp_path)
     assert reproduce.plan_table(plan, measured)[0]["GPU time per run"] == "15 min"
+    monkeypatch.chdir(tmp_path)  # where benchmarks/gpu.sh leaves it: results/gpu/epoch.json
+    (tmp_path / "results" / "gpu").mkdir(parents=True)
+    (tmp_path / "results" / "gpu" / "epoch.json").write_text(json.dumps(measured))
+    result = invoke("reproduce", "dvs-vgg", "ncaltech-vgg", "--epochs", "10", "--data-root", tmp_path / "data")
+    assert result.exit_code == 2 and "error: 2 datasets are missing" in result.output, result.output
+    assert "15 min" in result.output and "not measured" in result.output  # ncaltech-vgg was not timed
+    assert "as benchmarks/epoch.py measured them on NVIDIA H200" in " ".join(result.output.split())
 
 
 def test_tables_and_presets_are_not_mixed():

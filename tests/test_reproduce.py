@@ -51,6 +51,7 @@ def digits(tmp_path_factory):
     return tmp_path, result
 
 
+@pytest.mark.slow
 def test_reproduce_over_presets_writes_one_row_per_preset_with_its_seeds(digits):
     tmp_path, result = digits
     assert "4 runs, 2 presets, 2 seeds each" in result.output and "not measured" in result.output
@@ -72,6 +73,7 @@ def test_reproduce_over_presets_writes_one_row_per_preset_with_its_seeds(digits)
     assert "msgsnn reproduce digits-dvs digits-dvs-hard --seeds 2" in markdown and "--report-only" in markdown
 
 
+@pytest.mark.slow
 def test_an_interrupted_reproduce_resumed_gives_the_same_report(digits, tmp_path):
     source, _ = digits
     shutil.copytree(source / "out", tmp_path / "out")
@@ -79,13 +81,14 @@ def test_an_interrupted_reproduce_resumed_gives_the_same_report(digits, tmp_path
     before = report(tmp_path, table.name)
     (table / "digits-dvs" / "seed=43" / "summary.json").unlink()  # stopped after its checkpoint: resumed
     shutil.rmtree(table / "digits-dvs-hard" / "seed=42")  # never started: trained from the start
-    result = invoke("reproduce", *DIGITS, *tiny_flags(tmp_path)[:-2], "--out", tmp_path / "out", "--report-only")
+    flags = [*tiny_flags(source)[:-2], "--out", tmp_path / "out"]  # the frame cache the first reproduce built
+    result = invoke("reproduce", *DIGITS, *flags, "--report-only")
     assert result.exit_code == 0, result.output
     partial = report(tmp_path, table.name)
     assert list(partial["status"]) == ["1 finished, 1 interrupted", "1 finished, 1 not started"]
     assert list(partial["finished"]) == [1, 1]
 
-    result = invoke("reproduce", *DIGITS, *tiny_flags(tmp_path)[:-2], "--out", tmp_path / "out")
+    result = invoke("reproduce", *DIGITS, *flags)
     assert result.exit_code == 0, result.output
     assert "2 runs, 1 finished already, 1 to resume, 0 to start" in result.output
     assert "2 runs, 1 finished already, 0 to resume, 1 to start" in result.output
@@ -119,6 +122,7 @@ def test_the_main_table_puts_ours_beside_the_papers_mean_and_spread(tmp_path):
     (failed / "sweep.csv").write_text("run,seed,status,error\nseed=42,42,failed,CUDA out of memory\nseed=43,43,pending,\n")
     running = plan.rows[presets.index("cifar10-cifarnet")].sweep.directory
     running.mkdir(parents=True)
+    (running / "sweep.csv").write_text("run,seed,status,error\nseed=42,42,pending,\nseed=43,43,failed,NaN loss\n")
     with open(running / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # its reproduce is running now
         result = invoke("reproduce", "main", "--seeds", "2", "--out", tmp_path / "out", "--report-only")
@@ -131,7 +135,7 @@ def test_the_main_table_puts_ours_beside_the_papers_mean_and_spread(tmp_path):
     assert table.loc["dvs-vgg", "within_spread"] == "yes" and table.loc["dvs-resnet18", "within_spread"] == "no"
     assert table.loc["ncaltech-vgg", "status"] == "1 failed, 1 not started"
     assert "CUDA out of memory" in table.loc["ncaltech-vgg", "errors"]
-    assert table.loc["cifar10-cifarnet", "status"] == "2 running"
+    assert table.loc["cifar10-cifarnet", "status"] == "1 running, 1 failed"
     assert table.loc["imagenet-sew34", "status"] == "2 not started" and pd.isna(table.loc["imagenet-sew34", "best_mean"])
     markdown = (tmp_path / "out" / "reproduce" / "main" / "report.md").read_text()
     assert "| dvs-vgg | 83.97 ± 0.12 | 84.05 ± 0.07 | 83.10 ± 0.14 | +0.08 | yes | 2/2 | 60 s | 2 finished |" in markdown
@@ -203,3 +207,24 @@ def test_tables_and_presets_are_not_mixed():
         reproduce.plan_reproduction(["main", "dvs-vgg"], {}, 1, "out")
     with pytest.raises(ConfigError, match="unknown preset 'dvs-vg'"):
         reproduce.plan_reproduction(["dvs-vg"], {}, 1, "out")
+
+
+def test_with_the_ray_backend_every_run_of_every_preset_is_a_ray_task(tmp_path, monkeypatch):
+    from msgsnn.engine import sweep
+
+    seen = {}
+
+    def fake_ray(jobs, address):
+        seen.update(address=address, runs=[job.run_dir.split("/reproduce/", 1)[1] for job in jobs])
+        for job in jobs:
+            yield job, sweep.Outcome("failed", None, "Ray task failed: node lost")
+
+    monkeypatch.setattr(sweep, "run_ray", fake_ray)
+    # the cluster's nodes hold the data: nothing is checked on this machine
+    result = invoke("reproduce", "dvs-vgg", "ncaltech-vgg", "--seeds", "2", "--backend", "ray", "--ray-address", "ray://head:10001",
+                    "--data-root", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "error: 4 of 4 runs did not finish" in result.output, result.output
+    assert seen == {"address": "ray://head:10001", "runs": [f"dvs-vgg+ncaltech-vgg/{preset}/seed={seed}"
+                                                           for preset in ("dvs-vgg", "ncaltech-vgg") for seed in (42, 43)]}
+    table = report(tmp_path, "dvs-vgg+ncaltech-vgg")
+    assert list(table["status"]) == ["2 failed", "2 failed"] and "node lost" in table["errors"][0]

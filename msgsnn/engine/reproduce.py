@@ -116,8 +116,8 @@ def recorded_rows(sweep: Sweep) -> dict[str, dict[str, str]]:
 
 
 def point_states(row: Row) -> list[tuple[str, str]]:
-    """``(state, error)`` per point: finished, running (its reproduce or sweep runs or queues it now),
-    failed (with sweep.csv's error), interrupted (a checkpoint to resume) or not started."""
+    """``(state, error)`` per point: finished, failed (with sweep.csv's error), running (its reproduce or sweep
+    runs or queues it now), interrupted (a checkpoint to resume) or not started."""
     recorded, running = recorded_rows(row.sweep), sweep_running(row.sweep.directory)
     states = []
     for point in row.points:
@@ -125,10 +125,10 @@ def point_states(row: Row) -> list[tuple[str, str]]:
         status = recorded.get(point.name, {}).get("status", "")
         if on_disk == "finished":
             states.append(("finished", ""))
+        elif status == "failed":  # in this session of its sweep, or the last one
+            states.append(("failed", recorded[point.name].get("error", "")))
         elif running:
             states.append(("running", ""))
-        elif status == "failed":
-            states.append(("failed", recorded[point.name].get("error", "")))
         elif on_disk == "interrupted":
             states.append(("interrupted", ""))
         else:

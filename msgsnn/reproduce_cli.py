@@ -71,8 +71,8 @@ def reproduce_command(
     echo(f"{len(runs)} runs, {len(plan.sweeps)} presets, {seeds} seeds each, under {plan.directory}")
     devices = ", ".join(dict.fromkeys(str(row.get("device", "an unnamed device")) for row in measured))
     echo(f"GPU time per run: the training steps of an epoch as benchmarks/epoch.py measured them on {devices} "
-         f"({reproduce.EPOCH_TIMES}), times the epochs" if measured else
-         f"GPU time per run: not measured (no {reproduce.EPOCH_TIMES}; bash benchmarks/gpu.sh writes it on a GPU)")
+         f"({reproduce.EPOCH_TIMES}/epoch*.json), times the epochs" if measured else
+         f"GPU time per run: not measured (no {reproduce.EPOCH_TIMES}/epoch*.json; bash benchmarks/gpu.sh writes them on a GPU)")
     try:
         sweep.run_sweeps(plan.sweeps, jobs=jobs, backend=backend, ray_address=ray_address, overwrite=overwrite,
                          echo=echo, on_result=lambda: reproduction_report(plan, rebuild))

@@ -188,9 +188,11 @@ def test_the_plan_gives_the_measured_gpu_time_per_run(tmp_path, monkeypatch):
     limited = config_io.apply_overrides(cfg, {"train.limit_batches": 47})
     assert reproduce.expected_minutes(limited, measured) == pytest.approx(5.0)
     assert reproduce.expected_minutes(config_io.apply_overrides(cfg, {"train.amp": "bf16"}), measured) is None
-    path = tmp_path / "epoch.json"
-    path.write_text(json.dumps(measured))
-    assert reproduce.measured_epochs(path) == measured and reproduce.measured_epochs(tmp_path / "none.json") == []
+    (tmp_path / "epoch.json").write_text(json.dumps(measured))
+    (tmp_path / "epoch-bf16.json").write_text(json.dumps([dict(measured[0], amp="bf16", epoch_min=0.9)]))
+    assert reproduce.measured_epochs(tmp_path)[1] == measured[0] and reproduce.measured_epochs(tmp_path / "none") == []
+    bf16 = config_io.apply_overrides(cfg, {"train.amp": "bf16"})
+    assert reproduce.expected_minutes(bf16, reproduce.measured_epochs(tmp_path)) == pytest.approx(9.0)
     plan = reproduce.plan_reproduction(["dvs-vgg"], {"train.epochs": 10}, 1, tmp_path)
     assert reproduce.plan_table(plan, measured)[0]["GPU time per run"] == "15 min"
     monkeypatch.chdir(tmp_path)  # where benchmarks/gpu.sh leaves it: results/gpu/epoch.json

@@ -26,8 +26,9 @@ TABLES = ("main", "ablation", "fig5")
 FIG5_PRESET = "dvs-vgg"
 FIG5_SETTINGS = {"model.neuron.surrogate": "arctan"}
 FIG5_MASK_P = "0:1:0.1"
-# What benchmarks/epoch.py measured (its --json), where benchmarks/gpu.sh writes it.
-EPOCH_TIMES = Path("results/gpu/epoch.json")
+# What benchmarks/epoch.py measured (its --json files), where benchmarks/gpu.sh writes them: epoch.json in each
+# preset's own precision, epoch-bf16.json under bf16 autocast.
+EPOCH_TIMES = Path("results/gpu")
 
 
 @dataclass
@@ -136,13 +137,16 @@ def point_states(row: Row) -> list[tuple[str, str]]:
     return states
 
 
-def measured_epochs(path: Path = EPOCH_TIMES) -> list[dict[str, Any]]:
-    """benchmarks/epoch.py's rows (one per preset timed), or [] where nothing was measured."""
-    try:
-        rows = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return []
-    return rows if isinstance(rows, list) else []
+def measured_epochs(folder: Path = EPOCH_TIMES) -> list[dict[str, Any]]:
+    """benchmarks/epoch.py's rows (one per preset and precision timed) from ``folder/epoch*.json``; [] if none."""
+    rows = []
+    for path in sorted(Path(folder).glob("epoch*.json")):
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows += [row for row in found if isinstance(row, dict)] if isinstance(found, list) else []
+    return rows
 
 
 def expected_minutes(cfg: RunConfig, measured: list[dict[str, Any]]) -> float | None:

@@ -12,8 +12,9 @@ syntax, not commands). Each runs in README order with one of these expectations:
 * ``offline``: the commands of "Multi-GPU" and "Reproducing the paper" need the real datasets,
   which CI does not have: each must stop with a non-zero exit and the one ``error:`` line its
   own missing data calls for, planned here from the command itself: msgsnn's check of the
-  dataset its preset names under its data root (the exact message), or, for ``analyze``, the
-  run or sweep folder it names. Another error (a mistyped key, another dataset) fails; so do
+  dataset its preset names under its data root (the exact message; for ``reproduce``, the one
+  message listing every dataset its plan's runs need and miss), or, for ``analyze``, the run
+  or sweep folder it names. Another error (a mistyped key, another dataset) fails; so do
   a download attempt and a traceback of ours.
 * ``no-cuda``: GPU-only commands on a machine without CUDA must stop with one line naming CUDA.
 
@@ -138,26 +139,35 @@ def expected_stop(args: list[str]) -> str:
     """The error a command must stop with when its data is missing; "" when the data is there.
 
     ``train``/``sweep``: the exact message of msgsnn's check of the dataset its preset names
-    under its data root (``--data-root``, else ``$MSGSNN_DATA``). ``analyze``: the folder named.
+    under its data root (``--data-root``, else ``$MSGSNN_DATA``). ``reproduce``: the one message
+    that lists every dataset missing among the runs of its plan (none with ``--report-only``).
+    ``analyze``: the folder named.
     """
     import click
     import typer
 
     from msgsnn.cli import app
     from msgsnn.cli.common import flag_overrides, resolve_config
+    from msgsnn.config import parse_override
     from msgsnn.data import check_datasets
+    from msgsnn.engine import reproduce, sweep
     from msgsnn.errors import DatasetMissing
 
     if args[0] == "analyze":
         return args[-1]
-    if args[0] not in ("train", "sweep"):
+    if args[0] not in ("train", "sweep", "reproduce"):
         raise ValueError(f"no offline expectation for msgsnn {args[0]}")
     group = typer.main.get_command(app)
     with click.Context(group) as parent:
         params = group.commands[args[0]].make_context(args[0], list(args[1:]), parent=parent).params
-    cfg = resolve_config(params["preset"], params.get("config_file"), flag_overrides(data_root=params["data_root"]), params["sets"])
+    overrides = flag_overrides(data_root=params["data_root"])
     try:
-        check_datasets(cfg)
+        if args[0] != "reproduce":
+            check_datasets(resolve_config(params["preset"], params.get("config_file"), overrides, params["sets"]))
+        elif not params["report_only"]:
+            overrides.update(parse_override(text) for text in params["sets"])
+            plan = reproduce.plan_reproduction(params["table"] or [], overrides, params["seeds"], params["out"])
+            sweep.check_data(plan.sweeps, params["overwrite"])
     except DatasetMissing as err:
         return str(err)
     return ""

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     print(f"{'preset':<24}{'model':<14}{'batch':>6}{'T':>4}{'amp':>6}{'step s':>9}{'steps':>8}{'epoch min':>11}")
     rows = []
     for name in presets:
-        row = time_preset(name, args, device)
+        row = time_preset(name, args, device) | {"device": where}  # msgsnn reproduce names it in its plan
         rows.append(row)
         print(f"{name:<24}{row['model']:<14}{row['batch']:>6}{row['T']:>4}{row['amp']:>6}{row['step_s']:>9.3f}"
               f"{row['steps_per_epoch']:>8}{row['epoch_min']:>11.2f}", flush=True)

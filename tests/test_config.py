@@ -86,3 +86,13 @@ def test_lr_follows_the_batch_of_one_process_or_of_all(monkeypatch):
     assert dvs.lr == pytest.approx(0.05 * 64 / 1024)
     assert config_io.apply_overrides(dvs, {"optim.lr_batch": "global"}).lr == pytest.approx(0.05 * 64 * 4 / 1024)
     assert config_io.apply_overrides(dvs, {"optim.lr": 0.01}).lr == 0.01
+
+
+def test_the_papers_ablation_numbers_are_typed_fields_of_the_presets():
+    ablation = config_io.load_preset("dvs-resnet18").paper.ablation
+    assert (ablation.baseline, ablation.two, ablation.msg, ablation.msg_two) == (72.90, 74.40, 78.30, 79.10)
+    assert config_io.load_preset("ncaltech-vgg").paper.ablation.baseline is None  # not in the paper's ablation
+    with pytest.raises(ConfigError, match=r"paper\.ablation\.msg: 120\.0 is outside the allowed range \[0\.0, 100\.0\]"):
+        config_io.apply_overrides(RunConfig(), {"paper.ablation.msg": "120"})
+    with pytest.raises(ConfigError, match=r"paper\.ablation\.msg_tw.*did you mean 'paper\.ablation\.msg_two'"):
+        config_io.from_dict({"paper": {"ablation": {"msg_tw": 83.9}}})

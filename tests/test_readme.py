@@ -86,8 +86,17 @@ def test_ci_smoke_plans_every_readme_command(cuda, tmp_path, monkeypatch):
     torchrun = next(step for step in offline if step.args[0] == "torchrun")
     assert torchrun.stop.startswith("cifar10dvs: /data/CIFAR10DVS/CIFAR10DVS.zip not found")
     analyze = [step for step in offline if step.args[1] == "analyze"]
-    assert analyze and all(step.stop == step.args[-1] and step.stop.startswith("results/sweeps/") for step in analyze)
+    assert analyze and all(step.stop == step.args[-1] and step.stop.startswith("results/reproduce/") for step in analyze)
     assert all(step.stop for step in offline)
+    # each table's command: one stop that lists every dataset its runs need, each under the root it names
+    tables = {step.args[2]: step for step in offline if step.args[1] == "reproduce"}
+    assert {"main", "ablation", "fig5"} <= set(tables)
+    for table, datasets in (("main", ["cifar10", "cifar100", "cifar10dvs", "imagenet", "ncaltech101"]),
+                            ("ablation", ["cifar100", "cifar10dvs"])):
+        stop = tables[table].stop
+        assert stop.startswith(f"{len(datasets)} datasets are missing: [1] "), stop
+        assert re.findall(r"\[\d+\] ([\w-]+): /data/", stop) == datasets, stop
+    assert tables["fig5"].stop.startswith("cifar10dvs: /data/CIFAR10DVS/CIFAR10DVS.zip not found")
 
 
 def test_an_offline_step_passes_only_with_its_own_stop(tmp_path, monkeypatch):
@@ -125,10 +134,13 @@ def test_smoke_strips_comments_but_not_quoted_hashes():
 def test_the_method_is_in_the_repository_and_every_citation_points_to_it():
     repo = Path(__file__).resolve().parent.parent
     method = (repo / "docs" / "method.md").read_text()
-    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's table
-        accuracy = config_io.load_preset(preset).paper.accuracy
-        if accuracy is not None:
-            assert f"{accuracy:.2f}" in method, preset
+    for preset in config_io.list_presets():  # every published number a preset quotes is in the method's tables
+        paper = config_io.load_preset(preset).paper
+        if paper.accuracy is not None:
+            assert f"{paper.accuracy:.2f}" in method, preset
+        ablation = [paper.ablation.baseline, paper.ablation.two, paper.ablation.msg, paper.ablation.msg_two]
+        if any(number is not None for number in ablation):
+            assert " / ".join(f"{number:.2f}" for number in ablation) in " ".join(method.split()), preset
     files = [p for p in repo.rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".c") and ".venv" not in p.parts]
     citing = [p for p in files if "METHOD" + ".md" in p.read_text()]
     assert not citing, citing

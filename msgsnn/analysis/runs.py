@@ -16,13 +16,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from msgsnn.config import RunConfig
+from msgsnn import config as config_io
+from msgsnn.config import PaperConfig, RunConfig
 from msgsnn.engine.results import RunDirectory
 from msgsnn.engine.sweep import SWEEP_CSV
 from msgsnn.errors import UserError
 
 VARIANTS = ("baseline", "+TWO", "+MSG", "MSG+TWO")
 RESULTS = Path("results")  # where `msgsnn train` and `msgsnn sweep` write by default
+
+
+def paper_numbers(cfg: RunConfig) -> PaperConfig:
+    """What the paper reports for a run's setup: its preset's ``paper:`` block as the presets say now (so a run
+    saved before a number was added gets it too), else the block saved with the run."""
+    return config_io.load_preset(cfg.preset).paper if cfg.preset in config_io.list_presets() else cfg.paper
+
+
+def paper_ablation(cfg: RunConfig, cell: str) -> float | None:
+    """The paper's top-1 % for one ablation cell (a VARIANTS name) of ``cfg``'s setup, from ``paper.ablation``."""
+    numbers = paper_numbers(cfg).ablation
+    return (numbers.baseline, numbers.two, numbers.msg, numbers.msg_two)[VARIANTS.index(cell)]
 
 
 def variant(cfg: RunConfig) -> str:

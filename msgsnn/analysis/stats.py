@@ -13,19 +13,11 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-from msgsnn import config as config_io
-from msgsnn.analysis.runs import VARIANTS, Report, Run
-from msgsnn.engine.sweep import PLACEMENT_KEYS, flat_config
+from msgsnn.analysis.runs import VARIANTS, Report, Run, paper_ablation, paper_numbers
+from msgsnn.engine.sweep import flat_config, setting_keys
 
-# Keys that differ between runs without making them different experiments.
-NOT_A_SETTING = ("name", "train.seed", "paper.accuracy", "paper.std", "paper.note", *PLACEMENT_KEYS)
-
-# docs/method.md's ablation rows (baseline / +TWO / +MSG / MSG+TWO, top-1 %), by preset.
-PAPER_ABLATION = {
-    "cifar100-resnet18": (68.79, 68.98, 69.08, 69.21),
-    "dvs-resnet18": (72.90, 74.40, 78.30, 79.10),
-    "dvs-vgg": (82.70, 83.20, 83.30, 83.90),
-}
+# Keys that differ between the runs of one experiment.
+NOT_A_SETTING = ("name", "train.seed")
 
 
 def run_frame(runs: list[Run], metric: str) -> pd.DataFrame:
@@ -41,8 +33,8 @@ def run_frame(runs: list[Run], metric: str) -> pd.DataFrame:
 
 
 def varying(frame: pd.DataFrame, exclude: tuple[str, ...]) -> list[str]:
-    """Config keys whose value differs between the rows, except ``exclude`` and NOT_A_SETTING."""
-    keys = [k for k in config_io.all_keys() if k not in exclude + NOT_A_SETTING]
+    """Setting keys whose value differs between the rows, except ``exclude`` and NOT_A_SETTING."""
+    keys = [k for k in setting_keys() if k not in exclude + NOT_A_SETTING]
     return [k for k in keys if frame[k].astype(str).nunique() > 1]
 
 
@@ -64,11 +56,11 @@ def mean_std(mean: float, std: float) -> str:
 
 
 def paper_number(run: Run, variant: str) -> str:
-    """The paper's accuracy for ``run``'s preset and an ablation cell, if docs/method.md or the preset has it."""
-    ablation = PAPER_ABLATION.get(run.config.preset)
-    if ablation:
-        return f"{ablation[VARIANTS.index(variant)]:.2f}"
-    paper = run.config.paper
+    """The paper's accuracy for ``run``'s setup and an ablation cell, as its preset's ``paper:`` block gives it."""
+    ablation = paper_ablation(run.config, variant)
+    if ablation is not None:
+        return f"{ablation:.2f}"
+    paper = paper_numbers(run.config)
     if variant == "MSG+TWO" and paper.accuracy is not None:
         return mean_std(paper.accuracy, paper.std)
     return ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from msgsnn.cli import analyze, export, sweep, train
+from msgsnn.cli import analyze, export, reproduce, sweep, train
 
 app = typer.Typer(
     help="Train spiking neural networks with Masked Surrogate Gradients (MSG) and the Temporally Weighted Output (TWO).",
@@ -22,6 +22,7 @@ app.command("export")(export.export_command)
 app.command("presets")(train.presets_command)
 app.add_typer(analyze.analyze_app, name="analyze")
 app.command("sweep")(sweep.sweep_command)
+app.command("reproduce")(reproduce.reproduce_command)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -119,13 +119,18 @@ def plan_sweep(base: RunConfig, axes: dict[str, list[Any]], seeds: int, out: Pat
     return Sweep(name, Path(out).resolve() / name, base, list(points.values()))
 
 
+def setting_keys() -> list[str]:
+    """The keys that change what a run computes: not where it runs (PLACEMENT_KEYS), not the paper's numbers it quotes."""
+    return [key for key in config_io.all_keys() if key not in PLACEMENT_KEYS and not key.startswith("paper.")]
+
+
 def check_same_config(point: Point, run_dir: Path) -> None:
     """Refuse to skip or resume a run that was made with another config than the one planned now."""
     saved, planned = flat_config(RunDirectory(run_dir).read_config()), flat_config(point.config)
-    changed = [f"{k}: {saved[k]!r} -> {planned[k]!r}" for k in planned if k not in PLACEMENT_KEYS and saved[k] != planned[k]]
+    changed = [f"{k}: {saved[k]!r} -> {planned[k]!r}" for k in setting_keys() if saved[k] != planned[k]]
     if changed:
         raise UserError(f"{run_dir} was trained with another config ({'; '.join(changed)}); "
-                        "pass --overwrite to redo the sweep's runs or choose another --name")
+                        "pass --overwrite to redo its runs, or write them elsewhere (--name or --out)")
 
 
 @dataclass
@@ -268,54 +273,98 @@ def point_job(sweep: Sweep, point: Point, state: str, overwrite: bool) -> Job:
     return Job(point, command, str(run_dir), str(sweep.directory / "logs" / f"{point.name}.log"), {"PYTHONPATH": python_path})
 
 
-def check_data(sweep: Sweep, overwrite: bool) -> None:
-    """Stop before any run starts if a dataset that an unfinished point needs is not on disk."""
+def check_data(plans: list[Sweep], overwrite: bool) -> None:
+    """Stop before any run starts if datasets that unfinished points need are not on disk, naming all of them at once."""
     from msgsnn.data import check_datasets
+    from msgsnn.errors import DatasetMissing
 
-    unfinished = [p.config for p in sweep.points if overwrite or RunDirectory(sweep.directory / p.name).status() != "finished"]
+    unfinished = [p.config for plan in plans for p in plan.points
+                  if overwrite or RunDirectory(plan.directory / p.name).status() != "finished"]
+    missing: dict[str, None] = {}
     for cfg in {repr(cfg.data): cfg for cfg in unfinished}.values():
-        check_datasets(cfg)
+        try:
+            check_datasets(cfg)
+        except DatasetMissing as err:
+            missing.setdefault(str(err))
+    if len(missing) > 1:
+        listed = " ".join(f"[{i}] {message}" for i, message in enumerate(missing, start=1))
+        raise DatasetMissing(f"{len(missing)} datasets are missing: {listed}")
+    if missing:
+        raise DatasetMissing(next(iter(missing)))
 
 
-def run_sweep(sweep: Sweep, *, jobs: int = 1, backend: str = "local", ray_address: str | None = None,
-              overwrite: bool = False, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every point that has not finished; returns the sweep.csv rows (one per point)."""
+def sweep_running(directory: Path) -> bool:
+    """Whether a coordinator holds the sweep's lock now, so its unfinished points are running or queued."""
+    if not (directory / ".lock").exists():
+        return False
+    with open(directory / ".lock") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def run_sweep(sweep: Sweep, **options: Any) -> list[dict[str, Any]]:
+    """Run every point that has not finished; returns the sweep.csv rows (one per point). Options: :func:`run_sweeps`."""
+    return run_sweeps([sweep], **options)[0]
+
+
+def run_sweeps(plans: list[Sweep], *, jobs: int = 1, backend: str = "local", ray_address: str | None = None,
+               overwrite: bool = False, echo: Callable[[str], None] = print,
+               on_result: Callable[[], None] = lambda: None) -> list[list[dict[str, Any]]]:
+    """Run the unfinished points of several sweeps together, ``jobs`` at a time or as Ray tasks; each sweep keeps
+    its own folder, lock and sweep.csv. ``on_result`` is called after each point ends. Returns each sweep's rows."""
     if backend not in ("local", "ray"):
         raise ConfigError(f"--backend: {backend!r} is not allowed; choose one of local, ray")
     if jobs < 1:
         raise ConfigError(f"--jobs: must be at least 1, got {jobs}")
     if backend == "local":  # a Ray cluster's nodes may hold the data where this machine does not
-        check_data(sweep, overwrite)
-    sweep.directory.mkdir(parents=True, exist_ok=True)
-    with sweep_lock(sweep.directory):
-        config_io.save(sweep.base, sweep.directory / BASE_CONFIG)
-        rows, todo = {}, []
-        for point in sweep.points:
-            run = RunDirectory(sweep.directory / point.name)
-            state = "new" if overwrite else run.status()
-            if state in ("finished", "interrupted"):
-                check_same_config(point, run.path)
-            rows[point.name] = sweep_row(point, "pending" if state in ("new", "broken") else state, run.read_summary())
-            if state != "finished":
-                todo.append(point_job(sweep, point, state, overwrite))
-        write_atomic(sweep.directory / SWEEP_CSV, csv_text(list(rows.values())))
-        resumed = sum(row["status"] == "interrupted" for row in rows.values())
-        echo(f"sweep {sweep.directory}: {len(rows)} runs, {len(rows) - len(todo)} finished already, "
-             f"{resumed} to resume, {len(todo) - resumed} to start")
+        check_data(plans, overwrite)
+    rows: dict[Path, dict[str, dict[str, Any]]] = {plan.directory: {} for plan in plans}
+
+    def write(directory: Path) -> None:
+        write_atomic(directory / SWEEP_CSV, csv_text(list(rows[directory].values())))
+
+    with contextlib.ExitStack() as locks:
+        todo: list[Job] = []
+        for plan in plans:
+            plan.directory.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(sweep_lock(plan.directory))
+            config_io.save(plan.base, plan.directory / BASE_CONFIG)
+            jobs_before = len(todo)
+            for point in plan.points:
+                run = RunDirectory(plan.directory / point.name)
+                state = "new" if overwrite else run.status()
+                if state in ("finished", "interrupted"):
+                    check_same_config(point, run.path)
+                rows[plan.directory][point.name] = sweep_row(point, "pending" if state in ("new", "broken") else state,
+                                                             run.read_summary())
+                if state != "finished":
+                    todo.append(point_job(plan, point, state, overwrite))
+            write(plan.directory)
+            planned = len(plan.points)
+            resumed = sum(row["status"] == "interrupted" for row in rows[plan.directory].values())
+            echo(f"sweep {plan.directory}: {planned} runs, {planned - (len(todo) - jobs_before)} finished already, "
+                 f"{resumed} to resume, {len(todo) - jobs_before - resumed} to start")
         if not todo:
-            return list(rows.values())
+            return [list(rows[plan.directory].values()) for plan in plans]
         outcomes = run_ray(todo, ray_address) if backend == "ray" else run_local(todo, min(jobs, len(todo)))
         try:
             for done, (job, outcome) in enumerate(outcomes, start=1):
-                rows[job.point.name] = sweep_row(job.point, outcome.status, outcome.summary, outcome.error)
-                write_atomic(sweep.directory / SWEEP_CSV, csv_text(list(rows.values())))
+                directory = Path(job.run_dir).parent
+                rows[directory][job.point.name] = sweep_row(job.point, outcome.status, outcome.summary, outcome.error)
+                write(directory)
                 result = (f"best {outcome.summary['best_test_acc']:.2f}%" if outcome.status == "finished"
                           else f"{outcome.error} (log: {job.log})")
-                echo(f"[{done}/{len(todo)}] {job.point.name}: {outcome.status}, {result}")
+                label = job.point.name if len(plans) == 1 else f"{directory.name}/{job.point.name}"
+                echo(f"[{done}/{len(todo)}] {label}: {outcome.status}, {result}")
+                on_result()
         finally:
             for job in todo:
-                if rows[job.point.name]["status"] in ("pending", "interrupted"):
-                    state = RunDirectory(job.run_dir).status()
-                    rows[job.point.name]["status"] = "interrupted" if state == "interrupted" else "pending"
-            write_atomic(sweep.directory / SWEEP_CSV, csv_text(list(rows.values())))
-    return list(rows.values())
+                row = rows[Path(job.run_dir).parent][job.point.name]
+                if row["status"] in ("pending", "interrupted"):
+                    row["status"] = "interrupted" if RunDirectory(job.run_dir).status() == "interrupted" else "pending"
+            for directory in rows:
+                write(directory)
+    return [list(rows[plan.directory].values()) for plan in plans]

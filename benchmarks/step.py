@@ -271,7 +271,9 @@ def run_process(case: str, precision: str, args) -> dict:
            "--network", args.network, "--batch", str(args.batch), "--T", str(args.T), "--size", str(args.size),
            "--channels", str(args.channels), "--classes", str(args.classes), "--threads", str(args.threads),
            "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    # every case waits as msgsnn's processes do (sleeping OpenMP threads), peers included
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):

@@ -201,8 +201,35 @@ def _torchrun(tmp_path, *args, script: list[str] | None = None, fault: str | Non
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in a session of its own, so killing
+    torchrun's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.extend(kids := children.get(todo.pop(), []))
+        todo.extend(kids)
+    return found
+
+
 def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    output = process.communicate(timeout=timeout)[0]
+    """The exit code and output of a torchrun launch; past ``timeout`` the launch and all its ranks are killed
+    (no rank is left behind to slow the rest of the suite) and the test fails with the output so far."""
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(process.pid), process.pid]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"torchrun did not finish within {timeout} s; output so far:\n{process.communicate()[0]}")
     return process.returncode, output
 
 

@@ -74,6 +74,10 @@ SkipBadSamples = Annotated[bool, typer.Option(
 Sets = Annotated[list[str], typer.Option(
     "--set", help="Override any config key: --set model.neuron.alpha=4 (repeatable).")]
 Checkpoint = Annotated[str, typer.Option(help="Which checkpoint of the run: best or last.")]
+Jobs = Annotated[int, typer.Option(min=1, help="Runs at once on this machine (one GPU each when several are visible).")]
+Backend = Annotated[str, typer.Option(help="local, or ray: every run a Ray task (needs Ray: pip install ray).")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    help="Address of a running Ray cluster (default: RAY_ADDRESS, else a local Ray).")]
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by `msgsnn train`.")]
 
 FLAG_KEYS = {  # flag -> the config key it sets

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from msgsnn.cli.common import DataRoot, LimitBatches, Sets, console, exit_on_user_errors, flag_overrides
+from msgsnn.cli.common import (Backend, DataRoot, Jobs, LimitBatches, RayAddress, Sets, console, exit_on_user_errors,
+                               flag_overrides)
 from msgsnn.errors import UserError
 
 
@@ -20,9 +21,9 @@ def reproduce_command(
                    "presets), fig5 (accuracy against p, arctan surrogate, dvs-vgg) or preset names. Default: main."),
     data_root: DataRoot = None,
     seeds: int = typer.Option(3, min=1, help="Seeds per row: the preset's seed (42), then +1, +2, ..."),
-    jobs: int = typer.Option(1, min=1, help="Runs at once on this machine (one GPU each when several are visible)."),
-    backend: str = typer.Option("local", help="local, or ray: every run a Ray task (needs Ray: pip install ray)."),
-    ray_address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
+    jobs: Jobs = 1,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
     epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: each preset's own)."),
     limit_batches: LimitBatches = None,
     sets: Sets = [],  # noqa: B006 - typer's repeatable option

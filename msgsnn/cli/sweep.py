@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from msgsnn.cli.common import (Amp, BatchSize, DataRoot, Device, Epochs, LimitBatches, Preset, Sets, SkipBadSamples, Seed,
-                               Surrogate, Two, console, exit_on_user_errors, flag_overrides, resolve_config)
+from msgsnn.cli.common import (Amp, Backend, BatchSize, DataRoot, Device, Epochs, Jobs, LimitBatches, Preset, RayAddress, Sets,
+                               SkipBadSamples, Seed, Surrogate, Two, console, exit_on_user_errors, flag_overrides, resolve_config)
 from msgsnn.errors import UserError
 
 
@@ -23,9 +23,9 @@ def sweep_command(
     seeds: int = typer.Option(1, min=1, help="Seeds per point: the config's seed (42 unless --seed), then +1, +2, ..."),
     name: Optional[str] = typer.Option(None, help="Sweep name (default: the preset and the swept keys)."),
     out: Path = typer.Option(Path("results"), help="Runs go to <out>/sweeps/<name>/<run>/."),
-    jobs: int = typer.Option(1, min=1, help="Runs at once on this machine (one GPU each when several are visible)."),
-    backend: str = typer.Option("local", help="local, or ray: every run a Ray task (needs Ray: pip install ray)."),
-    ray_address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
+    jobs: Jobs = 1,
+    backend: Backend = "local",
+    ray_address: RayAddress = None,
     data_root: DataRoot = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,

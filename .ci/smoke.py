@@ -128,10 +128,10 @@ def plan(section: str, command: str, cuda: bool) -> Step | None:
 
 
 def msgsnn_args(args: list[str]) -> list[str]:
-    """The msgsnn command line inside ``args`` (``msgsnn ...`` or ``torchrun ... -m msgsnn ...``), without ``msgsnn``."""
+    """The msgsnn command line inside ``args`` (``msgsnn ...`` or ``torchrun ... -m msgcli ...``), without ``msgsnn``."""
     if args[0] == "msgsnn":
         return args[1:]
-    if "-m" in args and args[args.index("-m") + 1] == "msgsnn":
+    if "-m" in args and args[args.index("-m") + 1] == "msgcli":
         return args[args.index("-m") + 2 :]
     raise ValueError(f"not a msgsnn command: {shlex.join(args)}")
 
@@ -147,12 +147,12 @@ def expected_stop(args: list[str]) -> str:
     import click
     import typer
 
-    from msgsnn.cli import app
-    from msgsnn.cli.common import flag_overrides, resolve_config
-    from msgsnn.config import parse_override
-    from msgsnn.data import check_datasets
-    from msgsnn.engine import reproduce, sweep
-    from msgsnn.errors import DatasetMissing
+    from msgcli.cli import app
+    from msgcli.cli.common import flag_overrides, resolve_config
+    from msgcli.config import parse_override
+    from msgcli.data import check_datasets
+    from msgcli.engine import reproduce, sweep
+    from msgcli.errors import DatasetMissing
 
     if args[0] == "analyze":
         return args[-1]

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scratch="$1"
 site_packages() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 mkdir -p "$scratch/source"  # a copy: an in-tree build would leave (and later reuse) a build/ folder here
-cp -r pyproject.toml README.md msgsnn presets "$scratch/source/"
+cp -r pyproject.toml README.md msgcli presets "$scratch/source/"
 find "$scratch/source" -name __pycache__ -prune -exec rm -rf {} +
 pip wheel --quiet --no-deps "$scratch/source" -w "$scratch/dist"
 python3 -m venv --without-pip "$scratch/wheel-venv"
@@ -22,15 +22,15 @@ export MSGSNN_CACHE="$scratch/wheel-cache"
 import sys
 from pathlib import Path
 
-import msgsnn
-from msgsnn import config
-from msgsnn.snn import cpu_kernels
+import msgcli
+from msgcli import config
+from msgcli.snn import cpu_kernels
 
 installed = Path(sys.prefix)
-for path in (Path(msgsnn.__file__), config.PRESET_DIR, cpu_kernels.SOURCE):
+for path in (Path(msgcli.__file__), config.PRESET_DIR, cpu_kernels.SOURCE):
     assert installed in path.resolve().parents, f"{path} is not inside the wheel's venv {installed}"
 assert cpu_kernels.get() is not None  # built now from the shipped cpu_kernels.c (a warning would be an error)
-print(f"wheel: msgsnn from {Path(msgsnn.__file__).parent}, {len(config.list_presets())} presets, kernels built")
+print(f"wheel: msgcli from {Path(msgcli.__file__).parent}, {len(config.list_presets())} presets, kernels built")
 PY
 "$scratch/wheel-venv/bin/msgsnn" presets
 "$scratch/wheel-venv/bin/msgsnn" train --preset digits-dvs --epochs 1 --limit-batches 2 --out "$scratch/wheel-runs" --quiet

@@ -27,7 +27,7 @@ def train_seconds(epochs: int, policy: str, scratch: Path) -> float:
     env = {**os.environ, "OMP_WAIT_POLICY": policy, "MSGSNN_CACHE": str(scratch / "cache"),
            "MSGSNN_DATA": str(scratch / "data")}
     env.pop("GOMP_SPINCOUNT", None)
-    command = [sys.executable, "-m", "msgsnn", "train", "--preset", "digits-dvs", "--epochs", str(epochs),
+    command = [sys.executable, "-m", "msgcli", "train", "--preset", "digits-dvs", "--epochs", str(epochs),
                "--out", str(scratch / "runs"), "--overwrite"]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from msgsnn.config import AugmentConfig, DataConfig
-from msgsnn.data.augment import clip_augment
-from msgsnn.data.cache import build_clips
-from msgsnn.data.clips import FrameClips
+from msgcli.config import AugmentConfig, DataConfig
+from msgcli.data.augment import clip_augment
+from msgcli.data.cache import build_clips
+from msgcli.data.clips import FrameClips
 
 
 def write_cache(directory: Path, clips: int, T: int, size: int) -> FrameClips:

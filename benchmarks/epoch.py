@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without `pip install -e .`
 
-from msgsnn import config as config_io  # noqa: E402
-from msgsnn.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss  # noqa: E402
-from msgsnn.engine.evaluate import autocast  # noqa: E402
+from msgcli import config as config_io  # noqa: E402
+from msgcli.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss  # noqa: E402
+from msgcli.engine.evaluate import autocast  # noqa: E402
 
 # training samples (msgsnn's splits), classes, input kind; N-Caltech101: 90% of each class of 8,709
 DATASETS = {

@@ -8,7 +8,7 @@ shape. From the shapes:
   passes, and the bytes of their inputs, weights and outputs;
 * LIF and per-step BatchNorm: the bytes each kernel must move (every input read once, every output
   written once, in the activation dtype) and the bytes msgsnn's Triton kernels move (their loads
-  and stores of activation-sized tensors, read off ``msgsnn/snn/triton_lif.py``: ``KERNEL_ACCESSES``);
+  and stores of activation-sized tensors, read off ``msgcli/snn/triton_lif.py``: ``KERNEL_ACCESSES``);
 * the rest: pooling, residual sums, the input copies, AdamW and the bf16 weight casts.
 
 A part's bound is ``max(FLOPs / peak, bytes / bandwidth)``, summed over its kernels, with the H200
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from epoch import DATASETS  # noqa: E402
 
-from msgsnn import config as config_io  # noqa: E402
-from msgsnn.engine.build import build_model_from_config  # noqa: E402
-from msgsnn.snn import LIF, Folded, TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
+from msgcli import config as config_io  # noqa: E402
+from msgcli.engine.build import build_model_from_config  # noqa: E402
+from msgcli.snn import LIF, Folded, TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
 
 # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core 1,979 TFLOPS
 # and TF32 Tensor Core 989 TFLOPS, both "with sparsity", i.e. 989 and 494.5 dense. 132 SMs: the H100 SXM5

@@ -64,10 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _import_msgsnn():
     try:
-        import msgsnn.snn as snn
+        import msgcli.snn as snn
     except ImportError:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import msgsnn.snn as snn
+        import msgcli.snn as snn
     return snn
 
 
@@ -234,7 +234,7 @@ def worker(args) -> dict:
 def backend_used(case: str, device) -> str:
     """Which implementation ran the neurons (and msgsnn's per-step BatchNorm) in this worker."""
     if case in ("msg", "sg"):
-        from msgsnn.snn import backends, cpu_kernels
+        from msgcli.snn import backends, cpu_kernels
 
         if device.type == "cuda":
             return "Triton kernels" if backends._TRITON not in (None, False) else "torch operators (Triton off, see stderr)"

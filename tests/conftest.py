@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from msgsnn import config as config_io
+from msgcli import config as config_io
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a Ray started by a test reports nothing over the network
 

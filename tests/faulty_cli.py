@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 
-from msgsnn.cli import main
-from msgsnn.engine import train as train_module
+from msgcli.cli import main
+from msgcli.engine import train as train_module
 
 
 def send_from_another_process(sig: int) -> None:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.analysis import figures, firing, grads, runs
-from msgsnn.cli import app
-from msgsnn.engine.build import build_model_from_config, build_two
-from msgsnn.snn import build_model
+from msgcli import config as config_io
+from msgcli.analysis import figures, firing, grads, runs
+from msgcli.cli import app
+from msgcli.engine.build import build_model_from_config, build_two
+from msgcli.snn import build_model
 from tests.conftest import tiny_cli_args
 
 LAYERS = ("features.0.2", "features.2.2", "features.4.2")  # vggsnn_tiny's spiking layers

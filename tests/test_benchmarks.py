@@ -96,7 +96,7 @@ def test_gpu_sh_runs_every_stage_on_the_cpu(tmp_path):
 def test_step_benchmark_names_the_implementation_each_case_ran_on():
     step = load_script("benchmarks/step.py")
     cpu = torch.device("cpu")
-    from msgsnn.snn import cpu_kernels
+    from msgcli.snn import cpu_kernels
 
     assert step.backend_used("msg", cpu) == ("C kernels" if cpu_kernels.get() is not None else "torch operators")
     pytest.importorskip("spikingjelly")

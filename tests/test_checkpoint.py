@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from msgsnn.engine import checkpoint
-from msgsnn.errors import UserError
+from msgcli.engine import checkpoint
+from msgcli.errors import UserError
 
 
 def test_a_checkpoint_with_every_random_state_round_trips(tmp_path):

@@ -10,9 +10,9 @@ import sys
 from rich.console import Console
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
-from msgsnn.cli import train as train_commands
+from msgcli import config as config_io
+from msgcli.cli import app
+from msgcli.cli import train as train_commands
 from tests.conftest import tiny_cli_args
 
 runner = CliRunner()
@@ -88,9 +88,26 @@ def test_train_then_eval_then_refuse_to_clobber(tmp_path):
 
 def test_the_command_line_loads_without_torch_pandas_or_matplotlib():
     """`msgsnn --help` and typos answer at once: the heavy packages load inside the commands."""
-    code = "import sys, msgsnn.cli; print(sorted({'torch', 'pandas', 'matplotlib', 'torchvision'} & set(sys.modules)))"
+    code = "import sys, msgcli.cli; print(sorted({'torch', 'pandas', 'matplotlib', 'torchvision'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_python_dash_m_msgcli_is_the_msgsnn_command():
+    done = subprocess.run([sys.executable, "-m", "msgcli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "Usage: msgsnn" in done.stdout and "train" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_top_level_api_is_the_cores_own_objects_and_no_msgsnn_package_exists():
+    import importlib.util
+
+    import msgcli
+    from msgcli import LIF, TWO, build_model, register_model
+    from msgcli.snn import decode, models, neuron
+
+    assert (LIF, TWO, build_model, register_model) == (neuron.LIF, decode.TWO, models.build_model, models.register_model)
+    assert set(msgcli.__all__) >= {"LIF", "TWO", "build_model", "register_model"}
+    assert importlib.util.find_spec("msgsnn") is None
 
 
 def test_skip_bad_samples_is_a_flag_of_train_and_sweep(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
-from msgsnn import config as config_io
-from msgsnn.config import ConfigError, RunConfig
+from msgcli import config as config_io
+from msgcli.config import ConfigError, RunConfig
 
 
 def test_every_preset_loads_and_records_its_setup():

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from msgsnn.snn import LIF, TemporalBatchNorm, cpu_kernels, memory
-from msgsnn.snn import layers as layers_module
-from msgsnn.snn import neuron as neuron_module
+from msgcli.snn import LIF, TemporalBatchNorm, cpu_kernels, memory
+from msgcli.snn import layers as layers_module
+from msgcli.snn import neuron as neuron_module
 
 has_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C compiler: the torch fallback is tested below")
 
@@ -267,7 +267,7 @@ def test_processes_starting_together_compile_once(tmp_path):
     wrapper.chmod(0o755)
     env = {**os.environ, "MSGSNN_CACHE": str(tmp_path / "cache"), "CC": f"{wrapper} {cpu_kernels.compiler()[0]}"}
     env.pop("MSGSNN_CPU_KERNELS", None)
-    code = "from msgsnn.snn import cpu_kernels; assert cpu_kernels.get() is not None"
+    code = "from msgcli.snn import cpu_kernels; assert cpu_kernels.get() is not None"
     ranks = [subprocess.Popen([sys.executable, "-W", "error", "-c", code], env=env) for _ in range(3)]
     assert [rank.wait(timeout=600) for rank in ranks] == [0, 0, 0]
     assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
@@ -400,7 +400,7 @@ def test_modified_spikes_and_hooked_convolutions_take_the_plain_path():
 @has_compiler
 @needs_kernels
 def test_spiking_network_under_bf16_autocast_matches_float32_closely():
-    from msgsnn.snn import build_model
+    from msgcli.snn import build_model
 
     torch.manual_seed(0)
     model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4)

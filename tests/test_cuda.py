@@ -17,16 +17,16 @@ import sys
 import pytest
 import torch
 
-from msgsnn.snn import LIF, TemporalBatchNorm, build_model
-from msgsnn.snn.neuron import fused_lif, lif_reference
-from msgsnn.snn.surrogate import SpikeSpec
+from msgcli.snn import LIF, TemporalBatchNorm, build_model
+from msgcli.snn.neuron import fused_lif, lif_reference
+from msgcli.snn.surrogate import SpikeSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 
 
 def _triton():
-    from msgsnn.snn import triton_lif
+    from msgcli.snn import triton_lif
 
     return triton_lif
 

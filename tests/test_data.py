@@ -24,13 +24,13 @@ import torchvision
 import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
-from msgsnn.config import ConfigError, RunConfig
-from msgsnn.data import build_datasets, check_datasets, list_datasets, resolve_root
-from msgsnn.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
-from msgsnn.data.emulator import SaccadeDVS
-from msgsnn.data.frames import FrameSpec, event_counts, events_to_frames, resize
-from msgsnn.data.split import class_balanced_weights, split_per_class
-from msgsnn.errors import BadSample, DatasetMissing
+from msgcli.config import ConfigError, RunConfig
+from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root
+from msgcli.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
+from msgcli.data.emulator import SaccadeDVS
+from msgcli.data.frames import FrameSpec, event_counts, events_to_frames, resize
+from msgcli.data.split import class_balanced_weights, split_per_class
+from msgcli.errors import BadSample, DatasetMissing
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 
 SAMPLE_NMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample_nmnist.bin"
@@ -344,7 +344,7 @@ def test_cache_is_reused_and_keyed_by_every_frame_parameter(tmp_path, data_tonic
         raise AssertionError("rendered although cached")
 
     with monkeypatch.context() as patch:
-        patch.setattr("msgsnn.data.clips.render", no_rendering)
+        patch.setattr("msgcli.data.clips.render", no_rendering)
         again = build_datasets(config(tmp_path, "cifar10dvs", train_fraction=0.67))
     torch.testing.assert_close(again.train[1][0], expected)
 

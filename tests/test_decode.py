@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from msgsnn.snn import TWO
+from msgcli.snn import TWO
 
 
 def _logits(correct, total, K=2):

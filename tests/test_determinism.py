@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from msgsnn import config as config_io
-from msgsnn.engine.build import build_model_from_config
-from msgsnn.engine.train import train
+from msgcli import config as config_io
+from msgcli.engine.build import build_model_from_config
+from msgcli.engine.train import train
 from tests.conftest import tiny_config
 from tests.test_data import data_tonic_accepts_few_files, write_cifar10dvs  # noqa: F401  (a fixture)
 

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from msgsnn import config as config_io
-from msgsnn.engine import checkpoint
-from msgsnn.engine import train as train_module
-from msgsnn.errors import UserError
-from msgsnn.engine.seeding import seed_rank
-from msgsnn.snn.layers import TemporalBatchNorm, sync_batchnorm
+from msgcli import config as config_io
+from msgcli.engine import checkpoint
+from msgcli.engine import train as train_module
+from msgcli.errors import UserError
+from msgcli.engine.seeding import seed_rank
+from msgcli.snn.layers import TemporalBatchNorm, sync_batchnorm
 from tests.conftest import tiny_cli_args, tiny_config
 
 NONDETERMINISTIC_COLUMNS = ["epoch_seconds"]
@@ -194,7 +194,7 @@ def test_two_ranks_start_identical_draw_their_own_masks_and_end_identical(two_ra
 
 def _torchrun(tmp_path, *args, script: list[str] | None = None, fault: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           *(script or ["-m", "msgsnn"]), "train", *tiny_cli_args(tmp_path), "--quiet", "--out", str(tmp_path / "out"), *args]
+           *(script or ["-m", "msgcli"]), "train", *tiny_cli_args(tmp_path), "--quiet", "--out", str(tmp_path / "out"), *args]
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     if fault:
         env["MSGSNN_TEST_FAULT"] = fault
@@ -238,7 +238,7 @@ def test_under_torchrun_a_missing_dataset_stops_every_rank_with_one_line(tmp_pat
     """Rank 0 finds the data missing; the other rank must not wait at a barrier or print a second error."""
     args = [a.replace("data.name=synthetic", "data.name=cifar10dvs") for a in tiny_cli_args(tmp_path)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "msgsnn", "train", *args, "--quiet", "--out", str(tmp_path / "out")]
+           "-m", "msgcli", "train", *args, "--quiet", "--out", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     output = done.stdout + done.stderr
     assert done.returncode != 0
@@ -310,7 +310,7 @@ def test_one_process_sigterm_with_workers_then_resume_give_the_uninterrupted_met
     def launch(*args, fault=False):
         env = dict(os.environ, PYTHONPATH=os.getcwd(), MSGSNN_TEST_FAULT="sigterm@0:17")
         env.pop("WORLD_SIZE", None)
-        entry = [FAULTY_CLI] if fault else ["-m", "msgsnn"]
+        entry = [FAULTY_CLI] if fault else ["-m", "msgcli"]
         return subprocess.Popen([sys.executable, *entry, "train", *tiny_cli_args(tmp_path), *sets, "--quiet",
                                  "--out", str(tmp_path / "out"), "--name", "killed", *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

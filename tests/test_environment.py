@@ -13,9 +13,9 @@ KEYS = ("MKL_CBWR", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def environment_after_import(**env: str) -> dict[str, str | None]:
-    """The three variables as a fresh process sees them after ``import msgsnn``, started with ``env`` added."""
+    """The three variables as a fresh process sees them after ``import msgcli``, started with ``env`` added."""
     base = {k: v for k, v in os.environ.items() if k not in KEYS}
-    code = f"import json, os, msgsnn; print(json.dumps({{k: os.environ.get(k) for k in {KEYS!r}}}))"
+    code = f"import json, os, msgcli; print(json.dumps({{k: os.environ.get(k) for k in {KEYS!r}}}))"
     done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
-from msgsnn.data import build_datasets
-from msgsnn.engine.build import build_model_from_config, build_two, spiking_layers, trained_model
-from msgsnn.export.nir import NotExportable, output_weights, to_nir
-from msgsnn.snn import TWO, build_model
-from msgsnn.snn.layers import Folded
+from msgcli import config as config_io
+from msgcli.cli import app
+from msgcli.data import build_datasets
+from msgcli.engine.build import build_model_from_config, build_two, spiking_layers, trained_model
+from msgcli.export.nir import NotExportable, output_weights, to_nir
+from msgcli.snn import TWO, build_model
+from msgcli.snn.layers import Folded
 from tests.conftest import tiny_cli_args, tiny_config
 
 nir = pytest.importorskip("nir")
@@ -82,7 +82,7 @@ def assert_same_network(model: nn.Module, graph, frames: torch.Tensor) -> dict[s
     """Spikes equal at every layer and timestep, logits equal to float tolerance; returns msgsnn's spikes.
 
     Both networks run in float64: the BatchNorm folded into the weights and snnTorch's rescaled threshold
-    round differently from msgsnn in float32, which flips the odd membrane sitting on the threshold."""
+    round differently from msgcli in float32, which flips the odd membrane sitting on the threshold."""
     logits, spikes = msgsnn_outputs(copy.deepcopy(model).double(), frames.transpose(0, 1).double())
     their_logits, their_spikes = imported_outputs(graph, frames)
     assert set(their_spikes) == {name.replace(".", "_") for name in spikes}  # nirtorch writes '.' as '_'

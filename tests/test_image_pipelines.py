@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as tv
 
-from msgsnn.config import AugmentConfig
-from msgsnn.data.cifar_policy import CIFAR10_POLICY, GREY, OPERATIONS, ReleaseCIFAR10Policy
-from msgsnn.data.images import CIFARS, Cutout, cifar_transforms, imagenet_transforms
+from msgcli.config import AugmentConfig
+from msgcli.data.cifar_policy import CIFAR10_POLICY, GREY, OPERATIONS, ReleaseCIFAR10Policy
+from msgcli.data.images import CIFARS, Cutout, cifar_transforms, imagenet_transforms
 
 CIFAR10_RELEASE_STD = (0.2023, 0.1994, 0.2010)
 

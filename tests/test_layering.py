@@ -1,6 +1,6 @@
 """The import layering, read from the source: snn <- data, engine <- analysis, export <- cli, no cycle.
 
-Every ``import`` of a msgsnn module counts, at the top of a file or inside a function.
+Every ``import`` of a msgcli module counts, at the top of a file or inside a function.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import msgsnn
+import msgcli
 
-PACKAGE = Path(msgsnn.__file__).parent
+PACKAGE = Path(msgcli.__file__).parent
 
 
 def module_name(path: Path) -> str:
@@ -19,8 +19,8 @@ def module_name(path: Path) -> str:
 
 
 def imports() -> dict[str, set[str]]:
-    """Every msgsnn module and the msgsnn modules it imports (``from msgsnn.x import y``: ``msgsnn.x.y`` if that
-    is a module, else ``msgsnn.x``)."""
+    """Every msgcli module and the msgcli modules it imports (``from msgcli.x import y``: ``msgcli.x.y`` if that
+    is a module, else ``msgcli.x``)."""
     modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     found: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -35,7 +35,7 @@ def imports() -> dict[str, set[str]]:
                     base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
                 for alias in node.names:
                     targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
-        found[name] = {t for t in targets if t == "msgsnn" or t.startswith("msgsnn.")} - {name}
+        found[name] = {t for t in targets if t == "msgcli" or t.startswith("msgcli.")} - {name}
     return found
 
 
@@ -59,7 +59,7 @@ def test_each_layer_imports_only_the_layers_below_it():
 def test_config_and_cli_read_only_the_torch_free_options_of_snn():
     for module, targets in imports().items():
         if layer(module) in ("config", "cli"):
-            assert {t for t in targets if layer(t) == "snn"} <= {"msgsnn.snn.options"}, module
+            assert {t for t in targets if layer(t) == "snn"} <= {"msgcli.snn.options"}, module
 
 
 def test_no_import_cycle():

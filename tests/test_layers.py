@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from msgsnn.snn import Folded, TemporalBatchNorm
+from msgcli.snn import Folded, TemporalBatchNorm
 
 T, B, C, H, W = 4, 5, 3, 4, 4
 

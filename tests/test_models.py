@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from msgsnn.snn import LIF, build_model, list_models
+from msgcli.snn import LIF, build_model, list_models
 
 
 def n_params(model: nn.Module) -> int:
@@ -166,7 +166,7 @@ def test_neuron_options_reach_every_lif():
 
 
 def test_bn_mode_reaches_every_batchnorm():
-    from msgsnn.snn import TemporalBatchNorm
+    from msgcli.snn import TemporalBatchNorm
 
     model = build_model("resnet18", in_channels=2, num_classes=3, T=2, bn_mode="joint")
     modes = {m.mode for m in model.modules() if isinstance(m, TemporalBatchNorm)}

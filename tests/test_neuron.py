@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from msgsnn.snn import LIF
+from msgcli.snn import LIF
 
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 CASES = list(itertools.product(SURROGATES, ("hard", "soft"), (False, True)))

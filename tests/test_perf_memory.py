@@ -9,7 +9,7 @@ speed targets are measured by benchmarks/step.py, not asserted on a shared machi
 import pytest
 import torch
 
-from msgsnn.snn import LIF, TemporalBatchNorm, build_model
+from msgcli.snn import LIF, TemporalBatchNorm, build_model
 
 
 def saved_bytes(fn, *args):

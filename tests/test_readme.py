@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
+from msgcli import config as config_io
+from msgcli.cli import app
 from tests.conftest import load_script
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

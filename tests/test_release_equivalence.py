@@ -5,7 +5,7 @@ its membrane between calls, and calls the network ONCE PER TIMESTEP (its ``Spike
 writes each paper backbone out again from the release's layout, layer by layer, in plain torch:
 VGGNet and CIFARConvNet (``model/convnet.py``), ResNet18 as ``main.py`` builds it
 (``ResNet18(pool='avg')``, ``model/resnet.py``) and the SEW-ResNets (``model/sewresnet.py``, its
-default ADD connection). None of it is built from msgsnn's modules, so a different layer, pool,
+default ADD connection). None of it is built from msgcli's modules, so a different layer, pool,
 stride or connection shows: msgsnn's weights are copied in by order (every shape checked), and
 logits, weight gradients and BatchNorm statistics are compared in float64 with mask_p = 0 (no
 random mask, so both sides are deterministic). docs/method.md, "Neuron" and "Networks".
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from msgsnn import config as config_io
-from msgsnn.engine.build import build_model_from_config
-from msgsnn.snn import TemporalBatchNorm, build_model
+from msgcli import config as config_io
+from msgcli.engine.build import build_model_from_config
+from msgcli.snn import TemporalBatchNorm, build_model
 
 TAU, V_TH, ALPHA = 2.0, 0.5, 2.0
 

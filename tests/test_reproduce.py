@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
-from msgsnn.config import ConfigError
-from msgsnn.engine import reproduce
+from msgcli import config as config_io
+from msgcli.cli import app
+from msgcli.config import ConfigError
+from msgcli.engine import reproduce
 
 DIGITS = ["digits-dvs", "digits-dvs-hard"]
 
@@ -212,7 +212,7 @@ def test_tables_and_presets_are_not_mixed():
 
 
 def test_with_the_ray_backend_every_run_of_every_preset_is_a_ray_task(tmp_path, monkeypatch):
-    from msgsnn.engine import sweep
+    from msgcli.engine import sweep
 
     seen = {}
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from msgsnn.engine.sampling import SeededDataset
-from msgsnn.engine.seeding import seed_everything, seed_rank
+from msgcli.engine.sampling import SeededDataset
+from msgcli.engine.seeding import seed_everything, seed_rank
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from msgsnn.snn import LIF
-from msgsnn.snn.surrogate import SURROGATES, SpikeSpec, arctan, piecewise_linear, rectangular, sigmoid
+from msgcli.snn import LIF
+from msgcli.snn.surrogate import SURROGATES, SpikeSpec, arctan, piecewise_linear, rectangular, sigmoid
 
 
 def _at(fn, x, alpha):

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
-from msgsnn.config import ConfigError
-from msgsnn.engine import sweep as sweeps
-from msgsnn.errors import UserError
+from msgcli import config as config_io
+from msgcli.cli import app
+from msgcli.config import ConfigError
+from msgcli.engine import sweep as sweeps
+from msgcli.errors import UserError
 from tests.conftest import tiny_cli_args, tiny_config
 from tests.test_data import write_cifar10dvs
 

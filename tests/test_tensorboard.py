@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from msgsnn import config as config_io
-from msgsnn.cli import app
-from msgsnn.config import ConfigError
-from msgsnn.engine.loggers import scalar_tag
+from msgcli import config as config_io
+from msgcli.cli import app
+from msgcli.config import ConfigError
+from msgcli.engine.loggers import scalar_tag
 from tests.conftest import tiny_cli_args
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from msgsnn.data import build_datasets
-from msgsnn.engine import checkpoint
-from msgsnn.engine import train as train_module
-from msgsnn.engine.build import trained_model
-from msgsnn.errors import DatasetMissing, NonFiniteLoss, RunExists, UserError
-from msgsnn.engine.train import lr_at, train
+from msgcli.data import build_datasets
+from msgcli.engine import checkpoint
+from msgcli.engine import train as train_module
+from msgcli.engine.build import trained_model
+from msgcli.errors import DatasetMissing, NonFiniteLoss, RunExists, UserError
+from msgcli.engine.train import lr_at, train
 from tests.conftest import tiny_cli_args, tiny_config
 
 NONDETERMINISTIC_COLUMNS = ["epoch_seconds"]
@@ -149,7 +149,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 
 def _cli(*args, **kw):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.Popen([sys.executable, "-m", "msgsnn", "train", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "msgcli", "train", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 

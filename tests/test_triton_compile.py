@@ -1,7 +1,7 @@
 """Every Triton kernel of msgsnn compiles ahead of time for the A100 (sm_80) and the H100/H200 (sm_90), no GPU needed.
 
 The launches are not listed here: :func:`recorded_launches` runs the real launchers of
-``msgsnn.snn.triton_lif`` on meta tensors, with ``_launch`` recording instead of launching, over
+``msgcli.snn.triton_lif`` on meta tensors, with ``_launch`` recording instead of launching, over
 every option training can pass them (dtype, surrogate, MSG on/off, mask mode, fill and rescale,
 reset, detach_reset, layout, keep_membrane; BatchNorm channel counts that give every channel block
 ``bn_channel_block`` can pick). Launches with the same kernel, dtype and compile-time switches are
@@ -32,10 +32,10 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not importable: nothing to compile")
 
-from msgsnn.snn import triton_lif  # noqa: E402
-from msgsnn.snn import options  # noqa: E402
-from msgsnn.snn.options import MASK_FILLS, MASK_MODES, RESETS, SURROGATES  # noqa: E402
-from msgsnn.snn.surrogate import SpikeSpec  # noqa: E402
+from msgcli.snn import triton_lif  # noqa: E402
+from msgcli.snn import options  # noqa: E402
+from msgcli.snn.options import MASK_FILLS, MASK_MODES, RESETS, SURROGATES  # noqa: E402
+from msgcli.snn.surrogate import SpikeSpec  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 LIF_KERNELS = ("_lif_forward_kernel", "_lif_backward_kernel")

@@ -22,8 +22,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 
-from msgsnn.snn import TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
-from msgsnn.snn.surrogate import SpikeSpec  # noqa: E402
+from msgcli.snn import TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
+from msgcli.snn.surrogate import SpikeSpec  # noqa: E402
 from tests.test_cuda import run_in_interpreter  # noqa: E402
 
 

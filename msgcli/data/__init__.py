@@ -1,0 +1,10 @@
+"""Datasets by name: event clips ``[T, 2, size, size]`` or images ``[C, H, W]`` with labels.
+
+Importing this package registers every dataset; :func:`build_datasets` builds one
+from a :class:`~msgcli.config.RunConfig`.
+"""
+
+from . import digits, events, images, synthetic  # noqa: F401  (each registers its datasets)
+from .registry import DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root
+
+__all__ = ["DataBundle", "DatasetInfo", "build_datasets", "check_datasets", "list_datasets", "resolve_root"]

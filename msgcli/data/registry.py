@@ -1,0 +1,111 @@
+"""Datasets by name: what a builder returns, the errors it raises, and where data lives.
+
+Every dataset module registers a builder with :func:`register`; the CLI and the
+engine only ever call :func:`build_datasets` with a :class:`~msgcli.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from msgcli.config import RunConfig
+from msgcli.errors import ConfigError, did_you_mean
+
+from .split import class_balanced_weights
+
+
+@dataclass
+class DatasetInfo:
+    """What the model and the logs need to know about a dataset.
+
+    ``sensor_size`` is tonic's ``(W, H, P)`` for events, ``(W, H, C)`` for images
+    (``None`` when images differ in size); ``input_shape`` is one sample without the
+    batch: ``(T, 2, size, size)`` for events, ``(C, H, W)`` for images.
+    """
+
+    name: str
+    kind: str
+    classes: list[str]
+    in_channels: int
+    sensor_size: tuple[int, int, int] | None
+    input_shape: tuple[int, ...]
+    n_train: int
+    n_test: int
+    skipped: int = 0
+    num_classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_classes = len(self.classes)
+
+
+@dataclass
+class DataBundle:
+    """Train and test sets of ``(frames, label)`` plus optional class-balancing weights.
+
+    ``sample_weights`` is ``None`` or a float tensor ``[n_train]`` for a
+    ``WeightedRandomSampler``; the engine builds the samplers and loaders.
+    """
+
+    train: Dataset
+    test: Dataset
+    info: DatasetInfo
+    sample_weights: torch.Tensor | None = None
+
+
+Builder = Callable[[RunConfig, bool], DataBundle]
+Check = Callable[[RunConfig], None]
+_BUILDERS: dict[str, Builder] = {}
+_CHECKS: dict[str, Check] = {}
+
+
+def register(name: str, builder: Builder, check: Check | None = None) -> None:
+    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``.
+
+    ``check(cfg)``, for data read from disk, raises :class:`DatasetMissing` from file tests
+    alone, so a sweep can stop before it starts a single run.
+    """
+    _BUILDERS[name] = builder
+    if check is not None:
+        _CHECKS[name] = check
+
+
+def list_datasets() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def resolve_root(root: str) -> Path:
+    """The dataset root: ``root`` if given, else ``$MSGSNN_DATA``, else ``~/datasets``."""
+    chosen = root or os.environ.get("MSGSNN_DATA") or "~/datasets"
+    return Path(chosen).expanduser()
+
+
+def build_datasets(cfg: RunConfig, progress: bool = True) -> DataBundle:
+    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events.
+
+    Raises :class:`DatasetMissing` when the files are not there (nothing is ever
+    downloaded) and :class:`BadSample` for an unusable recording unless
+    ``cfg.data.skip_bad_samples`` is set.
+    """
+    bundle = _builder(cfg.data.name)(cfg, progress)
+    if cfg.data.balanced_sampler:
+        bundle.sample_weights = class_balanced_weights(bundle.train.targets)
+    return bundle
+
+
+def check_datasets(cfg: RunConfig) -> None:
+    """Raise :class:`DatasetMissing` now if ``cfg``'s dataset is not on disk; reads no sample."""
+    _builder(cfg.data.name)
+    if cfg.data.name in _CHECKS:
+        _CHECKS[cfg.data.name](cfg)
+
+
+def _builder(name: str) -> Builder:
+    if name not in _BUILDERS:
+        raise ConfigError(f"data.name: unknown dataset '{name}'{did_you_mean(name, _BUILDERS)}; available: {', '.join(list_datasets())}")
+    return _BUILDERS[name]

@@ -1,0 +1,1 @@
+"""Training, evaluation, checkpoints and multi-process setup over msgcli.snn and msgcli.data."""

@@ -1,0 +1,85 @@
+"""Turn a RunConfig into the model, decoder and loss it describes (no data: usable without the datasets' packages)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msgcli.config import RunConfig
+from msgcli.engine import checkpoint
+from msgcli.errors import UserError
+from msgcli.snn import LIF, TWO, build_model
+
+
+def neuron_options(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg.model.neuron)
+
+
+def model_args(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """The arguments of :func:`build_model` for the backbone named in ``cfg.model`` with the configured neuron,
+    BN mode, init and stem, sized for ``cfg.data``; checkpoints save them as ``model_args``.
+
+    Unset (``None``) options fall back to the backbone's default inside :func:`build_model`.
+    """
+    m = cfg.model
+    return dict(name=m.name, in_channels=in_channels, num_classes=num_classes, T=cfg.T, input_size=cfg.data.size,
+                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
+
+
+def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return build_model(**model_args(cfg, in_channels, num_classes))
+
+
+def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
+    """The network and TWO decoder saved in a checkpoint, the network rebuilt from its ``model_args``.
+
+    A checkpoint of an older msgsnn without them is rebuilt from ``cfg``, its input channels and
+    classes read off the weights.
+    """
+    state = checkpoint.load(path)
+    args = state.get("model_args")
+    if args is None:
+        weights = [w for key, w in state["model"].items() if key.endswith("weight")]
+        in_channels = next(w.shape[1] for w in weights if w.dim() == 4)
+        args = model_args(cfg, in_channels, [w for w in weights if w.dim() == 2][-1].shape[0])
+    model, two = build_model(**args), build_two(cfg)
+    try:
+        model.load_state_dict(state["model"])
+        two.load_state_dict(state["two"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the network its config.yaml describes: {str(err).splitlines()[0]}") from None
+    return model, two
+
+
+def build_two(cfg: RunConfig) -> TWO:
+    t = cfg.two
+    return TWO(cfg.T, rule=t.rule, warmup_epochs=t.warmup_epochs, momentum=t.momentum, enabled=t.enabled)
+
+
+def spiking_layers(model: nn.Module) -> dict[str, LIF]:
+    """Every LIF layer by module path (``features.0.2``), DDP/compile wrappers stripped."""
+    inner = getattr(model, "module", model)
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}
+
+
+def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum as ``cfg.optim`` says, at the configured lr (the schedule sets it per epoch)."""
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:
+    """CE on the decoded output; or TET: CE at every timestep plus a small MSE pull to 1."""
+    smoothing = cfg.loss.label_smoothing
+    if cfg.loss.name == "tet":
+        T = logits.shape[0]
+        per_step = F.cross_entropy(logits.flatten(0, 1), targets.repeat(T), label_smoothing=smoothing)
+        pull = F.mse_loss(logits, torch.ones_like(logits))
+        return (1 - cfg.loss.tet_lambda) * per_step + cfg.loss.tet_lambda * pull
+    return F.cross_entropy(two(logits), targets, label_smoothing=smoothing)

@@ -1,0 +1,134 @@
+"""The run directory: config, per-epoch metrics, checkpoints, log and summary.
+
+Every file is replaced atomically (temporary file + rename), so a crash leaves
+either the previous complete file or the new complete file, never half of one.
+``<out>/runs.csv`` gets one appended row per finished run, under a file lock so
+that parallel runs cannot interleave.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from msgcli import config as config_io
+from msgcli.config import RunConfig
+from msgcli.errors import RunExists, UserError
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def append_row_locked(path: Path, row: dict[str, Any]) -> None:
+    """Append one CSV row (header first if the file is new) while holding an exclusive lock."""
+    with open(path, "a+", newline="") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            header = fh.readline().strip()
+            columns = header.split(",") if header else list(row)
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            if not header:
+                writer.writeheader()
+            writer.writerow(row)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class RunDirectory:
+    """The layout of one run, ``<out>/<name>/``: its paths, readers and writers, spelled out only here."""
+
+    SUMMARY = "summary.json"  # written when the run finishes
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    name = property(lambda self: self.path.name)
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.csv")
+    summary = property(lambda self: self.path / RunDirectory.SUMMARY)
+    log = property(lambda self: self.path / "train.log")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    last = property(lambda self: self.checkpoint("last"))
+    best = property(lambda self: self.checkpoint("best"))
+
+    def checkpoint(self, which: str) -> Path:
+        """``checkpoints/<which>.pt``: ``last`` (every epoch, and an interruption) or ``best`` (best test accuracy)."""
+        return self.checkpoints / f"{which}.pt"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def read_config(self) -> RunConfig:
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a run directory (no config.yaml); give a directory written by `msgsnn train`")
+        return config_io.load(self.config)
+
+    def status(self) -> str:
+        """``finished``, ``interrupted`` (a checkpoint to resume), ``broken`` (a folder, nothing to resume) or ``new``."""
+        summary = self.read_summary()
+        if summary and summary.get("status") == "finished":
+            return "finished"
+        if self.last.exists():
+            return "interrupted"
+        return "broken" if self.path.exists() and any(self.path.iterdir()) else "new"
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create the folder, refusing to clobber a run that recorded an epoch unless asked to.
+
+        A folder left by a run that stopped before its first epoch (e.g. its dataset was
+        missing) holds nothing to lose and is reused, so the same command works once the
+        problem is fixed.
+        """
+        if self.has_progress():
+            if overwrite:
+                shutil.rmtree(self.path)
+            elif not resume:
+                raise RunExists(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
+        elif resume:
+            raise UserError(f"--resume: {self.path} holds no finished epoch to resume from; run without --resume")
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
+
+    def has_progress(self) -> bool:
+        """True once an epoch is on record (metrics or a checkpoint)."""
+        return self.metrics.exists() or self.summary.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        write_atomic(self.metrics, csv_text(rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary.read_text()) if self.summary.exists() else None

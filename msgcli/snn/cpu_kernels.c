@@ -1,0 +1,432 @@
+/* Fused CPU kernels of msgsnn (see cpu_kernels.py): the LIF time loop, per-timestep BatchNorm, MSG masks. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define BLK 512
+
+typedef uint16_t bf16;
+static inline float bf2f(bf16 v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline bf16 f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+/* ------------------------------------------------------------------ MT19937 as in ATen */
+
+typedef struct { uint32_t mt[624]; int64_t left; int64_t next; } mtstate;
+
+/* torch.get_rng_state() layout: u64 seed, i32 left, i32 seeded, u64 next, u64 state[624], ... */
+static void mt_load(mtstate* s, const uint8_t* st) {
+    int32_t left; uint64_t next;
+    memcpy(&left, st + 8, 4); memcpy(&next, st + 16, 8);
+    for (int i = 0; i < 624; i++) { uint64_t w; memcpy(&w, st + 24 + 8 * i, 8); s->mt[i] = (uint32_t)w; }
+    s->left = left; s->next = (int64_t)next;
+}
+
+static void mt_store(const mtstate* s, uint8_t* st) {
+    int32_t left = (int32_t)s->left; uint64_t next = (uint64_t)s->next;
+    memcpy(st + 8, &left, 4); memcpy(st + 16, &next, 8);
+    for (int i = 0; i < 624; i++) { uint64_t w = s->mt[i]; memcpy(st + 24 + 8 * i, &w, 8); }
+}
+
+#define MT_TW(u, v) (((((u) & 0x80000000u) | ((v) & 0x7fffffffu)) >> 1) ^ ((0u - ((v) & 1u)) & 0x9908b0dfu))
+
+/* in place; the loops vectorise (dependences at distance 1 backwards and 227 forwards) */
+static void mt_twist(uint32_t* restrict p) {
+    for (int j = 0; j < 227; j++) p[j] = p[j + 397] ^ MT_TW(p[j], p[j + 1]);
+    for (int j = 227; j < 623; j++) p[j] = p[j - 227] ^ MT_TW(p[j], p[j + 1]);
+    p[623] = p[396] ^ MT_TW(p[623], p[0]);
+}
+
+/* n keep-bytes (1 = keep) from the stream, keep <=> (y & 0xffffff) >= thr, i.e. rand() >= p */
+static void mt_keep(mtstate* s, uint8_t* restrict out, int64_t n, uint32_t thr) {
+    while (n > 0) {
+        int64_t avail = s->left - 1;
+        if (avail <= 0) { mt_twist(s->mt); s->left = 625; s->next = 0; avail = 624; }
+        int64_t k = n < avail ? n : avail;
+        const uint32_t* restrict src = s->mt + s->next;
+        for (int64_t i = 0; i < k; i++) {
+            uint32_t y = src[i];
+            y ^= y >> 11; y ^= (y << 7) & 0x9d2c5680u; y ^= (y << 15) & 0xefc60000u; y ^= y >> 18;
+            out[i] = (uint8_t)((y & 0xffffffu) >= thr);
+        }
+        s->left -= k; s->next += k; out += k; n -= k;
+    }
+}
+
+static inline void set_bit(uint8_t* row, int64_t i, int v) { row[i >> 3] |= (uint8_t)(v << (i & 7)); }
+
+/* bits[t * rowbytes ...]: bit p = keep for physical element p at timestep t. mode: the index in
+   msgcli/snn/options.py's MASK_MODES (0 element, 1 channel, 2 timestep). */
+/* scratch: at least C*L + L bytes */
+void msg_draw_mask(uint8_t* state, uint8_t* bits, int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,
+                   int nlc, int mode, uint32_t thr, uint8_t* scratch) {
+    mtstate s; mt_load(&s, state);
+    const int64_t per = mode == 0 ? C * L : (mode == 1 ? C : 1);
+    uint8_t* tmp = scratch;
+    uint8_t* ob = scratch + C * L;
+    memset(bits, 0, (size_t)(T * rowbytes));
+    for (int64_t t = T - 1; t >= 0; t--) {
+        uint8_t* row = bits + t * rowbytes;
+        for (int64_t b = 0; b < B; b++) {
+            mt_keep(&s, tmp, per, thr);
+            const int64_t base = b * C * L;
+            if (mode == 0 && (!nlc || C == 1 || L == 1)) {
+                int64_t i = 0;
+                if ((base & 7) == 0) {
+                    uint8_t* dst = row + (base >> 3);
+                    for (; i + 8 <= per; i += 8) {  /* eight 0/1 bytes -> one byte, bit j = byte j */
+                        uint64_t w; memcpy(&w, tmp + i, 8);
+                        dst[i >> 3] = (uint8_t)((w * 0x0102040810204080ull) >> 56);
+                    }
+                }
+                for (; i < per; i++) set_bit(row, base + i, tmp[i]);
+            } else if (mode == 0 && (C & 7) == 0) {
+                /* logical [C][L] -> physical [L][C] bits, eight channels at a time */
+                uint8_t* dst = row + (base >> 3);
+                const int64_t cb = C >> 3;
+                for (int64_t k = 0; k < cb; k++) {
+                    const uint8_t* q = tmp + 8 * k * L;
+                    for (int64_t l = 0; l < L; l++)
+                        ob[l] = (uint8_t)(q[l] | q[L + l] << 1 | q[2 * L + l] << 2 | q[3 * L + l] << 3 | q[4 * L + l] << 4
+                                          | q[5 * L + l] << 5 | q[6 * L + l] << 6 | q[7 * L + l] << 7);
+                    for (int64_t l = 0; l < L; l++) dst[l * cb + k] = ob[l];
+                }
+            } else {
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t l = 0; l < L; l++) {
+                        int v = mode == 0 ? tmp[c * L + l] : (mode == 1 ? tmp[c] : tmp[0]);
+                        set_bit(row, nlc ? base + l * C + c : base + c * L + l, v);
+                    }
+            }
+        }
+    }
+    mt_store(&s, state);
+}
+
+/* expands a mask byte to eight 0/1 bytes */
+static uint64_t LUT[256];
+__attribute__((constructor)) static void init_lut(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t w = 0;
+        for (int i = 0; i < 8; i++) w |= (uint64_t)((v >> i) & 1) << (8 * i);
+        LUT[v] = w;
+    }
+}
+
+/* g[i] = 0 where bit i of row is clear (row starts at a byte boundary): AVX-512 masked moves
+   where the compiler targets it, bit tests for the rest */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#define KEEP_ZERO_REST(g, row, i, n) for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0
+static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = (__mmask16)(row[i >> 3] | (row[(i >> 3) + 1] << 8));
+        _mm512_storeu_ps(g + i, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(g + i)));
+    }
+#endif
+    KEEP_ZERO_REST(g, row, i, n);
+}
+static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 8 <= n; i += 8)
+        _mm512_storeu_pd(g + i, _mm512_maskz_mov_pd((__mmask8)row[i >> 3], _mm512_loadu_pd(g + i)));
+#endif
+    KEEP_ZERO_REST(g, row, i, n);
+}
+
+/* ------------------------------------------------------------------ LIF */
+
+#define ABSV(v) ((v) < 0 ? -(v) : (v))
+
+/* sid: the index in msgcli/snn/options.py's SURROGATES; fill: such an index, or -1 (ZERO_FILL) for zero */
+#define DEF_SURR(S, ct, EXP)                                                                  \
+static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, double alpha) {     \
+    const ct a = (ct)alpha;                                                                   \
+    if (sid == 0) {                                                                           \
+        const ct a2 = (ct)(alpha * alpha);                                                    \
+        for (int i = 0; i < n; i++) { ct v = a - a2 * ABSV(x[i]); g[i] = v > 0 ? v : (ct)0; } \
+    } else if (sid == 1) {                                                                    \
+        const ct k = (ct)(3.14159265358979323846 / 2 * alpha);                                \
+        for (int i = 0; i < n; i++) { ct z = k * x[i]; g[i] = a / ((ct)1 + z * z); }          \
+    } else if (sid == 2) {                                                                    \
+        for (int i = 0; i < n; i++) { ct s = (ct)1 / ((ct)1 + EXP(-(a * x[i]))); g[i] = a * s * ((ct)1 - s); } \
+    } else {                                                                                  \
+        const ct w = (ct)(1.0 / alpha);                                                       \
+        for (int i = 0; i < n; i++) g[i] = ABSV(x[i]) < w ? a : (ct)0;                         \
+    }                                                                                         \
+}
+
+#define DEF_LIF(S, st, ct, LD, ST)                                                            \
+void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, int64_t T, int64_t N,   \
+                 double tau_, double vth_, int hard, int nt) {                                \
+    const ct tau = (ct)tau_, vth = (ct)vth_;                                                  \
+    const int64_t nb = (N + BLK - 1) / BLK;                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
+    for (int64_t b = 0; b < nb; b++) {                                                        \
+        const int64_t p0 = b * BLK;                                                           \
+        const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
+        ct v[BLK];                                                                            \
+        for (int i = 0; i < n; i++) v[i] = 0;                                                 \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            const st* restrict xt = x + t * N + p0;                                           \
+            st* restrict sp = s + t * N + p0;                                                 \
+            st* restrict hp = h ? h + t * N + p0 : 0;                                         \
+            if (hard && hp) for (int i = 0; i < n; i++) {                                     \
+                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); int f = hv >= vth;          \
+                sp[i] = ST((ct)f); hp[i] = ST(hv); v[i] = f ? (ct)0 : hv; }                   \
+            else if (hard) for (int i = 0; i < n; i++) {                                      \
+                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); int f = hv >= vth;          \
+                sp[i] = ST((ct)f); v[i] = f ? (ct)0 : hv; }                                   \
+            else if (hp) for (int i = 0; i < n; i++) {                                        \
+                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); ct f = (ct)(hv >= vth);     \
+                sp[i] = ST(f); hp[i] = ST(hv); v[i] = LD(ST(hv - vth * f)); }                 \
+            else for (int i = 0; i < n; i++) {                                                \
+                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); ct f = (ct)(hv >= vth);     \
+                sp[i] = ST(f); v[i] = LD(ST(hv - vth * f)); }                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx,                \
+                 const uint8_t* restrict bits, int64_t rowbytes, int64_t T, int64_t N,         \
+                 double tau_, double vth_, int hard, int detach, int sid, double alpha,        \
+                 int fill, double keep_div, int nt) {                                         \
+    const ct tau = (ct)tau_, vth = (ct)vth_, leak = (ct)(1.0 - 1.0 / tau_);                   \
+    const ct kdiv = (ct)keep_div;                                                             \
+    const int64_t nb = (N + BLK - 1) / BLK;                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
+    for (int64_t b = 0; b < nb; b++) {                                                        \
+        const int64_t p0 = b * BLK;                                                           \
+        const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
+        ct gv[BLK], xa[BLK], ha[BLK], g[BLK], fl[BLK];                                        \
+        uint8_t kb[BLK + 8];                                                                  \
+        for (int i = 0; i < n; i++) gv[i] = 0;                                                \
+        for (int64_t t = T - 1; t >= 0; t--) {                                                \
+            const st* restrict hp = h + t * N + p0;                                           \
+            const st* restrict gp = gs + t * N + p0;                                          \
+            st* restrict op = gx + t * N + p0;                                                \
+            for (int i = 0; i < n; i++) { ha[i] = LD(hp[i]); xa[i] = ha[i] - vth; }           \
+            surr_##S(xa, g, n, sid, alpha);                                                   \
+            if (bits) {                                                                       \
+                const uint8_t* row = bits + t * rowbytes + (p0 >> 3);                         \
+                if (keep_div != 0) for (int i = 0; i < n; i++) g[i] = g[i] / kdiv;            \
+                if (fill < 0) keep_zero_##ct(g, row, n);                                      \
+                else {                                                                        \
+                    for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8); \
+                    surr_##S(xa, fl, n, fill, alpha);                                         \
+                    for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : fl[i];                  \
+                }                                                                             \
+            }                                                                                 \
+            if (hard && !detach) for (int i = 0; i < n; i++) {                                \
+                ct s = LD(gp[i]) - gv[i] * ha[i];                                             \
+                ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + s * g[i];                               \
+                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
+            else if (hard) for (int i = 0; i < n; i++) {                                      \
+                ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + LD(gp[i]) * g[i];                       \
+                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
+            else if (!detach) for (int i = 0; i < n; i++) {                                   \
+                ct s = LD(gp[i]) - vth * gv[i];                                               \
+                ct gh = gv[i] + s * g[i];                                                     \
+                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
+            else for (int i = 0; i < n; i++) {                                                \
+                ct gh = gv[i] + LD(gp[i]) * g[i];                                             \
+                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+/* ------------------------------------------------------------------ per-timestep BatchNorm */
+/* x: [T][B][C][L] (nlc = 0) or [T][B][L][C] (nlc = 1); statistics per (t, c) over B*L, accumulated in
+   double and shifted by the first sample of each (t, c). One parallel region per call: barriers are
+   expensive when the machine is oversubscribed. */
+
+/* Sums for nlc over fixed chunks of NLC_CHUNK rows (t, r), each chunk's partial [C] sums added in
+   chunk order afterwards: the result is the same whatever the number of threads or their speed. */
+#define NLC_CHUNK 256
+#define NLC_SUMS(st, LD, EXPR1, EXPR2, OUT1, OUT2)                                            \
+    {                                                                                         \
+        const int64_t nc = (M + NLC_CHUNK - 1) / NLC_CHUNK;                                   \
+        double* part = (double*)malloc(sizeof(double) * (size_t)(2 * T * nc * C));            \
+        if (!part) return 1;                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tk = 0; tk < T * nc; tk++) {                                             \
+            const int64_t t = tk / nc, r0 = (tk % nc) * NLC_CHUNK;                            \
+            const int64_t r1 = r0 + NLC_CHUNK < M ? r0 + NLC_CHUNK : M;                       \
+            double* restrict a1 = part + tk * 2 * C; double* restrict a2 = a1 + C;            \
+            const double* restrict sh = shiftv + t * C;                                       \
+            for (int64_t c = 0; c < C; c++) { a1[c] = 0; a2[c] = 0; }                         \
+            for (int64_t r = r0; r < r1; r++) {                                               \
+                const int64_t o = t * N + r * C;                                              \
+                for (int64_t c = 0; c < C; c++) {                                             \
+                    double e1 = (EXPR1), e2 = (EXPR2); a1[c] += e1; a2[c] += e2; }            \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t t = 0; t < T; t++)                                                       \
+            for (int64_t c = 0; c < C; c++) {                                                 \
+                double u = 0, w = 0;                                                          \
+                for (int64_t k = 0; k < nc; k++) {                                            \
+                    const double* pk = part + (t * nc + k) * 2 * C; u += pk[c]; w += pk[C + c]; } \
+                OUT1[t * C + c] = u; OUT2[t * C + c] = w; }                                   \
+        free(part);                                                                           \
+    }
+
+#define DEF_BN(S, st, ct, LD, ST)                                                             \
+int bn_stats_##S(const st* restrict x, double* restrict mean, double* restrict var,            \
+                 int64_t T, int64_t B, int64_t C, int64_t L, int nlc, int nt) {               \
+    const int64_t N = B * C * L, M = B * L;                                                   \
+    if (nlc) {                                                                                \
+        double* shiftv = (double*)malloc(sizeof(double) * T * C);                             \
+        if (!shiftv) return 1;                                                                \
+        for (int64_t t = 0; t < T; t++) for (int64_t c = 0; c < C; c++) shiftv[t * C + c] = LD(x[t * N + c]); \
+        NLC_SUMS(st, LD, (double)LD(x[o + c]) - sh[c], e1 * e1, mean, var)                    \
+        for (int64_t k = 0; k < T * C; k++) {                                                 \
+            double d = mean[k] / M; mean[k] = shiftv[k] + d; double q = var[k] / M - d * d;   \
+            var[k] = q > 0 ? q : 0; }                                                         \
+        free(shiftv);                                                                         \
+    } else {                                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tc = 0; tc < T * C; tc++) {                                              \
+            const int64_t t = tc / C, c = tc % C;                                             \
+            const st* restrict xt = x + t * N + c * L;                                        \
+            const double K = LD(xt[0]);                                                       \
+            double a = 0, q = 0;                                                              \
+            for (int64_t b = 0; b < B; b++) {                                                 \
+                const st* restrict xb = xt + b * C * L;                                       \
+                _Pragma("omp simd reduction(+:a,q)")                                          \
+                for (int64_t l = 0; l < L; l++) { double d = (double)LD(xb[l]) - K; a += d; q += d * d; } \
+            }                                                                                 \
+            double d = a / M; mean[tc] = K + d; double w = q / M - d * d; var[tc] = w > 0 ? w : 0; \
+        }                                                                                     \
+    }                                                                                         \
+    return 0;                                                                                 \
+}                                                                                             \
+                                                                                              \
+/* y = x * scale[t, c] + shift[t, c] */                                                       \
+int bn_apply_##S(const st* restrict x, st* restrict y, const double* restrict scale,          \
+                 const double* restrict shift, int64_t T, int64_t B, int64_t C, int64_t L, int nlc, int nt) { \
+    const int64_t N = B * C * L, M = B * L;                                                   \
+    ct* co = (ct*)malloc(sizeof(ct) * 2 * T * C);                                             \
+    if (!co) return 1;                                                                        \
+    for (int64_t k = 0; k < T * C; k++) { co[k] = (ct)scale[k]; co[T * C + k] = (ct)shift[k]; } \
+    if (nlc) {                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tr = 0; tr < T * M; tr++) {                                              \
+            const int64_t t = tr / M, o = t * N + (tr % M) * C;                               \
+            const ct* restrict a = co + t * C; const ct* restrict s = co + T * C + t * C;     \
+            const st* restrict xr = x + o; st* restrict yr = y + o;                           \
+            for (int64_t c = 0; c < C; c++) yr[c] = ST(LD(xr[c]) * a[c] + s[c]);              \
+        }                                                                                     \
+    } else {                                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tbc = 0; tbc < T * B * C; tbc++) {                                       \
+            const int64_t t = tbc / (B * C), c = tbc % C;                                     \
+            const ct a = co[t * C + c], s = co[T * C + t * C + c];                            \
+            const st* restrict xr = x + tbc * L; st* restrict yr = y + tbc * L;               \
+            for (int64_t l = 0; l < L; l++) yr[l] = ST(LD(xr[l]) * a + s);                    \
+        }                                                                                     \
+    }                                                                                         \
+    free(co);                                                                                 \
+    return 0;                                                                                 \
+}                                                                                             \
+                                                                                              \
+/* sdy[t, c] = sum dy, sdyx[t, c] = sum dy * (x - mean) */                                    \
+int bn_bsums_##S(const st* restrict dy, const st* restrict x, const double* restrict mean,     \
+                 double* restrict sdy, double* restrict sdyx,                                 \
+                 int64_t T, int64_t B, int64_t C, int64_t L, int nlc, int nt) {               \
+    const int64_t N = B * C * L, M = B * L;                                                   \
+    if (nlc) {                                                                                \
+        const double* shiftv = mean;                                                          \
+        NLC_SUMS(st, LD, (double)LD(dy[o + c]), e1 * ((double)LD(x[o + c]) - sh[c]), sdy, sdyx) \
+    } else {                                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tc = 0; tc < T * C; tc++) {                                              \
+            const int64_t t = tc / C, c = tc % C;                                             \
+            const double mu = mean[tc];                                                       \
+            double a = 0, q = 0;                                                              \
+            for (int64_t b = 0; b < B; b++) {                                                 \
+                const st* restrict gb = dy + t * N + b * C * L + c * L;                       \
+                const st* restrict xb = x + t * N + b * C * L + c * L;                        \
+                _Pragma("omp simd reduction(+:a,q)")                                          \
+                for (int64_t l = 0; l < L; l++) { double gg = LD(gb[l]); a += gg; q += gg * ((double)LD(xb[l]) - mu); } \
+            }                                                                                 \
+            sdy[tc] = a; sdyx[tc] = q;                                                        \
+        }                                                                                     \
+    }                                                                                         \
+    return 0;                                                                                 \
+}                                                                                             \
+                                                                                              \
+/* dx = (dy - (x - mean) * q[t, c]) * a[t, c] - r[t, c] */                                    \
+int bn_bdx_##S(const st* restrict dy, const st* restrict x, st* restrict dx,                  \
+               const double* restrict mean, const double* restrict qa, const double* restrict aa, \
+               const double* restrict ra, int64_t T, int64_t B, int64_t C, int64_t L, int nlc, int nt) { \
+    const int64_t N = B * C * L, M = B * L, TC = T * C;                                       \
+    ct* co = (ct*)malloc(sizeof(ct) * 4 * TC);                                                \
+    if (!co) return 1;                                                                        \
+    for (int64_t k = 0; k < TC; k++) {                                                        \
+        co[k] = (ct)mean[k]; co[TC + k] = (ct)qa[k]; co[2 * TC + k] = (ct)aa[k]; co[3 * TC + k] = (ct)ra[k]; } \
+    if (nlc) {                                                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tr = 0; tr < T * M; tr++) {                                              \
+            const int64_t t = tr / M, o = t * N + (tr % M) * C;                               \
+            const ct* restrict mu = co + t * C; const ct* restrict q = co + TC + t * C;       \
+            const ct* restrict a = co + 2 * TC + t * C; const ct* restrict r = co + 3 * TC + t * C; \
+            const st* restrict gr = dy + o; const st* restrict xr = x + o; st* restrict dr = dx + o; \
+            for (int64_t c = 0; c < C; c++)                                                   \
+                dr[c] = ST((LD(gr[c]) - (LD(xr[c]) - mu[c]) * q[c]) * a[c] - r[c]);           \
+        }                                                                                     \
+    } else {                                                                                  \
+        _Pragma("omp parallel for schedule(static) num_threads(nt)")                          \
+        for (int64_t tbc = 0; tbc < T * B * C; tbc++) {                                       \
+            const int64_t t = tbc / (B * C), c = tbc % C, k = t * C + c;                      \
+            const ct mu = co[k], q = co[TC + k], a = co[2 * TC + k], r = co[3 * TC + k];      \
+            const st* restrict gr = dy + tbc * L; const st* restrict xr = x + tbc * L; st* restrict dr = dx + tbc * L; \
+            for (int64_t l = 0; l < L; l++) dr[l] = ST((LD(gr[l]) - (LD(xr[l]) - mu) * q) * a - r); \
+        }                                                                                     \
+    }                                                                                         \
+    free(co);                                                                                 \
+    return 0;                                                                                 \
+}
+
+/* ------------------------------------------------------------------ spike codes */
+/* entries that are multiples of 1/levels in [0, 255/levels] <-> uint8 codes (exact) */
+
+#define DEF_CODES(S, st, ct, LD, ST)                                                          \
+void spike_encode_##S(const st* restrict x, uint8_t* restrict q, int64_t n, double levels, int nt) { \
+    const ct k = (ct)levels;                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
+    for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)(LD(x[i]) * k + (ct)0.5);                 \
+}                                                                                             \
+void spike_decode_##S(const uint8_t* restrict q, st* restrict x, int64_t n, double levels, int nt) { \
+    const ct r = (ct)(1.0 / levels);                                                          \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
+    for (int64_t i = 0; i < n; i++) x[i] = ST((ct)q[i] * r);                                  \
+}
+
+#define ID(v) (v)
+#define F32(v) ((float)(v))
+#define F64(v) ((double)(v))
+#define BFL(v) bf2f(v)
+#define BFS(v) f2bf((float)(v))
+
+DEF_SURR(f32, float, expf)
+DEF_SURR(f64, double, exp)
+DEF_SURR(bf16, float, expf)
+DEF_LIF(f32, float, float, ID, F32)
+DEF_LIF(f64, double, double, ID, F64)
+DEF_LIF(bf16, bf16, float, BFL, BFS)
+DEF_BN(f32, float, float, ID, F32)
+DEF_BN(f64, double, double, ID, F64)
+DEF_BN(bf16, bf16, float, BFL, BFS)
+DEF_CODES(f32, float, float, ID, F32)
+DEF_CODES(f64, double, double, ID, F64)
+DEF_CODES(bf16, bf16, float, BFL, BFS)

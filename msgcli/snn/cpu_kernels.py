@@ -1,0 +1,367 @@
+"""Fused CPU kernels for the LIF time loop and per-timestep BatchNorm, built at first use.
+
+The kernels are plain C (``cpu_kernels.c`` beside this file, OpenMP, compiled with
+``$CC`` or the system's ``gcc``/``cc`` for the host CPU, loaded with ``ctypes``): no
+torch headers, so the build takes a few seconds and needs nothing beyond a C compiler.
+If there is no compiler, the build fails or a self-test disagrees with torch, :func:`get`
+warns which of these happened and returns ``None``, and the callers use their
+torch-operator paths instead. ``MSGSNN_CPU_KERNELS=0`` turns the kernels off. The
+shared library is built once (under a file lock) into a private folder,
+``$MSGSNN_CACHE/cpu-kernels`` (default ``~/.cache/msgsnn/cpu-kernels``), keyed by the
+source, the compiler and its version, the flags and the CPU.
+
+Determinism. Every parallel loop has a static schedule and every sum over a batch is
+made either by one thread or in fixed chunks added in a fixed order, so results do not
+depend on the number of threads or on the load of the machine; ``-march=native`` (vector
+width, fused multiply-add) makes them depend on the CPU model.
+
+Layouts. Both kernels see a ``[T, B, C, L]`` tensor stored ``ncl`` or ``nlc``
+(:func:`msgcli.snn.memory.step_layout`), and write their large outputs into buffers of
+:data:`msgcli.snn.memory.pool`. Options arrive as their indices in :mod:`msgcli.snn.options`.
+
+MSG mask. The element mask must be the one the reference draws with
+``torch.rand(shape) >= p`` per timestep, T-1 first. torch's CPU generator is an
+MT19937 whose state ``torch.get_rng_state()`` exposes; the kernel draws the same
+32-bit stream from that state (SIMD-friendly, in bulk), turns it into keep bits in
+the tensor's physical order, and hands the advanced state back with
+``torch.set_rng_state``. The bits live only during the layer's backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msgcli.snn import options
+from msgcli.snn.memory import pool, step_layout
+
+try:
+    import fcntl
+except ImportError:  # Windows: no build lock
+    fcntl = None
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")  # shipped with the package
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+
+_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+_STATE_BYTES = 5056
+
+_lock = threading.Lock()
+_kernels: "CpuKernels | None | bool" = False  # False: not tried yet
+
+
+class NoCompiler(RuntimeError):
+    """No C compiler to build the kernels with: the callers use torch operators."""
+
+
+class BuildFailed(RuntimeError):
+    """The compiler is there but the kernels did not build (or their folder is not safe to load from)."""
+
+
+def compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` split as a shell would (``CC="ccache gcc"``), else ``gcc`` or ``cc``.
+
+    ``None`` when the program it names is not found.
+    """
+    command = shlex.split(os.environ.get("CC", ""))
+    if not command:
+        found = shutil.which("gcc") or shutil.which("cc")
+        return [found] if found else None
+    return command if shutil.which(command[0]) else None
+
+
+def _compiler_version(cc: list[str]) -> str:
+    """``cc --version``'s output, part of the cache key: an upgraded compiler builds afresh."""
+    try:
+        proc = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise BuildFailed(f"{shlex.join(cc)} --version failed: {err}") from None
+    return proc.stdout + proc.stderr
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created if needed, and checked to be this user's own folder that nobody else can write to.
+
+    ctypes runs whatever library it finds there, so a folder another user made (e.g. at a
+    predictable place under /tmp) or can write to is refused.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BuildFailed(f"{path} is not a folder (a link?); remove it")
+    if hasattr(os, "getuid"):
+        if info.st_uid != os.getuid():
+            raise BuildFailed(f"{path} belongs to another user (uid {info.st_uid}); remove it or set MSGSNN_CACHE")
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700)  # ours, made under a loose umask: close it before anything is built there
+    return path
+
+
+def _kernel_dir() -> Path:
+    """``<cache>/cpu-kernels`` (``$MSGSNN_CACHE``, default ``~/.cache/msgsnn``), else ``<tmp>/msgsnn-<uid>``."""
+    cache = os.environ.get("MSGSNN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "msgsnn")
+    try:
+        return _private_dir(Path(cache).expanduser() / "cpu-kernels")
+    except OSError:  # cache not writable: a private folder of this user under the temporary folder
+        return _private_dir(Path(tempfile.gettempdir()) / f"msgsnn-{os.getuid() if hasattr(os, 'getuid') else 0}")
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One builder at a time per folder: N ranks or sweep jobs starting together compile once."""
+    with open(directory / "build.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _compile(cc: list[str], source: Path, path: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = os.path.join(tmp, path.name)
+        try:
+            proc = subprocess.run([*cc, *FLAGS, str(source), "-o", out, "-lm"], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise BuildFailed(f"{shlex.join(cc)} could not run: {err}") from None
+        if proc.returncode != 0:
+            raise BuildFailed(f"{shlex.join(cc)} failed on {source}: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, path)  # atomic: a reader never sees half a library
+
+
+def _load() -> "CpuKernels":
+    cc = compiler()
+    if cc is None:
+        wanted = f"$CC ({os.environ['CC']})" if os.environ.get("CC", "").strip() else "gcc or cc"
+        raise NoCompiler(f"no C compiler: {wanted} not found on PATH")
+    text = SOURCE.read_text()
+    key = hashlib.sha256("\0".join([text, *cc, _compiler_version(cc), *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    directory = _kernel_dir()
+    path = directory / f"msgsnn_kernels_{key}.so"
+    if not path.exists():
+        with _build_lock(directory):
+            if not path.exists():  # another process may have built it while this one waited
+                _compile(cc, SOURCE, path)
+    if hasattr(os, "getuid") and os.stat(path).st_uid != os.getuid():
+        raise BuildFailed(f"{path} belongs to another user; remove it")
+    return CpuKernels(ctypes.CDLL(str(path)))
+
+
+def get() -> "CpuKernels | None":
+    """The loaded kernels, or ``None`` when they are switched off or could not be built (with a warning why)."""
+    global _kernels
+    if _kernels is False:
+        with _lock:
+            if _kernels is False:
+                _kernels = None
+                if os.environ.get("MSGSNN_CPU_KERNELS", "1") not in ("0", "false", "off", "no"):
+                    try:
+                        kernels = _load()
+                        kernels.self_test()
+                        _kernels = kernels
+                    except NoCompiler as err:
+                        warnings.warn(f"msgsnn: {err}; the fused CPU kernels are off, using torch operators "
+                                      "(install gcc or set CC for faster CPU training)", RuntimeWarning, stacklevel=2)
+                    except Exception as err:  # noqa: BLE001 - a failed build or self-test: use the torch path
+                        warnings.warn(f"msgsnn: the fused CPU kernels failed to build or load, using torch operators "
+                                      f"({err})", RuntimeWarning, stacklevel=2)
+    return _kernels or None
+
+
+def _bcl(x: torch.Tensor) -> tuple[int, int, int, int]:
+    T, B = x.shape[0], x.shape[1]
+    C = x.shape[2] if x.dim() > 2 else 1
+    L = 1
+    for n in x.shape[3:]:
+        L *= n
+    return T, B, C, L
+
+
+def keep_threshold(p: float) -> int:
+    """Integer threshold u24 with ``rand() >= p`` (float32 compare) <=> ``(u32 & 0xffffff) >= u24``."""
+    p32 = float(np.float32(p))
+    return int(np.ceil(p32 * 2**24))
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def supports(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _DTYPES and step_layout(x) is not None
+
+
+class CpuKernels:
+    """Typed wrappers around the shared library; every tensor argument must satisfy :func:`supports`."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self._local = threading.local()
+        i64, dbl, i32, vp, u32 = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32
+        lib.msg_draw_mask.argtypes = [vp, vp, i64, i64, i64, i64, i64, i32, i32, u32, vp]
+        lib.msg_draw_mask.restype = None
+        for s in _DTYPES.values():
+            getattr(lib, f"lif_fwd_{s}").argtypes = [vp, vp, vp, i64, i64, dbl, dbl, i32, i32]
+            getattr(lib, f"lif_bwd_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32]
+            getattr(lib, f"bn_stats_{s}").argtypes = [vp, vp, vp, i64, i64, i64, i64, i32, i32]
+            getattr(lib, f"bn_apply_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
+            getattr(lib, f"bn_bsums_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
+            getattr(lib, f"bn_bdx_{s}").argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
+            getattr(lib, f"spike_encode_{s}").argtypes = [vp, vp, i64, dbl, i32]
+            getattr(lib, f"spike_decode_{s}").argtypes = [vp, vp, i64, dbl, i32]
+            for name in ("lif_fwd", "lif_bwd", "spike_encode", "spike_decode"):
+                getattr(lib, f"{name}_{s}").restype = None
+            for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx"):
+                getattr(lib, f"{name}_{s}").restype = i32
+
+    # ---------------------------------------------------------------- LIF
+
+    def lif_forward(self, x: torch.Tensor, tau: float, v_threshold: float, hard: bool, keep_membrane: bool):
+        """Spikes and (if asked) the pre-spike membrane ``H``, both laid out like ``x``."""
+        T, N = x.shape[0], x[0].numel()
+        spikes = pool.empty_like(x)
+        membrane = pool.empty_like(x) if keep_membrane else None
+        if x.numel():
+            getattr(self.lib, f"lif_fwd_{_DTYPES[x.dtype]}")(
+                _ptr(x), _ptr(spikes), _ptr(membrane), T, N, tau, v_threshold, int(hard), torch.get_num_threads())
+        return spikes, membrane
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """A per-thread byte buffer of at least ``nbytes``, kept between calls."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf
+
+    def draw_mask(self, like: torch.Tensor, mode: str, p: float) -> tuple[torch.Tensor, int]:
+        """Keep bits ``[T, ceil(N/8)]`` for ``like [T, B, C, ...]``: the reference's draws, timestep T-1 first."""
+        T, B, C, L = _bcl(like)
+        rowbytes = (B * C * L + 7) // 8
+        bits = pool.empty_strided((T * rowbytes,), (1,), torch.uint8)
+        scratch = self._scratch(C * L + L)
+        state = torch.get_rng_state()
+        self.lib.msg_draw_mask(_ptr(state), _ptr(bits), rowbytes, T, B, C, L,
+                               int(step_layout(like) == "nlc"), options.mask_mode_id(mode, p), keep_threshold(p),
+                               _ptr(scratch))
+        torch.set_rng_state(state)
+        return bits, rowbytes
+
+    def lif_backward(self, grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float,
+                     spec, hard: bool, detach_reset: bool) -> torch.Tensor:
+        T, N = membrane.shape[0], membrane[0].numel()
+        if grad.dtype != membrane.dtype or grad.stride() != membrane.stride():
+            grad = pool.empty_like(membrane).copy_(grad)
+        out = pool.empty_like(membrane)
+        if not membrane.numel():
+            return out
+        bits, rowbytes = None, 0
+        if spec.mask_p > 0:
+            bits, rowbytes = self.draw_mask(membrane, spec.mask_mode, spec.mask_p)
+        keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
+        getattr(self.lib, f"lif_bwd_{_DTYPES[membrane.dtype]}")(
+            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(hard),
+            int(detach_reset), options.surrogate_id(spec.surrogate), spec.alpha, options.fill_id(spec.mask_fill), keep_div,
+            torch.get_num_threads())
+        return out
+
+    # ---------------------------------------------------------------- BatchNorm per timestep
+
+    def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Biased mean and variance per (t, c), float64 ``[T, C]``."""
+        T, B, C, L = _bcl(x)
+        mean = torch.empty(T, C, dtype=torch.float64)
+        var = torch.empty(T, C, dtype=torch.float64)
+        getattr(self.lib, f"bn_stats_{_DTYPES[x.dtype]}")(
+            _ptr(x), _ptr(mean), _ptr(var), T, B, C, L, int(step_layout(x) == "nlc"), torch.get_num_threads())
+        return mean, var
+
+    def bn_apply(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        T, B, C, L = _bcl(x)
+        y = pool.empty_like(x)
+        getattr(self.lib, f"bn_apply_{_DTYPES[x.dtype]}")(
+            _ptr(x), _ptr(y), _ptr(scale.contiguous()), _ptr(shift.contiguous()), T, B, C, L,
+            int(step_layout(x) == "nlc"), torch.get_num_threads())
+        return y
+
+    def bn_backward_sums(self, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
+        T, B, C, L = _bcl(x)
+        sdy = torch.empty(T, C, dtype=torch.float64)
+        sdyx = torch.empty(T, C, dtype=torch.float64)
+        getattr(self.lib, f"bn_bsums_{_DTYPES[x.dtype]}")(
+            _ptr(dy), _ptr(x), _ptr(mean), _ptr(sdy), _ptr(sdyx), T, B, C, L,
+            int(step_layout(x) == "nlc"), torch.get_num_threads())
+        return sdy, sdyx
+
+    def bn_backward_input(self, dy, x, mean, q, a, r) -> torch.Tensor:
+        T, B, C, L = _bcl(x)
+        dx = pool.empty_like(x)
+        getattr(self.lib, f"bn_bdx_{_DTYPES[x.dtype]}")(
+            _ptr(dy), _ptr(x), _ptr(dx), _ptr(mean), _ptr(q.contiguous()), _ptr(a.contiguous()), _ptr(r.contiguous()),
+            T, B, C, L, int(step_layout(x) == "nlc"), torch.get_num_threads())
+        return dx
+
+    # ---------------------------------------------------------------- spike codes
+
+    def encode(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """uint8 codes ``x * levels`` of a dense tensor whose entries are multiples of ``1 / levels``."""
+        codes = torch.empty_like(x, dtype=torch.uint8)
+        getattr(self.lib, f"spike_encode_{_DTYPES[x.dtype]}")(_ptr(x), _ptr(codes), x.numel(), float(levels),
+                                                             torch.get_num_threads())
+        return codes
+
+    def decode(self, codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+        x = pool.empty_strided(codes.shape, codes.stride(), dtype)
+        getattr(self.lib, f"spike_decode_{_DTYPES[dtype]}")(_ptr(codes), _ptr(x), codes.numel(), float(levels),
+                                                           torch.get_num_threads())
+        return x
+
+    # ---------------------------------------------------------------- self-test
+
+    def self_test(self) -> None:
+        """The mask stream must be torch's own; a mismatch disables the kernels (callers fall back)."""
+        saved = torch.get_rng_state()
+        if saved.numel() != _STATE_BYTES:
+            raise RuntimeError(f"unexpected torch CPU generator state size {saved.numel()}")
+        try:
+            for seed, p, shape in ((3, 0.5, (3, 2, 5, 7, 9)), (11, 0.3, (2, 1, 700)), (5, 0.77, (4, 2, 16, 3, 5))):
+                x = torch.zeros(shape)
+                if len(shape) == 5:
+                    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(shape)
+                torch.manual_seed(seed)
+                torch.rand(5)  # start mid-block
+                bits, rowbytes = self.draw_mask(x, "element", p)
+                after = torch.rand(3)
+                torch.manual_seed(seed)
+                torch.rand(5)
+                ref = torch.stack([torch.rand(shape[1:]) >= p for _ in range(shape[0])][::-1])
+                ref_after = torch.rand(3)
+                phys = ref if step_layout(x) == "ncl" else ref.permute(0, 1, 3, 4, 2)
+                phys = phys.reshape(shape[0], -1)
+                got = torch.from_numpy(np.unpackbits(bits.view(shape[0], rowbytes).numpy(), axis=1, bitorder="little"))
+                got = got[:, : phys.shape[1]].bool()
+                if not torch.equal(got, phys) or not torch.equal(after, ref_after):
+                    raise RuntimeError("the MSG mask stream differs from torch.rand")
+        finally:
+            torch.set_rng_state(saved)

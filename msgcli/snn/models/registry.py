@@ -1,0 +1,61 @@
+"""Models registered by name and created by one call, as in timm."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable
+
+from torch import nn
+
+from msgcli.errors import did_you_mean
+from msgcli.snn.neuron import LIF
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+NEURON_OPTIONS = tuple(inspect.signature(LIF).parameters)
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its name (a decorator); a second model of the same name replaces the first, with a warning."""
+    if fn.__name__ in _MODELS and _MODELS[fn.__name__] is not fn:
+        warnings.warn(f"register_model: '{fn.__name__}' was already registered ({_MODELS[fn.__name__].__module__}); "
+                      f"{fn.__module__}'s replaces it", RuntimeWarning, stacklevel=2)
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(name: str, in_channels: int, num_classes: int, T: int, input_size: int | None = None, **options) -> nn.Module:
+    """Create a registered spiking network.
+
+    ``options`` holds LIF options (``tau``, ``surrogate``, ``mask_p``, ...) and the
+    model's own (``bn_mode``, ``init`` for every backbone; ``stem``, ``stem_pool`` for the
+    ResNets). An option set to ``None`` is dropped, so the backbone's own default applies
+    (as timm's ``create_model`` does): a caller passes every configured option without asking
+    which backbone takes it. ``input_size`` (the input's height and width) describes the data,
+    not a choice: it reaches the backbones whose layers depend on it (the VGGs' flatten head,
+    CIFARNet's check of its pooling stages) and is not needed by the others.
+    The model maps ``[B, T, C, H, W]`` events or ``[B, C, H, W]`` images to
+    per-timestep logits ``[T, B, num_classes]``.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"model name: unknown '{name}'{did_you_mean(name, _MODELS)}; choose one of {', '.join(list_models())}")
+    for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("T", T)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    options = {k: v for k, v in options.items() if v is not None}
+    neuron = {k: v for k, v in options.items() if k in NEURON_OPTIONS}
+    model_options = {k: v for k, v in options.items() if k not in NEURON_OPTIONS}
+    builder = _MODELS[name]
+    accepted = set(inspect.signature(builder).parameters)
+    unknown = sorted(set(model_options) - accepted)
+    if unknown:
+        allowed = sorted((accepted - {"in_channels", "num_classes", "T", "neuron", "input_size"}) | set(NEURON_OPTIONS))
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    if input_size is not None and "input_size" in accepted:
+        model_options["input_size"] = input_size
+    return builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)

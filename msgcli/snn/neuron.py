@@ -1,0 +1,240 @@
+"""Multi-step leaky integrate-and-fire neuron over a whole ``[T, B, ...]`` sequence.
+
+A neuron step is three named parts, as in docs/method.md:
+
+* charge: ``H[t] = V[t-1] + (I[t] - V[t-1]) / tau``
+* fire:   ``S[t] = H(H[t] - V_th)`` with a (masked) surrogate derivative
+* reset:  hard ``V[t] = H[t] (1 - S[t])`` or soft ``V[t] = H[t] - V_th S[t]``;
+  the release keeps the gradient through ``S`` in the reset (``detach_reset=False``).
+
+The membrane starts at 0 on every call: the module keeps no state between calls.
+Two implementations sit behind :class:`LIF`: a plain-autograd reference written
+for reading, and a fused autograd Function that runs the time loop itself and
+saves only ``H`` (one tensor of activation size per timestep) for backward. The
+fused Function runs C kernels on CPU (:mod:`msgcli.snn.cpu_kernels`, built at
+first use) and Triton kernels on CUDA (:mod:`msgcli.snn.triton_lif`), with a loop
+of torch operators as the fallback everywhere. Spikes leave the module marked as
+such (:func:`mark_levels`), so the next convolution may keep them as bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from msgcli.snn import backends, cpu_kernels, options
+from msgcli.snn.memory import step_layout
+from msgcli.snn.surrogate import SpikeSpec
+
+
+def charge(v: torch.Tensor | float, current: torch.Tensor, tau: float) -> torch.Tensor:
+    return v + (current - v) / tau
+
+
+def reset(h: torch.Tensor, spike: torch.Tensor, mode: str, v_threshold: float) -> torch.Tensor:
+    if mode == "hard":
+        return h * (1.0 - spike)
+    return h - v_threshold * spike
+
+
+class _SpikeFunction(torch.autograd.Function):
+    """Heaviside forward, MSG surrogate backward, for one timestep (reference path)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: SpikeSpec) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.spec = spec
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_spike * ctx.spec.masked_derivative(x), None
+
+
+def lif_reference(
+    current: torch.Tensor, tau: float, v_threshold: float, spec: SpikeSpec, reset_mode: str, detach_reset: bool
+) -> torch.Tensor:
+    """Readable LIF with autograd through every step; the yardstick for the fused path."""
+    v: torch.Tensor | float = 0.0
+    spikes = []
+    for t in range(current.shape[0]):
+        h = charge(v, current[t], tau)
+        s = _SpikeFunction.apply(h - v_threshold, spec)
+        v = reset(h, s.detach() if detach_reset else s, reset_mode, v_threshold)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def lif_forward(
+    current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Spikes ``[T, B, ...]`` without autograd, and the pre-spike membrane ``H`` if asked.
+
+    Runs the fused C kernel on CPU when it is available (one pass over the sequence,
+    time loop inside), else a loop of torch operators.
+    """
+    kernels = backends.cpu(current)
+    if kernels is not None and step_layout(current) is None:
+        current = current.contiguous()
+    if kernels is not None and cpu_kernels.supports(current):
+        return kernels.lif_forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane)
+    spikes = torch.empty_like(current)
+    membrane = torch.empty_like(current) if keep_membrane else None
+    v = torch.zeros_like(current[0])
+    for t in range(current.shape[0]):
+        h = charge(v, current[t], tau)
+        fired = h >= v_threshold
+        spikes[t] = fired
+        v = h.masked_fill(fired, 0.0) if reset_mode == "hard" else h - v_threshold * spikes[t]
+        if membrane is not None:
+            membrane[t] = h
+    return spikes, membrane
+
+
+def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+    """Gradient of the time loop w.r.t. its input from the saved ``H``: the C kernel on CPU, else torch operators."""
+    kernels = backends.cpu(membrane)
+    if kernels is not None and cpu_kernels.supports(membrane):
+        return kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
+    leak = 1.0 - 1.0 / tau
+    grad_current = torch.empty_like(membrane)
+    grad_v = torch.zeros_like(membrane[0])
+    for t in reversed(range(membrane.shape[0])):
+        h = membrane[t]
+        x = h - v_threshold
+        surrogate = spec.masked_derivative(x)
+        grad_s = grad_spikes[t]
+        if reset_mode == "hard":
+            if not detach_reset:
+                grad_s = grad_s - grad_v * h
+            grad_h = torch.where(x < 0, grad_v, 0.0).addcmul_(grad_s, surrogate)
+        else:
+            if not detach_reset:
+                grad_s = grad_s - v_threshold * grad_v
+            grad_h = torch.addcmul(grad_v, grad_s, surrogate)
+        torch.div(grad_h, tau, out=grad_current[t])
+        grad_v = grad_h.mul_(leak)
+    return grad_current
+
+
+class _FusedLIF(torch.autograd.Function):
+    """The whole time loop as one autograd node, over a pair of loop implementations.
+
+    ``forward``/``backward`` are this module's :func:`lif_forward`/:func:`lif_backward`
+    (C kernels on CPU, torch operators elsewhere) or :mod:`msgcli.snn.triton_lif`'s (CUDA).
+    Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
+    else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
+    backward, timestep T-1 first, exactly as the reference's autograd does
+    (on CPU the C kernel draws torch's own random stream, see ``cpu_kernels``).
+    """
+
+    @staticmethod
+    def forward(ctx, current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset):
+        spikes, membrane = forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
+        ctx.save_for_backward(membrane)
+        ctx.params = (backward, tau, v_threshold, spec, reset_mode, detach_reset)
+        return spikes
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_spikes):
+        (membrane,) = ctx.saved_tensors
+        backward, *params = ctx.params
+        return (backward(grad_spikes, membrane, *params),) + (None,) * 7
+
+
+def fused_lif(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+    """Spikes through :class:`_FusedLIF` when a gradient is wanted, else the forward loop alone (nothing saved)."""
+    if torch.is_grad_enabled() and current.requires_grad:
+        return _FusedLIF.apply(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset)
+    return forward(current, tau, v_threshold, reset_mode, keep_membrane=False)[0]
+
+
+_LEVELS = "_msgsnn_levels"
+
+
+def mark_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Note on ``x`` that its entries are multiples of ``1 / levels`` (spikes: 1), valid while ``x`` is unmodified.
+
+    Consumers (``Folded`` convolutions) may then save ``x`` for backward as uint8 codes
+    instead of floats; an in-place change of ``x`` bumps its version and voids the note.
+    """
+    setattr(x, _LEVELS, (int(levels), x._version))
+    return x
+
+
+def levels_of(x: torch.Tensor) -> int | None:
+    note = getattr(x, _LEVELS, None)
+    return note[0] if note is not None and note[1] == x._version else None
+
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire neurons over ``[T, B, ...]``, returning spikes of the same shape.
+
+    ``mask_p`` is MSG's probability of dropping a surrogate-gradient entry
+    (0: plain surrogate gradient). ``backend``: ``reference`` (autograd per
+    step), ``fused`` (one autograd Function), ``triton`` (CUDA kernel), or
+    ``auto`` (triton on CUDA when available, else fused).
+    """
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 0.5,
+        surrogate: str = "piecewise_linear",
+        alpha: float = 2.0,
+        mask_p: float = 0.0,
+        reset: str = "hard",
+        detach_reset: bool = False,
+        mask_mode: str = "element",
+        mask_fill: str = "zero",
+        rescale: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(tau, (int, float)) and tau >= 1.0):
+            raise ValueError(f"tau: must be a number >= 1, got {tau!r}")
+        if not isinstance(v_threshold, (int, float)):
+            raise ValueError(f"v_threshold: must be a number, got {v_threshold!r}")
+        options.check("reset", reset, options.RESETS)
+        options.check("backend", backend, options.BACKENDS)
+        self.tau = float(tau)
+        self.v_threshold = float(v_threshold)
+        self.reset = reset
+        self.detach_reset = bool(detach_reset)
+        self.backend = backend
+        spec = SpikeSpec(surrogate, alpha, mask_p, mask_mode, mask_fill, bool(rescale))  # validates before converting
+        self.spec = dataclasses.replace(spec, alpha=float(alpha), mask_p=float(mask_p))
+
+    @property
+    def mask_p(self) -> float:
+        return self.spec.mask_p
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"tau={self.tau}, v_threshold={self.v_threshold}, surrogate={s.surrogate}, alpha={s.alpha}, "
+            f"mask_p={s.mask_p}, mask_mode={s.mask_mode}, reset={self.reset}, detach_reset={self.detach_reset}"
+        )
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if current.dim() < 2:
+            raise ValueError(f"LIF input: expected a tensor [T, B, ...] with at least 2 dims, got shape {tuple(current.shape)}")
+        return mark_levels(self._spikes(current), 1)
+
+    def _spikes(self, current: torch.Tensor) -> torch.Tensor:
+        args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
+        if self.backend == "reference":
+            return lif_reference(current, *args)
+        triton_lif = backends.lif_kernels(current) if self.backend in ("auto", "triton") else None
+        if triton_lif is not None:
+            strict = self.backend == "triton"
+            return fused_lif(current, backends.triton_or_torch(triton_lif.lif_forward, lif_forward, strict),
+                             backends.triton_or_torch(triton_lif.lif_backward, lif_backward, strict), *args)
+        if self.backend == "triton":
+            raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
+                             "use 'auto' to fall back to 'fused'")
+        return fused_lif(current, lif_forward, lif_backward, *args)

@@ -1,0 +1,422 @@
+"""Multi-step LIF with MSG as two Triton kernels (forward, backward) for CUDA tensors, and per-step BatchNorm.
+
+One program owns a block of neurons and runs the whole time loop in registers:
+the forward reads the input current once and writes spikes and the pre-spike
+membrane ``H`` (saved for backward, input dtype); the backward reads the upstream
+gradient and ``H`` once and writes the input gradient. The MSG keep-mask is drawn
+inside the backward kernel from a seed (Philox, ``tl.randint4x``: one call gives
+the draws of four timesteps), so no mask exists in memory at any time. The seed
+comes from torch's CPU generator at every backward call, so ``torch.manual_seed``
+makes runs repeatable and every backward draws a fresh mask; the stream differs
+from torch's, so ``p > 0`` matches the reference only in distribution.
+
+Inputs may be float32, float16 or bfloat16 (arithmetic in float32; ``H`` is
+rounded to the input dtype before the spike test, so the spikes recomputed in
+backward are the forward's). The surrogate, the reset, ``detach_reset`` and the
+mask mode are compile-time switches (:func:`lif_forward_switches`,
+:func:`lif_backward_switches`); the mask's fill and rescaling are run-time values,
+so one compiled kernel serves all of them.
+
+Every launch goes through :func:`_launch`: a kernel that Triton cannot build for the
+GPU raises :class:`TritonBuildError` (the callers then fall back to torch operators),
+while an error of running it (a CUDA out-of-memory, say) propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+from msgcli.snn import options
+from msgcli.snn.memory import step_layout
+
+AVAILABLE = triton is not None and torch.cuda.is_available()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LIF_BLOCK = 1024  # neurons per program
+LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
+BN_ROWS = 64  # rows of [M, C] per tile
+BN_MAX_CHANNELS = 64  # channels per tile at most
+BN_WARPS = 8
+
+
+class TritonBuildError(RuntimeError):
+    """Triton could not build one of these kernels for this GPU (compile, ptxas or resource limits)."""
+
+    def __init__(self, kernel: str, err: Exception) -> None:
+        super().__init__(f"Triton cannot build {kernel} here ({type(err).__name__}: {err})")
+        self.kernel = kernel
+
+
+def supports(x: torch.Tensor) -> bool:
+    return triton is not None and x.dtype in DTYPES and 0 < x[0].numel() < 2**31
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def driver_error() -> TritonBuildError | None:
+    """Why Triton's CUDA driver cannot start here (it builds a small C module at first use), or None."""
+    try:
+        triton.runtime.driver.active.get_current_target()
+    except Exception as err:  # noqa: BLE001 - any failure here means: no Triton kernels in this process
+        return TritonBuildError("the C module of its CUDA driver", err)
+    return None
+
+
+def _build_errors() -> tuple[type[Exception], ...]:
+    """Triton's exception types for a kernel that cannot be built: the front end's ``CompilationError``,
+    ``PTXASError`` (ptxas rejected the PTX) and ``OutOfResources`` (shared memory or threads over the GPU's
+    limit, raised when the kernel is loaded), much as Triton's autotuner skips a config that cannot be built."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    return tuple(t for t in (CompilationError, getattr(errors, "PTXASError", None), errors.OutOfResources) if t)
+
+
+def is_build_error(err: BaseException) -> bool:
+    """True if ``err`` says Triton could not build the kernel, False if something failed while running it.
+
+    Besides Triton's own types, anything raised inside ``triton.compile`` is a build failure: an MLIR pass
+    that fails raises a plain ``RuntimeError("PassManager::run failed")``. A CUDA error (out of memory
+    included) is never raised there, so it is never taken for a build failure.
+    """
+    if isinstance(err, _build_errors()):
+        return True
+    compile_code = triton.compiler.compiler.compile.__code__
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is compile_code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _launch(kernel, grid: tuple, *args, num_warps: int, **switches) -> None:
+    """``kernel[grid](*args, **switches)``, with a failure to build it raised as :class:`TritonBuildError`."""
+    try:
+        kernel[grid](*args, num_warps=num_warps, **switches)
+    except Exception as err:
+        if is_build_error(err):
+            raise TritonBuildError(kernel.__name__, err) from err
+        raise
+
+
+if triton is not None:
+
+    @triton.jit
+    def _surrogate(x, alpha, KIND: tl.constexpr):
+        """Surrogate number ``KIND`` of ``options.SURROGATES``."""
+        if KIND == 0:
+            g = tl.maximum(alpha - alpha * alpha * tl.abs(x), 0.0)
+        elif KIND == 1:
+            z = (3.141592653589793 / 2) * alpha * x
+            g = alpha / (1.0 + z * z)
+        elif KIND == 2:
+            s = tl.sigmoid(alpha * x)
+            g = alpha * s * (1.0 - s)
+        else:
+            g = tl.where(tl.abs(x) < 1.0 / alpha, alpha, 0.0)
+        return g
+
+    @triton.jit
+    def _fill(x, alpha, kind):
+        """What a masked entry gets: 0 (``kind`` = ``options.ZERO_FILL``) or surrogate ``kind``, chosen at run time."""
+        g = tl.zeros_like(x)
+        if kind == 0:
+            g = _surrogate(x, alpha, 0)
+        elif kind == 1:
+            g = _surrogate(x, alpha, 1)
+        elif kind == 2:
+            g = _surrogate(x, alpha, 2)
+        elif kind == 3:
+            g = _surrogate(x, alpha, 3)
+        return g
+
+    @triton.jit
+    def _lif_forward_kernel(x_ptr, s_ptr, h_ptr, N, T, tau, vth,
+                            HARD: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
+        inb = offs < N
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+        n64 = N.to(tl.int64)
+        for t in range(T):
+            step = t * n64
+            x = tl.load(x_ptr + step + offs, mask=inb, other=0.0).to(tl.float32)
+            h = v + (x - v) / tau
+            h = h.to(s_ptr.dtype.element_ty).to(tl.float32)  # what backward will read back
+            fired = h >= vth
+            spike = fired.to(tl.float32)
+            tl.store(s_ptr + step + offs, spike.to(s_ptr.dtype.element_ty), mask=inb)
+            if SAVE_H:
+                tl.store(h_ptr + step + offs, h.to(h_ptr.dtype.element_ty), mask=inb)
+            if HARD:
+                v = tl.where(fired, 0.0, h)
+            else:
+                v = (h - vth * spike).to(s_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _lif_step_backward(g_ptrs, h_ptrs, o_ptrs, inb, gv, rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                           HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr):
+        h = tl.load(h_ptrs, mask=inb, other=0.0).to(tl.float32)
+        x = h - vth
+        sg = _surrogate(x, alpha, SURR)
+        if MASK >= 0:
+            u = (rnd.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+            sg = tl.where(u >= p, sg * keep_scale, _fill(x, alpha, fill_kind))
+        gs = tl.load(g_ptrs, mask=inb, other=0.0).to(tl.float32)
+        if HARD:
+            if not DETACH:
+                gs = gs - gv * h
+            gh = tl.where(x < 0, gv, 0.0) + gs * sg
+        else:
+            if not DETACH:
+                gs = gs - vth * gv
+            gh = gv + gs * sg
+        tl.store(o_ptrs, (gh / tau).to(o_ptrs.dtype.element_ty), mask=inb)
+        return gh * leak
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                             HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr,
+                             NLC: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
+        inb = offs < N
+        # the index of each element's draw within a timestep: MASK is options.MASK_MODES' index of
+        # element, (sample, channel) or sample, or options.NO_MASK
+        if MASK == 1:
+            if NLC:
+                ridx = (offs // (C * L)) * C + offs % C
+            else:
+                ridx = offs // L
+        elif MASK == 2:
+            ridx = offs // (C * L)
+        else:
+            ridx = offs
+        gv = tl.zeros([BLOCK], dtype=tl.float32)
+        zero = tl.zeros([BLOCK], dtype=tl.int32)
+        for gi in range(0, (T + 3) // 4):
+            if MASK >= 0:
+                r0, r1, r2, r3 = tl.randint4x(seed + gi, ridx)
+            else:
+                r0, r1, r2, r3 = zero, zero, zero, zero
+            for k in tl.static_range(4):
+                t = T - 1 - 4 * gi - k
+                if k == 0:
+                    rnd = r0
+                elif k == 1:
+                    rnd = r1
+                elif k == 2:
+                    rnd = r2
+                else:
+                    rnd = r3
+                if t >= 0:
+                    step = t.to(tl.int64) * N
+                    gv = _lif_step_backward(g_ptr + step + offs, h_ptr + step + offs, o_ptr + step + offs, inb, gv,
+                                            rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                                            HARD, DETACH, SURR, MASK)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    return x if step_layout(x) is not None else x.contiguous()
+
+
+def lif_forward_switches(reset_mode: str, keep_membrane: bool) -> dict:
+    """The compile-time switches of the LIF forward kernel for these options."""
+    return {"HARD": reset_mode == "hard", "SAVE_H": bool(keep_membrane), "BLOCK": LIF_BLOCK}
+
+
+def lif_backward_switches(spec, reset_mode: str, detach_reset: bool, channels_last: bool) -> dict:
+    """The compile-time switches of the LIF backward kernel; a switch that cannot change the result is
+    given one value (no mask: no layout), so no two kernels that compute the same thing are compiled."""
+    mask = options.mask_mode_id(spec.mask_mode, spec.mask_p)
+    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": options.surrogate_id(spec.surrogate),
+            "MASK": mask, "NLC": spec.mask_p > 0 and spec.mask_mode == "channel" and channels_last, "BLOCK": LIF_BLOCK}
+
+
+def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
+    """Spikes of ``current [T, B, ...]`` and, if asked, the pre-spike membrane ``H``: one program per block of neurons."""
+    current = _dense(current)
+    T, N = current.shape[0], current[0].numel()
+    spikes = torch.empty_like(current)
+    membrane = torch.empty_like(current) if keep_membrane else spikes
+    _launch(_lif_forward_kernel, (cdiv(N, LIF_BLOCK),), current, spikes, membrane, N, T, float(tau),
+            float(v_threshold), num_warps=LIF_WARPS, **lif_forward_switches(reset_mode, keep_membrane))
+    return spikes, (membrane if keep_membrane else None)
+
+
+def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str,
+                 detach_reset: bool) -> torch.Tensor:
+    """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from a fresh seed (never stored)."""
+    T, N = membrane.shape[0], membrane[0].numel()
+    if grad.stride() != membrane.stride() or grad.dtype != membrane.dtype:
+        grad = torch.empty_like(membrane).copy_(grad)
+    out = torch.empty_like(membrane)
+    B = membrane.shape[1]
+    C = membrane.shape[2] if membrane.dim() > 2 else 1
+    L = N // (B * C)
+    switches = lif_backward_switches(spec, reset_mode, detach_reset,
+                                     step_layout(membrane) == "nlc" and membrane.dim() == 5)
+    # a fresh 62-bit key per backward call from torch's CPU generator (no device sync), always an int64 argument
+    seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] != options.NO_MASK else 2**32
+    keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
+    fill_kind = options.fill_id(spec.mask_fill)
+    _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),
+            1.0 - 1.0 / float(tau), float(v_threshold), float(spec.alpha), float(spec.mask_p), keep_scale, fill_kind,
+            num_warps=LIF_WARPS, **switches)
+    return out
+
+
+# --------------------------------------------------------------------------- per-timestep BatchNorm
+# A channels-last [T, B, C, H, W] tensor is [T, M, C] in memory (M = B*H*W): the statistics of
+# (t, c) are column sums over the rows of one timestep. Partial sums come from a grid of
+# (timestep, channel block, row split) programs, shifted by the first row for accuracy.
+
+
+def bn_supports(x: torch.Tensor) -> bool:
+    """Triton per-step BatchNorm takes CUDA tensors whose timesteps are ``[M, C]`` row-major."""
+    return ((AVAILABLE or (triton is not None and _interpreting())) and x.dtype in DTYPES and x[0].numel() < 2**31
+            and _rows_layout(x))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rows_layout(x: torch.Tensor) -> bool:
+    layout = step_layout(x)
+    return layout == "nlc" or (layout == "ncl" and x.dim() == 3)
+
+
+def bn_channel_block(channels: int) -> int:
+    """Channels per tile of the BatchNorm kernels: the next power of two, at most ``BN_MAX_CHANNELS``."""
+    return min(BN_MAX_CHANNELS, 1 << max(0, channels - 1).bit_length())
+
+
+def bn_sums_split(T: int, M: int, C: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)``: each (timestep, channel block) is cut into row splits so that about
+    1024 programs share the sums; a split's rows are a multiple of ``BN_ROWS``."""
+    channel_blocks = cdiv(C, bn_channel_block(C))
+    splits = max(1, min(cdiv(M, BN_ROWS), 1024 // max(1, T * channel_blocks)))
+    rows_per_split = cdiv(cdiv(M, splits), BN_ROWS) * BN_ROWS
+    return cdiv(M, rows_per_split), rows_per_split
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bn_sums_kernel(a_ptr, b_ptr, shift_ptr, part_ptr, M, C, S, rows_per_split,
+                        PRODUCT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """PRODUCT=False: sums of (a - shift) and (a - shift)^2; True: sums of a and a * (b - shift)."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        s = tl.program_id(2)
+        cin = cols < C
+        shift = tl.load(shift_ptr + t * C + cols, mask=cin, other=0.0)
+        acc1 = tl.zeros([BC], dtype=tl.float32)
+        acc2 = tl.zeros([BC], dtype=tl.float32)
+        base = t.to(tl.int64) * M * C
+        start = s * rows_per_split
+        for r0 in range(start, tl.minimum(start + rows_per_split, M), BM):
+            rows = r0 + tl.arange(0, BM)
+            m = (rows < tl.minimum(start + rows_per_split, M))[:, None] & cin[None, :]
+            offs = base + rows.to(tl.int64)[:, None] * C + cols[None, :]
+            a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if PRODUCT:
+                b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                acc1 += tl.sum(a, axis=0)
+                acc2 += tl.sum(tl.where(m, a * (b - shift[None, :]), 0.0), axis=0)
+            else:
+                d = tl.where(m, a - shift[None, :], 0.0)
+                acc1 += tl.sum(d, axis=0)
+                acc2 += tl.sum(d * d, axis=0)
+        out = part_ptr + ((t * S + s) * 2) * C + cols
+        tl.store(out, acc1, mask=cin)
+        tl.store(out + C, acc2, mask=cin)
+
+    @triton.jit
+    def _bn_map_kernel(a_ptr, b_ptr, out_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, M, C,
+                       BACKWARD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        """Per (t, c), forward: out = a * c0 + c1; backward: out = (a - (b - c0) * c1) * c2 - c3 (a = dy, b = x).
+
+        A program maps a [BM, BC] tile of one timestep, so each coefficient is loaded once per tile column.
+        """
+        r0 = tl.program_id(0) * BM
+        t = tl.program_id(1)
+        cols = tl.program_id(2) * BC + tl.arange(0, BC)
+        cin = cols < C
+        m = (r0 + tl.arange(0, BM) < M)[:, None] & cin[None, :]
+        base = (t.to(tl.int64) * M + r0) * C
+        tile = tl.arange(0, BM)[:, None] * C + cols[None, :]  # int32 offsets within the tile
+        a = tl.load(a_ptr + base + tile, mask=m, other=0.0).to(tl.float32)
+        k0 = tl.load(c0_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+        k1 = tl.load(c1_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+        if BACKWARD:
+            b = tl.load(b_ptr + base + tile, mask=m, other=0.0).to(tl.float32)
+            k2 = tl.load(c2_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+            k3 = tl.load(c3_ptr + t * C + cols, mask=cin, other=0.0)[None, :]
+            y = (a - (b - k0) * k1) * k2 - k3
+        else:
+            y = a * k0 + k1
+        tl.store(out_ptr + base + tile, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _bn_geometry(x: torch.Tensor):
+    T, C = x.shape[0], x.shape[2]
+    return T, x[0].numel() // C, C
+
+
+def _bn_sums(a: torch.Tensor, b: torch.Tensor | None, shift: torch.Tensor, product: bool):
+    """Column sums per (t, c) over the M rows of each timestep: float32 ``[T, C]`` twice."""
+    T, M, C = _bn_geometry(a)
+    BC = bn_channel_block(C)
+    splits, rows_per_split = bn_sums_split(T, M, C)
+    part = torch.empty(T, splits, 2, C, device=a.device, dtype=torch.float32)
+    _launch(_bn_sums_kernel, (T, cdiv(C, BC), splits), a, a if b is None else b, shift.float().contiguous(), part,
+            M, C, splits, rows_per_split, num_warps=BN_WARPS, PRODUCT=product, BM=BN_ROWS, BC=BC)
+    sums = part.sum(1)
+    return sums[:, 0], sums[:, 1]
+
+
+def bn_stats(x: torch.Tensor):
+    """Biased mean and variance per (t, c), float32 ``[T, C]``."""
+    T, M, C = _bn_geometry(x)
+    shift = _first_row(x)
+    s1, s2 = _bn_sums(x, None, shift, product=False)
+    d = s1 / M
+    return shift + d, (s2 / M - d * d).clamp_(min=0)
+
+
+def _first_row(x: torch.Tensor) -> torch.Tensor:
+    """``x[t, sample 0, :, pixel 0]`` as ``[T, C]`` float32: one sample per (t, c) to shift the sums by."""
+    idx = (0,) * (x.dim() - 3)
+    return x[(slice(None), 0, slice(None)) + idx].float()
+
+
+def _bn_map(a: torch.Tensor, b: torch.Tensor, coefficients: list[torch.Tensor], backward: bool) -> torch.Tensor:
+    T, M, C = _bn_geometry(a)
+    BC = bn_channel_block(C)
+    out = torch.empty_like(a)
+    _launch(_bn_map_kernel, (cdiv(M, BN_ROWS), T, cdiv(C, BC)), a, b, out,
+            *[c.float().contiguous() for c in coefficients], M, C,
+            num_warps=BN_WARPS, BACKWARD=backward, BM=BN_ROWS, BC=BC)
+    return out
+
+
+def bn_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return _bn_map(x, x, [scale, shift, scale, shift], backward=False)
+
+
+def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
+    return _bn_sums(dy, x, mean, product=True)
+
+
+def bn_backward_input(dy, x, mean, q, a, r) -> torch.Tensor:
+    return _bn_map(dy, x, [mean, q, a, r], backward=True)

@@ -1,3 +1,0 @@
-from msgsnn.cli import main
-
-main()

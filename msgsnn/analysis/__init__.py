@@ -1,6 +1,0 @@
-"""Figures and tables of the paper drawn from msgsnn's own run and sweep directories.
-
-``runs`` reads run/sweep directories, ``stats`` makes the ablation and mask-p
-tables, ``figures`` draws Figs. 3-5, ``grads`` Fig. 1 and ``firing`` Fig. 6 with
-the synaptic-operation and energy estimate; :mod:`msgsnn.cli.analyze` is ``msgsnn analyze``.
-"""

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from msgcli import config as config_io
 from msgcli.cli.common import (Amp, BatchSize, Checkpoint, DataRoot, Device, Epochs, LimitBatches, Preset, RunDir, Sets,
-                               SkipBadSamples, Seed, Surrogate, Two, check_choice, console, exit_on_user_errors,
+                               SkipBadSamples, Seed, Surrogate, Two, Workers, check_choice, console, exit_on_user_errors,
                                flag_overrides, resolve_config)
 
 
@@ -32,12 +32,15 @@ def train_command(
     device: Device = None,
     amp: Amp = None,
     limit_batches: LimitBatches = None,
+    workers: Workers = None,
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the metrics as TensorBoard scalars under "
                                      "<run>/tb/ (train.loggers: [csv, tensorboard]; needs the tensorboard package)."),
     skip_bad_samples: SkipBadSamples = False,
     sets: Sets = [],  # noqa: B006 - typer's repeatable option
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly where it stopped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    auto_resume: bool = typer.Option(False, "--auto-resume", help="Resume if the run has a checkpoint, start if it has "
+                                     "none, exit 0 untouched if it finished (train.auto_resume; for requeued jobs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ) -> None:
     """Train one run; writes config.yaml, metrics.csv, checkpoints/, train.log and summary.json."""
@@ -48,15 +51,20 @@ def train_command(
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, mask_p=mask_p, two=two, surrogate=surrogate, seed=seed,
                                device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name,
                                loggers=["csv", "tensorboard"] if tensorboard else None,
-                               skip_bad_samples=skip_bad_samples or None)
+                               skip_bad_samples=skip_bad_samples or None, workers=workers, auto_resume=auto_resume or None)
     cfg = resolve_config(preset, config_file, overrides, sets)
-    saved = RunDirectory(out / (cfg.name or cfg.preset or "run")).config
-    if resume and saved.exists():
+    run = RunDirectory(out / (cfg.name or cfg.preset or "run"))
+    continuing = resume or (cfg.train.auto_resume and not overwrite and run.last.exists())
+    if continuing and run.config.exists():
         # continue with the saved config; only flags given now change it (e.g. more --epochs)
-        cfg = resolve_config(None, saved, overrides, sets)
+        cfg = resolve_config(None, run.config, overrides, sets)
     loggers.require(cfg.train.loggers)
     result = run_training(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, console=console)
     s = result.summary
+    if result.model is None:
+        console.print(f"{s['run_dir']} finished already: best test accuracy {s['best_test_acc']:.2f}%, final "
+                      f"{s['final_test_acc']:.2f}% after {s['epochs']} epochs; nothing to do", soft_wrap=True)
+        return
     console.print(f"[green]done[/green] {s['run_dir']}: best test accuracy {s['best_test_acc']:.2f}%, "
                   f"final {s['final_test_acc']:.2f}% after {s['epochs']} epochs in {s['seconds']:.0f}s", soft_wrap=True)
 
@@ -77,13 +85,16 @@ def eval_command(
     checkpoint: Checkpoint = "best",
     data_root: DataRoot = None,
     device: Device = None,
+    workers: Workers = None,
 ) -> None:
-    """Test accuracy of a saved run, overall and per timestep; writes eval-<checkpoint>.json."""
+    """Test accuracy of a saved run, overall and per timestep (builds the test split only); writes eval-<checkpoint>.json."""
     from msgcli.engine.evaluate import run_evaluation
     from msgcli.engine.results import write_atomic
 
     check_choice("--checkpoint", checkpoint, ("best", "last"))
-    result, path = run_evaluation(run_dir, checkpoint, flag_overrides(data_root=data_root, device=device))
+    result, path = run_evaluation(run_dir, checkpoint, flag_overrides(data_root=data_root, device=device, workers=workers))
+    if path is None:  # another rank of the job reports
+        return
     _print_accuracy(f"{run_dir} ({checkpoint})", result.accuracy, result.timestep_accuracy)
     report = {"checkpoint": checkpoint, "test_acc": result.accuracy, "test_loss": result.loss,
               "test_acc_per_timestep": result.timestep_accuracy, "firing_rates": result.firing_rates, "samples": result.samples}

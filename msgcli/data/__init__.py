@@ -5,6 +5,6 @@ from a :class:`~msgcli.config.RunConfig`.
 """
 
 from . import digits, events, images, synthetic  # noqa: F401  (each registers its datasets)
-from .registry import DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root
+from .registry import DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root, resolve_workers
 
-__all__ = ["DataBundle", "DatasetInfo", "build_datasets", "check_datasets", "list_datasets", "resolve_root"]
+__all__ = ["DataBundle", "DatasetInfo", "build_datasets", "check_datasets", "list_datasets", "resolve_root", "resolve_workers"]

@@ -24,7 +24,7 @@ from .clips import EventSplit, event_bundle
 from .frames import FrameSpec
 from msgcli.errors import BadSample, DatasetMissing
 
-from .registry import DataBundle, register, resolve_root
+from .registry import SPLITS, DataBundle, register, resolve_root
 from .split import split_per_class
 
 
@@ -189,7 +189,7 @@ def _event_split(dataset: tonic.Dataset, indices: np.ndarray, labels: np.ndarray
     return EventSplit(lambda: TonicRecordings(dataset, indices), labels[indices], _fingerprint(paths, root))
 
 
-def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBundle:
+def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool, wanted: tuple[str, ...] = SPLITS) -> DataBundle:
     """Check the layout, list the files through tonic, split them and render the frames."""
     root = resolve_root(cfg.data.root)
     check_tonic(source, cfg)
@@ -210,7 +210,7 @@ def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBun
             in_path_order = np.array(sorted(range(len(dataset.data)), key=dataset.data.__getitem__), dtype=np.int64)
             splits[split] = _event_split(dataset, in_path_order, labels, root)
     spec = FrameSpec(cfg.T, cfg.data.size, tuple(source.sensor_size), source.fit_extent)
-    return event_bundle(cfg, classes, spec, splits, progress)
+    return event_bundle(cfg, classes, spec, splits, progress, wanted)
 
 
 for _source in SOURCES:

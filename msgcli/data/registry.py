@@ -35,7 +35,7 @@ class DatasetInfo:
     in_channels: int
     sensor_size: tuple[int, int, int] | None
     input_shape: tuple[int, ...]
-    n_train: int
+    n_train: int | None  # None when the training split was not built
     n_test: int
     skipped: int = 0
     num_classes: int = field(init=False)
@@ -48,24 +48,27 @@ class DatasetInfo:
 class DataBundle:
     """Train and test sets of ``(frames, label)`` plus optional class-balancing weights.
 
+    A split that was not asked for (:func:`build_datasets`' ``splits``) is ``None``.
     ``sample_weights`` is ``None`` or a float tensor ``[n_train]`` for a
     ``WeightedRandomSampler``; the engine builds the samplers and loaders.
     """
 
-    train: Dataset
-    test: Dataset
+    train: Dataset | None
+    test: Dataset | None
     info: DatasetInfo
     sample_weights: torch.Tensor | None = None
 
 
-Builder = Callable[[RunConfig, bool], DataBundle]
+SPLITS = ("train", "test")
+Builder = Callable[[RunConfig, bool, tuple[str, ...]], DataBundle]
 Check = Callable[[RunConfig], None]
 _BUILDERS: dict[str, Builder] = {}
 _CHECKS: dict[str, Check] = {}
 
 
 def register(name: str, builder: Builder, check: Check | None = None) -> None:
-    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``.
+    """Make ``builder(cfg, progress, splits) -> DataBundle`` available as dataset ``name``; it builds (and
+    renders) only the ``splits`` named, leaving the others ``None``.
 
     ``check(cfg)``, for data read from disk, raises :class:`DatasetMissing` from file tests
     alone, so a sweep can stop before it starts a single run.
@@ -85,15 +88,37 @@ def resolve_root(root: str) -> Path:
     return Path(chosen).expanduser()
 
 
-def build_datasets(cfg: RunConfig, progress: bool = True) -> DataBundle:
-    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events.
+MAX_WORKERS = 16  # past this, more loader processes add memory, not throughput, at the paper's batch sizes
+
+
+def available_cpus() -> int:
+    """The CPUs one training process may use: SLURM's ``--cpus-per-task`` when set, else this process's
+    CPU affinity shared among the processes torchrun or srun started on this node."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else cpus
+
+
+def resolve_workers(num_workers: int | None) -> int:
+    """``data.num_workers``, or when it is null (the default) one loader process per CPU this process may
+    use, less one for the training loop itself, at most ``MAX_WORKERS``."""
+    if num_workers is not None:
+        return num_workers
+    return min(max(available_cpus() - 1, 0), MAX_WORKERS)
+
+
+def build_datasets(cfg: RunConfig, progress: bool = True, splits: tuple[str, ...] = SPLITS) -> DataBundle:
+    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events; only those in
+    ``splits`` (``msgsnn eval`` builds ``("test",)`` and never renders the training frames).
 
     Raises :class:`DatasetMissing` when the files are not there (nothing is ever
     downloaded) and :class:`BadSample` for an unusable recording unless
     ``cfg.data.skip_bad_samples`` is set.
     """
-    bundle = _builder(cfg.data.name)(cfg, progress)
-    if cfg.data.balanced_sampler:
+    bundle = _builder(cfg.data.name)(cfg, progress, splits)
+    if cfg.data.balanced_sampler and bundle.train is not None:
         bundle.sample_weights = class_balanced_weights(bundle.train.targets)
     return bundle
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from msgcli.config import RunConfig
 from msgcli.engine import distributed
 from msgcli.engine.build import spiking_layers
+from msgcli.data import resolve_workers
 from msgcli.engine.sampling import ignore_stop_signals
 from msgcli.snn import TWO
 
@@ -35,10 +36,13 @@ class EvalResult:
 
 
 def test_loader(dataset: Dataset, cfg: RunConfig, ctx: distributed.DistContext, pin: bool) -> DataLoader:
-    """This rank's share of the test set (every world_size-th sample, no padding: counts stay exact)."""
+    """This rank's share of the test set (every world_size-th sample, no padding: counts stay exact); its
+    workers persist from one evaluation to the next."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                      pin_memory=pin, worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.train.seed))
+    workers = resolve_workers(cfg.data.num_workers)
+    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 @torch.no_grad()
@@ -88,8 +92,9 @@ def evaluate(
     )
 
 
-def run_evaluation(run_dir: Path, which: str, overrides: dict) -> tuple[EvalResult, Path]:
-    """Evaluate ``run_dir``'s best or last checkpoint on its test set; returns the result and the report path."""
+def run_evaluation(run_dir: Path, which: str, overrides: dict) -> tuple[EvalResult, Path | None]:
+    """Evaluate ``run_dir``'s best or last checkpoint on its test set; returns the result and the report path
+    (``None`` on every rank but rank 0 of an ``srun``/``torchrun`` job: one process writes the report)."""
     from msgcli import config as config_io
     from msgcli.data import build_datasets
     from msgcli.engine import checkpoint
@@ -101,12 +106,15 @@ def run_evaluation(run_dir: Path, which: str, overrides: dict) -> tuple[EvalResu
     if not run.config.exists():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = config_io.apply_overrides(config_io.load(run.config), overrides)
-    ctx = distributed.setup(cfg.train.device)
-    state = checkpoint.load(run.best if which == "best" else run.last, map_location=ctx.device)
-    bundle = build_datasets(cfg, progress=True)
-    model = build_model_from_config(cfg, bundle.info.in_channels, bundle.info.num_classes).to(ctx.device)
-    model.load_state_dict(state["model"])
-    two = build_two(cfg).to(ctx.device)
-    two.load_state_dict(state["two"])
-    loader = test_loader(bundle.test, cfg, ctx, pin=ctx.device.type == "cuda")
-    return evaluate(model, two, loader, cfg, ctx), run.path / f"eval-{which}.json"
+    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    try:
+        state = checkpoint.load(run.best if which == "best" else run.last, map_location=ctx.device)
+        bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=ctx.is_main, splits=("test",)))
+        model = build_model_from_config(cfg, bundle.info.in_channels, bundle.info.num_classes).to(ctx.device)
+        model.load_state_dict(state["model"])
+        two = build_two(cfg).to(ctx.device)
+        two.load_state_dict(state["two"])
+        loader = test_loader(bundle.test, cfg, ctx, pin=ctx.device.type == "cuda")
+        return evaluate(model, two, loader, cfg, ctx), run.path / f"eval-{which}.json" if ctx.is_main else None
+    finally:
+        distributed.teardown(ctx)

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from msgcli.config import AugmentConfig, DataConfig
+from msgcli.config import AugmentConfig
 from msgcli.data.augment import clip_augment
 from msgcli.data.cache import build_clips
 from msgcli.data.clips import FrameClips
+from msgcli.data.registry import resolve_workers
 
 
 def write_cache(directory: Path, clips: int, T: int, size: int) -> FrameClips:
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=10)
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=DataConfig().num_workers)
+    parser.add_argument("--workers", type=int, default=resolve_workers(None), help="default: what a run uses")
     parser.add_argument("--epochs", type=int, default=3, help="steady-state epochs after the first")
     args = parser.parse_args()
 

@@ -159,6 +159,20 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms_for_the_run_only
     assert torch.are_deterministic_algorithms_enabled() == before
 
 
+def test_an_operator_without_a_deterministic_version_stops_a_deterministic_run_with_one_line(tmp_path, monkeypatch):
+    real_loss = train_module.compute_loss
+
+    def scattering(*args, **kwargs):
+        torch.zeros(3).put_(torch.tensor([0]), torch.tensor([1.0]))  # no deterministic version in torch
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", scattering)
+    with pytest.raises(UserError, match=r"^train.deterministic: put_ does not have a deterministic implementation on cpu; "
+                                        r"set train.deterministic=false"):
+        train(tiny_config(tmp_path, train__epochs=1, train__deterministic=True), tmp_path / "out", progress=False)
+    assert train(tiny_config(tmp_path, train__epochs=1), tmp_path / "out", overwrite=True, progress=False).model is not None
+
+
 def test_eval_builds_only_the_test_split_and_leaves_the_process_group(tmp_path, monkeypatch):
     """On a cached dataset: ``msgsnn eval`` renders the test frames it needs, never the training frames."""
     from typer.testing import CliRunner

@@ -51,6 +51,7 @@ from msgcli.snn.layers import sync_batchnorm
 log = logging.getLogger("msgcli")
 
 SUM_KEYS = ("loss", "correct", "seen", "batches")  # a rank's running sums over the batches of an epoch
+NO_DETERMINISTIC_VERSION = "does not have a deterministic implementation"  # torch's error under train.deterministic
 
 
 @dataclass
@@ -241,6 +242,10 @@ def train(
             held.enter_context(deterministic_algorithms(cfg.train.deterministic))
             return _train(ctx, cfg, run, start == "resume", progress, console or Console(stderr=False))
     except Exception as err:
+        if cfg.train.deterministic and NO_DETERMINISTIC_VERSION in str(err):
+            raise distributed.error_for_rank(ctx, UserError(
+                f"train.deterministic: {str(err).split(',')[0]} on {ctx.device.type}; set train.deterministic=false "
+                "to train this network")) from None
         if claimed and not isinstance(err, MsgsnnError) and run.path.is_dir():
             keep_traceback(err, run, ctx)
         raise

@@ -211,11 +211,13 @@ def test_a_held_run_directory_is_refused_at_once_naming_its_holder_and_the_holde
             time.sleep(0.05)
         assert f"pid {holder.pid} " in (run / ".lock").read_text()
         before = snapshot(run)
-        for extra in ([], ["--resume"], ["--overwrite"], ["--auto-resume"]):
-            second = subprocess.run(msgsnn(*train_args(tmp_path, *extra, overrides=overrides)), env=clean_environment(),
-                                    capture_output=True, text=True, timeout=120)
-            assert second.returncode == 2, (extra, second.stdout, second.stderr)
-            lines = second.stderr.strip().splitlines()
+        kinds = ([], ["--resume"], ["--overwrite"], ["--auto-resume"])
+        seconds = [subprocess.Popen(msgsnn(*train_args(tmp_path, *extra, overrides=overrides)), env=clean_environment(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for extra in kinds]
+        for extra, second in zip(kinds, seconds):
+            stdout, stderr = second.communicate(timeout=120)
+            assert second.returncode == 2, (extra, stdout, stderr)
+            lines = stderr.strip().splitlines()
             assert len(lines) == 1 and re.fullmatch(
                 rf"error: run directory {re.escape(str(run))} is in use by msgsnn train \(pid {holder.pid} on "
                 rf"{re.escape(socket.gethostname())}, since [\d: -]+\); wait for it to end, or write this run "

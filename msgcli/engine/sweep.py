@@ -35,7 +35,8 @@ SWEEP_CSV = "sweep.csv"
 BASE_CONFIG = "base-config.yaml"
 RESULT_COLUMNS = ("best_test_acc", "final_test_acc", "epochs", "seconds")
 # Keys that say where or how a run executes, not what it computes.
-PLACEMENT_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "train.device", "train.threads", "train.loggers")
+PLACEMENT_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "train.device", "train.threads", "train.loggers",
+                  "train.dist_timeout", "train.auto_resume", "train.checkpoint_minutes")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 

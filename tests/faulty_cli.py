@@ -8,8 +8,9 @@ torchrun's ``RANK`` or SLURM's ``SLURM_PROCID``):
 - ``sigterm``: SIGTERM to torchrun (which passes it on to every rank's process group, DataLoader workers
   included), or without torchrun to this process's own group from a child process (start it in a session of
   its own), as a user or a scheduler would;
-- ``sigusr1``: SIGUSR1 to this process's group from a child process, as SLURM's ``--signal=USR1@...`` reaches
-  every task of a job step (start the ranks in one process group of their own);
+- ``sigusr1``: SIGUSR1 as ``sigterm`` sends SIGTERM: to torchrun, or to this process's group from a child
+  process, as SLURM's ``--signal=USR1@...`` reaches every task of a job step (start the ranks in one process
+  group of their own);
 - ``sigkill``: ``kill -9`` of this process (a node lost, an OOM killer), no chance to save;
 - ``crash``: an unexpected RuntimeError with a CUDA error's two-line message;
 - ``hold``: create ``$MSGSNN_TEST_RELEASE.waiting``, then wait there until the file ``$MSGSNN_TEST_RELEASE``
@@ -45,13 +46,12 @@ def send_from_another_process(sig: int) -> None:
 
 
 def act(kind: str) -> None:
-    if kind == "sigterm":
+    if kind in ("sigterm", "sigusr1"):
+        sig = signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1
         if "WORLD_SIZE" in os.environ:
-            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getppid(), sig)
         else:
-            send_from_another_process(signal.SIGTERM)
-    elif kind == "sigusr1":
-        send_from_another_process(signal.SIGUSR1)
+            send_from_another_process(sig)
     elif kind == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "crash":

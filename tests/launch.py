@@ -73,13 +73,15 @@ def srun(args: list[str], tasks: int = 2, fault: str | None = None, job_id: str 
     return processes
 
 
-def torchrun(args: list[str], nproc: int = 2, fault: str | None = None, **extra: str) -> subprocess.Popen:
+def torchrun(args: list[str], nproc: int = 2, fault: str | None = None, options: tuple[str, ...] = (),
+             **extra: str) -> subprocess.Popen:
+    """``torchrun --nproc_per_node nproc [options] -m msgcli <args>`` (through tests/faulty_cli.py for a fault)."""
     entry = [FAULTY_CLI] if fault else ["-m", "msgcli"]
     env = clean_environment(**extra)
     if fault:
         env["MSGSNN_TEST_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           *entry, *args]
+           *options, *entry, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -315,6 +315,22 @@ def test_sigusr1_to_every_task_saves_and_the_requeued_job_continues_exactly(slur
 
 
 @pytest.mark.slow
+def test_torchrun_passes_sigusr1_on_when_told_to_and_the_run_continues_exactly(slurm_run):
+    """torchrun inside a SLURM job: with --signals-to-handle naming SIGUSR1 it passes the signal to every rank
+    (without, SIGUSR1 would end torchrun itself); they save and stop, and --auto-resume finishes the run."""
+    args = train_args(slurm_run, "--name", "torchrun-usr1", "--auto-resume")
+    options = ("--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1")
+    code, output = finish(torchrun(args, fault="sigusr1@0:9", options=options), timeout=300)
+    assert code != 0 and "exited unexpectedly" not in output and "internal error" not in output, output
+    assert len([line for line in error_lines(output) if "error: interrupted at epoch 2, batch" in line]) == 1, output
+    run = slurm_run / "out" / "torchrun-usr1"
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["batch"] > 0
+    code, output = finish(torchrun(args, options=options), timeout=300)
+    assert code == 0, output
+    same_metrics(slurm_run / "out" / "straight", run)
+
+
+@pytest.mark.slow
 def test_eval_under_srun_gives_the_single_process_accuracy(slurm_run):
     run = slurm_run / "out" / "straight"
     codes, output = finish_all(srun(["eval", str(run), "--workers", "0"]), timeout=300)

@@ -68,17 +68,23 @@ def test_torchrun_wins_then_srun_then_one_process():
 
 
 def test_loader_workers_default_to_the_cpus_of_each_process(monkeypatch):
-    for name in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
-    assert registry.resolve_workers(None) == 16  # 31 CPUs left, capped
+    def workers(affinity: int = 32, **env: str) -> int:
+        for name in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+        return registry.resolve_workers(None)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert workers() == 16  # 31 CPUs left, capped
     assert registry.resolve_workers(3) == 3  # data.num_workers as given
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 processes on this node share its 32 CPUs
-    assert registry.resolve_workers(None) == 7
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")  # srun --cpus-per-task 6
-    assert registry.resolve_workers(None) == 5
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-    assert registry.resolve_workers(None) == 0
+    assert workers(LOCAL_WORLD_SIZE="4") == 7  # torchrun's 4 processes share the node's 32 CPUs
+    assert workers(SLURM_CPUS_PER_TASK="6") == 5  # srun --cpus-per-task 6
+    assert workers(SLURM_CPUS_PER_TASK="32", LOCAL_WORLD_SIZE="4") == 7  # torchrun's 4 ranks in one srun task
+    assert workers(SLURM_NTASKS_PER_NODE="4(x2)") == 7  # srun's 4 tasks a node, not bound to CPUs
+    assert workers(affinity=8, SLURM_NTASKS_PER_NODE="4") == 7  # bound to 8 CPUs of its own
+    assert workers(SLURM_CPUS_PER_TASK="1") == 0
 
 
 def test_a_checkpoint_holds_and_restores_only_the_ranks_own_gpu_stream(monkeypatch):

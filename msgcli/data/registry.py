@@ -91,14 +91,23 @@ def resolve_root(root: str) -> Path:
 MAX_WORKERS = 16  # past this, more loader processes add memory, not throughput, at the paper's batch sizes
 
 
+def _count(name: str) -> int:
+    """A positive count from the environment (``SLURM_NTASKS_PER_NODE`` may read ``4(x2)``), else 0."""
+    value = os.environ.get(name, "").split("(")[0]
+    return int(value) if value.isdigit() else 0
+
+
 def available_cpus() -> int:
-    """The CPUs one training process may use: SLURM's ``--cpus-per-task`` when set, else this process's
-    CPU affinity shared among the processes torchrun or srun started on this node."""
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    return max(1, cpus // int(local)) if local.isdigit() and int(local) > 0 else cpus
+    """The CPUs one training process may use: its SLURM task's ``--cpus-per-task``, else its CPU affinity;
+    shared by the ranks torchrun started there (``LOCAL_WORLD_SIZE``), or by the node's srun tasks when
+    they are not bound to CPUs of their own (the affinity is the whole machine)."""
+    per_task = _count("SLURM_CPUS_PER_TASK")
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = per_task or affinity
+    sharing = _count("LOCAL_WORLD_SIZE")
+    if not sharing and not per_task and affinity == os.cpu_count():
+        sharing = _count("SLURM_NTASKS_PER_NODE")
+    return max(1, cpus // max(sharing, 1))
 
 
 def resolve_workers(num_workers: int | None) -> int:

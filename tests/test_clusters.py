@@ -67,6 +67,18 @@ def test_torchrun_wins_then_srun_then_one_process():
     assert [first_host(n) for n in ("node5", "gpu[07-09,12],cpu1", "rack[1-2]-n[03-04]")] == ["node5", "gpu07", "rack1-n03"]
 
 
+def test_a_sweeps_points_are_jobs_of_their_own_inside_a_slurm_job(monkeypatch):
+    """`msgsnn sweep` in a batch script of `sbatch -n 4` (or an srun task): its points must not take SLURM's
+    tasks for their own and wait for ranks that never come."""
+    from msgcli.engine.sweep import point_environment
+
+    for name, value in {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
+                        "SLURM_NODELIST": "gpu07", "RANK": "0", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    env = point_environment({"CUDA_VISIBLE_DEVICES": "1"})
+    assert detect_launch(env) == Launch() and env["CUDA_VISIBLE_DEVICES"] == "1" and env["SLURM_JOB_ID"] == "77"
+
+
 def test_loader_workers_default_to_the_cpus_of_each_process(monkeypatch):
     def workers(affinity: int = 32, **env: str) -> int:
         for name in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):

@@ -30,6 +30,10 @@ Result = TypeVar("Result")
 
 JOIN_SECONDS = 600.0  # at least this long for every process of a job to start and meet (nodes start apart)
 POLL_SECONDS = 0.2
+# What makes a process one rank of a launcher's job (detect_launch): a process that starts runs of its own
+# (a sweep's points) leaves them out of their environment.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 SLURM_PORTS = (15000, 20000)  # a job's port: first + job id mod count, the same on every node of the job
 
 

@@ -141,12 +141,20 @@ class Outcome:
     error: str = ""
 
 
+def point_environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus ``env``, without what would make the point a rank of this process's
+    job: a sweep inside an ``srun`` task or a SLURM job of several tasks runs each point as a job of its own."""
+    from msgcli.engine.distributed import LAUNCH_VARIABLES
+
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}, **env}
+
+
 def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, str]) -> Outcome:
     """Run one point's train process to its end; its output goes to ``log_path``. Runs locally or in a Ray task."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env={**os.environ, **env}).returncode
+                              env=point_environment(env)).returncode
     summary = RunDirectory(run_dir).read_summary()
     if code == 0 and summary and summary.get("status") == "finished":
         return Outcome("finished", summary)

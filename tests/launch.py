@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from msgcli.engine.distributed import slurm_port
+from msgcli.engine.launch import slurm_port
 
 NONDETERMINISTIC_COLUMNS = ["epoch_seconds"]
 FAULTY_CLI = str(Path(__file__).with_name("faulty_cli.py"))

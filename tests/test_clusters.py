@@ -23,10 +23,10 @@ from msgcli import config as config_io
 from msgcli.data import registry
 from msgcli.engine import checkpoint, distributed
 from msgcli.engine import train as train_module
-from msgcli.engine.distributed import Launch, detect_launch, first_host
+from msgcli.engine.launch import Launch, detect_launch, first_host
 from msgcli.engine.results import RunDirectory
 from msgcli.engine.train import train
-from msgcli.errors import UserError
+from msgcli.errors import RunInUse, UserError
 from tests.conftest import tiny_cli_args, tiny_config
 from tests.launch import (clean_environment, finish, finish_all, msgsnn, same_metrics, srun, torchrun)
 
@@ -241,6 +241,10 @@ def test_a_held_run_directory_is_refused_at_once_naming_its_holder_and_the_holde
                 rf"{re.escape(socket.gethostname())}, since [\d: -]+\); wait for it to end, or write this run "
                 r"elsewhere \(--name or --out\)", lines[0]), (extra, lines)
             assert holder.poll() is None  # refused while the holder still runs: nobody waited for the lock
+        for options in ({}, {"overwrite": True}):  # the library refuses as well (the command looks first, before torch loads)
+            with pytest.raises(RunInUse, match=rf"is in use by msgsnn train \(pid {holder.pid} "):
+                train(tiny_config(tmp_path, train__epochs=2, train__limit_batches=3), tmp_path / "out", progress=False,
+                      **options)
         assert snapshot(run) == before
     finally:
         release.touch()

@@ -44,9 +44,8 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ) -> None:
     """Train one run; writes config.yaml, metrics.csv, checkpoints/, train.log and summary.json."""
-    from msgcli.engine import loggers
+    from msgcli.engine.launch import detect_launch
     from msgcli.engine.results import RunDirectory
-    from msgcli.engine.train import train as run_training
 
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, mask_p=mask_p, two=two, surrogate=surrogate, seed=seed,
                                device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name,
@@ -54,6 +53,11 @@ def train_command(
                                skip_bad_samples=skip_bad_samples or None, workers=workers, auto_resume=auto_resume or None)
     cfg = resolve_config(preset, config_file, overrides, sets)
     run = RunDirectory(out / (cfg.name or cfg.preset or "run"))
+    if detect_launch().rank == 0:  # at once, before torch loads (the engine holds the directory itself)
+        run.refuse_if_held()
+    from msgcli.engine import loggers
+    from msgcli.engine.train import train as run_training
+
     continuing = resume or (cfg.train.auto_resume and not overwrite and run.last.exists())
     if continuing and run.config.exists():
         # continue with the saved config; only flags given now change it (e.g. more --epochs)

@@ -114,27 +114,42 @@ class RunDirectory:
         with forked DataLoader workers, which may outlive a killed holder by seconds, and it works on NFS.
         The file stays, and says who holds it.
         """
-        lock = self.path / self.LOCK
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
         try:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise RunInUse(f"run directory {self.path} is in use by {holder}; wait for it to end, "
-                               "or write this run elsewhere (--name or --out)") from None
+            self._lock_or_refuse(fd)
             os.ftruncate(fd, 0)
             since = time.strftime("%Y-%m-%d %H:%M:%S")
             os.pwrite(fd, f"msgsnn train (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def refuse_if_held(self) -> None:
+        """Raise :class:`RunInUse` now if a process holds the directory: a quick look, before a command imports
+        anything heavy. :meth:`hold` is the guard; this process must not hold the directory itself (closing
+        the look's file would release a POSIX lock of this process)."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDWR)
+        except OSError:  # no lock file (a new run), or one this user cannot open: hold() will say
+            return
+        try:
+            self._lock_or_refuse(fd)
+        finally:
+            os.close(fd)
+
+    def _lock_or_refuse(self, fd: int) -> None:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise RunInUse(f"run directory {self.path} is in use by {holder}; wait for it to end, "
+                           "or write this run elsewhere (--name or --out)") from None
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the folder, refusing to clobber a run that recorded an epoch unless asked to.

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 from msgcli import config as config_io
 from msgcli.config import ConfigError, RunConfig
 from msgcli.errors import Interrupted, UserError
+from msgcli.engine.launch import LAUNCH_VARIABLES
 from msgcli.engine.results import RunDirectory, csv_text, write_atomic
 
 DEFAULT_STEP = 0.1
@@ -144,8 +145,6 @@ class Outcome:
 def point_environment(env: dict[str, str]) -> dict[str, str]:
     """This process's environment plus ``env``, without what would make the point a rank of this process's
     job: a sweep inside an ``srun`` task or a SLURM job of several tasks runs each point as a job of its own."""
-    from msgcli.engine.distributed import LAUNCH_VARIABLES
-
     return {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}, **env}
 
 

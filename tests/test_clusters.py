@@ -169,7 +169,8 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms_for_the_run_only
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "compute_loss", looking)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # restored after the test, whatever the run sets
+    del os.environ["CUBLAS_WORKSPACE_CONFIG"]
     before = torch.are_deterministic_algorithms_enabled()
     train(tiny_config(tmp_path, train__epochs=1, train__deterministic=True), tmp_path / "out", progress=False)
     assert set(seen) == {(True, False)}  # raising, not warning, on an operator without a deterministic version

@@ -35,8 +35,8 @@ class DatasetInfo:
     in_channels: int
     sensor_size: tuple[int, int, int] | None
     input_shape: tuple[int, ...]
-    n_train: int | None  # None when the training split was not built
-    n_test: int
+    n_train: int | None  # None when that split was not built
+    n_test: int | None
     skipped: int = 0
     num_classes: int = field(init=False)
 

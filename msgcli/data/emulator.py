@@ -18,7 +18,8 @@ from tonic.io import events_struct
 from .frames import resize
 
 # Part of the cache key of emulated datasets: bump it whenever this code records other events.
-EMULATOR_VERSION = 1
+# 2: the images scaled by frames.resize through F.interpolate (float32 weights, as the release's frames).
+EMULATOR_VERSION = 2
 # The image offset (dx, dy) in pixels at the start and at the end of each saccade.
 SACCADE_CORNERS = ((0.0, 0.0), (3.5, 7.0), (7.0, 0.0), (0.0, 0.0))
 MAX_SHIFT = 7

@@ -74,8 +74,8 @@ def event_counts(events: np.ndarray, sensor_size: tuple[int, int, int], T: int, 
     """int16 ``[T, P, H, W]`` counts of time-sorted events in ``T`` equal time bins, as tonic's ``ToFrame`` gives them.
 
     tonic's bins end at ``t0 + T * ((t_last - t0) // T)``, which leaves out the last
-    event (and any at or after that end): ``tail="drop"`` keeps it so (the release);
-    ``tail="keep"`` adds those events to the last bin, so every event is counted once.
+    event (and any other at or after that end): ``tail="drop"`` leaves them out, as tonic
+    and the release do; ``tail="keep"`` adds them to the last bin, so every event counts once.
     """
     counts = ToFrame(sensor_size=sensor_size, n_time_bins=T)(events)
     dropped = len(events) - int(counts.sum())
@@ -114,7 +114,10 @@ def _check_events(events: np.ndarray, sensor_size: tuple[int, int, int], source:
 
 
 def events_to_frames(events: np.ndarray, spec: FrameSpec, source: str) -> np.ndarray:
-    """float32 ``[T, P, size, size]`` clip of one recording; :class:`BadSample` names ``source``."""
+    """float32 ``[T, P, size, size]`` clip of one recording, the release's; :class:`BadSample` names ``source``.
+
+    Events out of time order are sorted first (tonic's binning assumes sorted times).
+    """
     _check_events(events, spec.sensor_size, source)
     times = events["t"].astype(np.int64)
     if np.any(np.diff(times) < 0):

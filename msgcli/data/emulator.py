@@ -68,9 +68,8 @@ class SaccadeDVS:
 
     def _place(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """float32 ``[N, canvas, canvas]`` intensities: each image scaled up and put at a random offset."""
-        height, width = images.shape[-2:]
-        scaled = _bilinear_weights(height, self.object_size) @ images.astype(np.float32) @ _bilinear_weights(width, self.object_size).T
-        scaled = np.clip(scaled, 0, 1)
+        rows, columns = (_bilinear_weights(n, self.object_size) for n in images.shape[-2:])
+        scaled = np.clip(rows @ images.astype(np.float32) @ columns.T, 0, 1)
         slack = self.canvas - self.object_size - MAX_SHIFT
         canvas = np.zeros((len(images), self.canvas, self.canvas), dtype=np.float32)
         for index, (top, left) in enumerate(rng.integers(0, slack + 1, size=(len(images), 2))):

@@ -172,6 +172,10 @@ def assert_same_clips(ours: list[tuple[torch.Tensor, int]], classes: list[str], 
     assert len(matched) == len(theirs)
 
 
+def _no_rendering(*args, **kwargs):
+    raise AssertionError("rendered although cached")
+
+
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_clips_equal_the_releases_frames_from_a_cold_and_a_warm_cache(tmp_path, data_tonic_accepts_few_files, monkeypatch, name):
     presets = _event_presets(name)
@@ -192,10 +196,6 @@ def test_clips_equal_the_releases_frames_from_a_cold_and_a_warm_cache(tmp_path, 
             assert all(torch.equal(a, b) and la == lb for (a, la), (b, lb) in zip(cold, warm, strict=True))
         drop, keep = (_msgsnn_clips(_config(preset, tmp_path, tail, 0))[0] for tail in ("drop", "keep"))
         assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(drop, keep))  # the recordings do have a tail
-
-
-def _no_rendering(*args, **kwargs):
-    raise AssertionError("rendered although cached")
 
 
 def test_the_comparison_catches_float16_rounding(tmp_path, data_tonic_accepts_few_files):

@@ -36,7 +36,7 @@ from msgcli.data.split import class_balanced_weights, split_per_class
 from msgcli.errors import BadSample, DatasetMissing
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 
-SAMPLE_NMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample_nmnist.bin"
+SAMPLE_NMNIST = Path(__file__).resolve().parent / "data" / "sample_nmnist.bin"  # a real N-MNIST recording (ATIS .bin)
 
 
 def config(tmp_path: Path, name: str, T: int = 4, size: int = 16, **data) -> RunConfig:
@@ -166,7 +166,6 @@ def test_partly_extracted_dataset_is_missing_not_downloaded(tmp_path, monkeypatc
 # ------------------------------------------------------------------ frames
 
 
-@pytest.mark.skipif(not SAMPLE_NMNIST.exists(), reason=f"{SAMPLE_NMNIST} is not on this machine")
 def test_sample_nmnist_frames_drop_the_last_event_as_tonic_or_keep_it(tmp_path, data_tonic_accepts_few_files):
     """The real N-MNIST recording through the N-MNIST path: by default tonic's counts exactly (its
     bins drop the last event, as the release's frames do); ``data.frame_tail=keep`` counts every event."""

@@ -113,9 +113,13 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """``frame_tail``: ``drop`` frames events as tonic's ``ToFrame`` (and the release) does, its last
+    bin ending before the recording's last event; ``keep`` counts that event in the last bin."""
+
     name: str = "digits-dvs"
     root: str = ""
     size: int = _ranged(48, 4)
+    frame_tail: str = _choice("drop", "keep", default="drop")
     train_fraction: float = _ranged(0.9, 0.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str = ""

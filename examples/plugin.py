@@ -13,37 +13,37 @@ from msgcli import LIF, register_model
 
 
 class TinySpikingCNN(nn.Module):
-    """Two conv-BN-LIF stages and a linear readout at every timestep: ``[B, T, C, H, W]`` -> ``[T, B, classes]``.
+    """Two conv-BN-LIF-pool stages and a linear readout at every timestep: ``[B, T, C, H, W]`` -> ``[T, B, classes]``.
 
-    Convolutions and BatchNorm run once on the ``[T*B, ...]`` batch; each LIF takes the whole ``[T, B, ...]``
-    sequence (it keeps no state between calls), so MSG masks its surrogate gradient in backward.
+    Convolutions, BatchNorm and pooling run once on the ``[T*B, ...]`` batch; each LIF takes the whole
+    ``[T, B, ...]`` sequence (it keeps no state between calls), so MSG masks its surrogate gradient in backward.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, T: int, neuron: dict, channels: int = 16):
+    def __init__(self, in_channels: int, num_classes: int, T: int, neuron: dict, input_size: int, channels: int = 16):
         super().__init__()
         self.T = T
         self.stage1 = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
         self.stage2 = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, padding=1, bias=False), nn.BatchNorm2d(2 * channels))
         self.lif1, self.lif2 = LIF(**neuron), LIF(**neuron)
         self.pool = nn.AvgPool2d(2)
-        self.readout = nn.Linear(2 * channels, num_classes)
+        self.readout = nn.Linear(2 * channels * (input_size // 4) ** 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # an image [B, C, H, W]: the same frame at every timestep (direct encoding)
             x = x.unsqueeze(1).expand(-1, self.T, *x.shape[1:])
-        T, B = x.shape[1], x.shape[0]
+        B, T = x.shape[:2]
         y = x.transpose(0, 1).flatten(0, 1)  # [T*B, C, H, W]
         y = self.lif1(self.stage1(y).unflatten(0, (T, B)))  # spikes [T, B, C, H, W]
         y = self.pool(y.flatten(0, 1))
         y = self.lif2(self.stage2(y).unflatten(0, (T, B)))
-        y = y.flatten(0, 1).mean((2, 3))  # global average pool: [T*B, 2C]
+        y = self.pool(y.flatten(0, 1)).flatten(1)  # [T*B, features]
         return self.readout(y).unflatten(0, (T, B))  # [T, B, classes]
 
 
 @register_model
-def tiny_snn(in_channels, num_classes, T, neuron, input_size=None, **options):
-    """Any input size; ignores the model options it has no use for (bn_mode, init, stem, ...)."""
-    return TinySpikingCNN(in_channels, num_classes, T, neuron)
+def tiny_snn(in_channels, num_classes, T, neuron, input_size=32, **options):
+    """Ignores the model options it has no use for (bn_mode, init, stem, ...)."""
+    return TinySpikingCNN(in_channels, num_classes, T, neuron, input_size)
 
 
 # A surrogate of our own: dS/dV at x = H - V_th, here a triangle of half-width 1/alpha and height alpha.

@@ -139,7 +139,12 @@ def event_folder_files(cfg: RunConfig) -> EventFiles:
         for path in foreign:
             log.warning("skipping %s: not an event file", path)
         files[split] = [(path, label) for path, label in pairs if path.suffix.lower() in READERS]
-    train, test = split_files(files["all"], cfg.data.train_fraction) if "all" in files else (files["train"], files["test"])
+    if "all" not in files:
+        return EventFiles(classes, files["train"], files["test"], read_events)
+    train, test = split_files(files["all"], cfg.data.train_fraction)
+    if not (train and test):
+        raise ConfigError(f"data.train_fraction: {cfg.data.train_fraction} of the {len(files['all'])} recordings in "
+                          f"{resolve_root(cfg.data.root)} leaves no {'test' if train else 'training'} recording")
     return EventFiles(classes, train, test, read_events)
 
 

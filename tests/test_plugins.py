@@ -106,6 +106,9 @@ def test_a_plugin_trains_from_another_folder_and_its_run_evaluates_without_the_f
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((elsewhere / "out" / "mine" / "eval-best.json").read_text())
     assert report["T"] == 2 and len(report["test_acc_per_timestep"]) == 2
+    # export too loads the plugin by itself (then refuses a backbone family it cannot walk, in one line)
+    done = cli("export", str(elsewhere / "out" / "mine"), cwd=tmp_path)
+    assert done.returncode == 1 and "model (Net): the NIR exporter knows" in one_error_line(done.stdout + done.stderr)
     # --resume in a fresh process continues the plugin's run from its saved config
     done = cli("train", "--out", str(elsewhere / "out"), "--name", "mine", "--resume", "--epochs", "2", "--quiet",
                cwd=tmp_path)
@@ -126,6 +129,21 @@ def test_a_sweep_over_a_plugins_backbone_runs_two_jobs_at_once(tmp_path):
         cfg = config_io.load_yaml(sweep / row["run"] / "config.yaml")
         assert cfg["plugins"] == [str(plugin)] and cfg["optim"]["lr"] == 0.02
         assert pd.read_csv(sweep / row["run"] / "metrics.csv")["lr"][0] == pytest.approx(0.02)
+
+
+def test_reproduce_adds_its_plugins_to_those_a_preset_names_beside_it(tmp_path):
+    from msgcli.engine.reproduce import plan_reproduction
+
+    named = write_plugin(tmp_path / "presets" / "code", "preset_net")
+    added = write_plugin(tmp_path / "more", "added_net")
+    preset = tmp_path / "presets" / "mine.yaml"
+    preset.write_text("plugins: [code/preset_net.py]\nmodel: {name: preset_net}\ndata: {name: synthetic, size: 8}\nT: 2\n")
+    plan = plan_reproduction([str(preset)], {}, 1, tmp_path / "out", [str(added)])
+    assert plan.sweeps[0].points[0].config.plugins == [str(named), str(added)]  # the preset's, beside its file
+    result = CliRunner().invoke(app, ["reproduce", str(preset), "--plugin", str(added), "--seeds", "1", "--report-only",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"--plugin={added}" in (tmp_path / "out" / "reproduce" / "mine" / "report.md").read_text()
 
 
 def test_a_broken_plugin_stops_with_one_line_naming_it_and_its_error(tmp_path):

@@ -149,12 +149,14 @@ def test_reproduce_adds_its_plugins_to_those_a_preset_names_beside_it(tmp_path):
 def test_a_broken_plugin_stops_with_one_line_naming_it_and_its_error(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import torch\n\nx = 1\nundefined_name + x\n")
-    done = cli("train", "--plugin", str(broken), "--epochs", "1", cwd=tmp_path)
-    assert done.returncode == 2
-    line = one_error_line(done.stdout + done.stderr)
+    result = CliRunner().invoke(app, ["train", "--plugin", str(broken), "--epochs", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    line = one_error_line(result.output)
     assert str(broken) in line and "line 4" in line and "NameError" in line and "undefined_name" in line
-    missing = cli("train", "--plugin", "no_such_package.plugin", "--epochs", "1", cwd=tmp_path)
-    assert missing.returncode == 2 and "no module named 'no_such_package'" in one_error_line(missing.stderr + missing.stdout)
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+    for command in (["eval", str(tmp_path)], ["sweep", "--mask-p", "0"], ["export", str(tmp_path)], ["reproduce", "fig5"]):
+        result = CliRunner().invoke(app, [*command, "--plugin", "no_such_package.plugin"])
+        assert result.exit_code == 2 and "no module named 'no_such_package'" in one_error_line(result.output), command
 
 
 def test_a_plugin_file_that_does_not_exist_or_does_not_parse_is_one_line(tmp_path):
@@ -510,6 +512,9 @@ def test_eval_at_another_T_runs_the_same_weights_for_T_steps(tmp_path):
     assert list(table["T"]) == [1, 4, 8] and list(table["decoded_by"]) == ["mean over time", "TWO", "mean over time"]
     assert table["test_acc"][2] == pytest.approx(report["test_acc"])
     assert (run.path / "figures" / "timesteps.png").exists()
+    from msgcli.analysis.timesteps import default_timesteps
+
+    assert default_timesteps(6) == [1, 2, 4, 6, 8, 12] and default_timesteps(4) == [1, 2, 4, 8]
 
 
 def test_eval_at_another_T_reframes_event_data(tmp_path):

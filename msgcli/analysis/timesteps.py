@@ -18,8 +18,8 @@ from msgcli.engine.evaluate import run_evaluation
 
 
 def default_timesteps(T: int) -> list[int]:
-    """1, 2, 4, ... up to twice the trained ``T``, and ``T`` itself."""
-    values, t = {T}, 1
+    """1, 2, 4, ... below twice the trained ``T``, then ``T`` and ``2T``."""
+    values, t = {T, 2 * T}, 1
     while t <= 2 * T:
         values.add(t)
         t *= 2

@@ -171,7 +171,7 @@ def timesteps_command(
     run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory. Default: the most recently finished run under results/."),
     timesteps: Optional[str] = typer.Option(
-        None, "--T", help="Timesteps to evaluate at, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to twice the run's T, and T)."),
+        None, "--T", help="Timesteps to evaluate at, e.g. 1,2,4,8 (default: 1, 2, 4, ... and the run's T and twice it)."),
     checkpoint: str = typer.Option("best", help="Weights of the run: best or last."),
     data_root: DataRoot = None,
     out: Optional[Path] = OUT,

@@ -81,7 +81,7 @@ RayAddress = Annotated[Optional[str], typer.Option(
     help="Address of a running Ray cluster (default: RAY_ADDRESS, else a local Ray).")]
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by `msgsnn train`.")]
 Plugins = Annotated[list[str], typer.Option(
-    "--plugin", help="A plugin that registers backbones, surrogates or datasets: a file (plugin.py) or a module "
+    "--plugin", metavar="FILE.py|MODULE", help="A plugin that registers backbones, surrogates or datasets: a file (plugin.py) or a module "
                      "(package.module); repeatable. Recorded in the run's config, so later commands load it themselves.")]
 Lr = Annotated[Optional[float], typer.Option(help="Learning rate itself (optim.lr), instead of base_lr * batch / 1024.")]
 

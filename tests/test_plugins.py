@@ -27,7 +27,7 @@ from msgcli.engine.build import trained_model
 from msgcli.engine.train import train
 from msgcli.snn import build_model, register_model
 from tests import formats
-from tests.conftest import tiny_config
+from tests.conftest import load_script, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -176,6 +176,16 @@ def test_a_plugin_is_imported_once_per_process_and_a_second_registration_warns(t
     register_dataset("twice-data", lambda cfg: None)
     with pytest.warns(RuntimeWarning, match="twice-data.*already registered"):
         register_dataset("twice-data", lambda cfg: None)
+
+
+def test_a_plugin_file_imports_the_modules_beside_it(tmp_path):
+    (tmp_path / "sibling_layers_x1.py").write_text(BACKBONE.replace("@register_model", "").replace("{name}", "unused"))
+    (tmp_path / "uses_sibling.py").write_text(
+        "from msgcli import register_model\nfrom sibling_layers_x1 import Net\n\n\n@register_model\n"
+        "def sibling_net(in_channels, num_classes, T, neuron, input_size=8, **options):\n"
+        "    return Net(in_channels, num_classes, T, neuron, input_size)\n")
+    plugin_io.load([str(tmp_path / "uses_sibling.py")])
+    assert build_model("sibling_net", 2, 3, 2, input_size=8)(torch.rand(1, 2, 2, 8, 8)).shape == (2, 1, 3)
 
 
 def _renamed(fn, name):
@@ -553,6 +563,13 @@ def test_the_examples_write_an_event_folder_train_sweep_and_evaluate(tmp_path):
 def test_the_readme_documents_extending_msgsnn_with_the_names_it_uses():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Extending msgsnn", 1)[1].split("\n## ", 1)[0]
+    smoke = load_script(".ci/smoke.py")  # CI runs the section as a user does: in a folder of their own
+    steps = [smoke.plan(s, c, cuda=False) for s, c in smoke.readme_commands(readme) if s == "Extending msgsnn"]
+    assert [step.args[:2] for step in steps] == [[sys.executable, str(EXAMPLES / "make_event_folder.py")],
+                                                 ["msgsnn", "train"], ["msgsnn", "eval"], ["msgsnn", "analyze"],
+                                                 ["msgsnn", "sweep"]]
+    assert all(step.cwd is None and step.expect == "ok" for step in steps)
+    assert str(EXAMPLES / "plugin.py") in steps[1].args and steps[1].args[-2:] == ["--limit-batches", "3"]
     for name in ("--plugin", "plugins:", "msgsnn.plugins", "register_model", "register_dataset", "EventFiles",
                  "event-folder", "image-folder", "data.train_fraction", "data.sensor_size", "data.val_fraction",
                  "best_val_acc", "test_acc_at_best_val", "--T", "analyze timesteps", "--lr", "examples/plugin.py"):

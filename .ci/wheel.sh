@@ -24,12 +24,13 @@ from pathlib import Path
 
 import msgcli
 from msgcli import config
-from msgcli.snn import cpu_kernels
+from msgcli.snn import kernels
+from msgcli.snn.kernels import cpu
 
 installed = Path(sys.prefix)
-for path in (Path(msgcli.__file__), config.PRESET_DIR, cpu_kernels.SOURCE):
+for path in (Path(msgcli.__file__), config.PRESET_DIR, cpu.SOURCE):
     assert installed in path.resolve().parents, f"{path} is not inside the wheel's venv {installed}"
-assert cpu_kernels.get() is not None  # built now from the shipped cpu_kernels.c (a warning would be an error)
+assert kernels.C_KERNELS.get() is not None  # built now from the shipped kernels/cpu.c (a warning would be an error)
 print(f"wheel: msgcli from {Path(msgcli.__file__).parent}, {len(config.list_presets())} presets, kernels built")
 PY
 "$scratch/wheel-venv/bin/msgsnn" presets

@@ -3,8 +3,11 @@
 # nothing can be installed from the network):
 #   device.txt       nvidia-smi, versions, and the peers' wheels installed from .whl/ if it is there
 #   gpu_model.txt    the H200 yardstick: least time of each part of a VGGSNN/ResNet18 step (no GPU used)
-#   test_cuda.log    the CUDA tests: Triton LIF and BatchNorm against the CPU reference, a training step
-#   step.log/.json   one training step at B = 64, fp32 and bf16, beside the floor, SpikingJelly, snnTorch
+#   test_cuda.log    the CUDA tests: Triton LIF and BatchNorm (and torch's batch_norm path) against the CPU
+#                    reference, a training step
+#   step.log/.json   one training step at B = 64, fp32 and bf16, beside the floor, SpikingJelly, snnTorch; msgsnn's
+#                    per-step BatchNorm both ways: torch's batch_norm (msg, the default) and its Triton kernels
+#                    (msg_triton_bn, MSGSNN_TRITON_BN=1)
 #   epoch.log/.json  expected time per epoch of the nine paper presets (their own precision)
 #   epoch-bf16.json  the same under bf16 autocast (its table is in epoch.log)
 # in ${OUT:-results/gpu} (8 files: what the device tool brings back). Each stage has a time limit and
@@ -37,7 +40,7 @@ if [ "$mode" = cuda ]; then
     slack=1
 elif [ "$mode" = cpu ]; then
     step_args=(--device cpu --network vggsnn_tiny --batch 2 --T 2 --size 16 --amp bf16 --rounds 1 --steps 1 --warmup 0
-        --cases msg,floor)
+        --cases msg,floor,msg_triton_bn)
     epoch_args=(--device cpu --presets cifar100-resnet18 --batch 2 --steps 1 --warmup 0)
     model_args=(--presets dvs-vgg)
     slack=4
@@ -85,7 +88,7 @@ stage 30 device.txt "$python" -c "import torch, triton; print('torch', torch.__v
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 stage 60 gpu_model.txt "$python" benchmarks/gpu_model.py "${model_args[@]}"
 stage 120 test_cuda.log "$python" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not interpreter"
-stage 180 step.log "$python" benchmarks/step.py "${step_args[@]}" --json "$out/step.json"
+stage 210 step.log "$python" benchmarks/step.py "${step_args[@]}" --json "$out/step.json"
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --json "$out/epoch.json"
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --amp bf16 --json "$out/epoch-bf16.json"
 echo "gpu.sh: $((SECONDS))s, exit status $status; results in $out"

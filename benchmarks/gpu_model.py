@@ -8,7 +8,9 @@ shape. From the shapes:
   passes, and the bytes of their inputs, weights and outputs;
 * LIF and per-step BatchNorm: the bytes each kernel must move (every input read once, every output
   written once, in the activation dtype) and the bytes msgsnn's Triton kernels move (their loads
-  and stores of activation-sized tensors, read off ``msgcli/snn/triton_lif.py``: ``KERNEL_ACCESSES``);
+  and stores of activation-sized tensors, read off ``msgcli/snn/kernels/cuda.py``: ``KERNEL_ACCESSES``;
+  the BatchNorm figures are those of its Triton kernels, which ``MSGSNN_TRITON_BN=1`` selects: by
+  default CUDA runs torch's own ``batch_norm``, and ``benchmarks/step.py`` measures both);
 * the rest: pooling, residual sums, the input copies, AdamW and the bf16 weight casts.
 
 A part's bound is ``max(FLOPs / peak, bytes / bandwidth)``, summed over its kernels, with the H200
@@ -44,7 +46,8 @@ from epoch import DATASETS  # noqa: E402
 
 from msgcli import config as config_io  # noqa: E402
 from msgcli.engine.build import build_model_from_config  # noqa: E402
-from msgcli.snn import LIF, Folded, TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
+from msgcli.snn import LIF, Folded, TemporalBatchNorm, kernels  # noqa: E402
+from msgcli.snn.kernels import cuda  # noqa: E402
 
 # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core 1,979 TFLOPS
 # and TF32 Tensor Core 989 TFLOPS, both "with sparsity", i.e. 989 and 494.5 dense. 132 SMs: the H100 SXM5
@@ -54,7 +57,7 @@ H200_DENSE_TENSOR_FLOPS = {"bf16": 989e12, "fp32": 494.5e12}  # fp32 convolution
 H200_SMS = 132
 BYTES = {"bf16": 2, "fp32": 4}
 
-# Loads and stores of activation-sized tensors per element and call, from the kernels in triton_lif.py
+# Loads and stores of activation-sized tensors per element and call, from the kernels in kernels/cuda.py
 # (the [T, C] coefficients and the per-split partial sums are left out: they are tiny and stay in cache).
 KERNEL_ACCESSES = {
     "LIF forward": (1, 2),  # _lif_forward_kernel: x in; spikes and H out (SAVE_H when training)
@@ -191,7 +194,7 @@ def relu_floor_seconds(layers: list[Layer], precision: str) -> float:
 
 
 def launch_rows(layers: list[Layer], precision: str) -> list[dict]:
-    """Grid and tile of the Triton kernels for each distinct LIF and BatchNorm shape, from triton_lif's own choices."""
+    """Grid and tile of the Triton kernels for each distinct LIF and BatchNorm shape, from kernels/cuda.py's own choices."""
     e = BYTES[precision]
     rows, seen = [], set()
     for layer in layers:
@@ -202,29 +205,29 @@ def launch_rows(layers: list[Layer], precision: str) -> list[dict]:
         T, B, C = layer.shape_in[:3]
         per_step = _numel(layer.shape_in[1:])
         if layer.kind == "lif":
-            programs = triton_lif.cdiv(per_step, triton_lif.LIF_BLOCK)
+            programs = cuda.cdiv(per_step, cuda.LIF_BLOCK)
             rows.append({
                 "kernel": "LIF", "shape": layer.shape_in, "layers": count,
                 "grid": f"({programs},)", "programs": programs,
-                "per_thread": triton_lif.LIF_BLOCK // (32 * triton_lif.LIF_WARPS),
-                "lanes_used": per_step / (programs * triton_lif.LIF_BLOCK),
+                "per_thread": cuda.LIF_BLOCK // (32 * cuda.LIF_WARPS),
+                "lanes_used": per_step / (programs * cuda.LIF_BLOCK),
                 "fwd_bytes_per_element": sum(KERNEL_ACCESSES["LIF forward"]) * e,
                 "bwd_bytes_per_element": sum(KERNEL_ACCESSES["LIF backward"]) * e,
             })
         else:
             M = per_step // C
-            block = triton_lif.bn_channel_block(C)
-            splits, rows_per_split = triton_lif.bn_sums_split(T, M, C)
-            channel_blocks = triton_lif.cdiv(C, block)
-            map_programs = triton_lif.cdiv(M, triton_lif.BN_ROWS) * T * channel_blocks
+            block = cuda.bn_channel_block(C)
+            splits, rows_per_split = cuda.bn_sums_split(T, M, C)
+            channel_blocks = cuda.cdiv(C, block)
+            map_programs = cuda.cdiv(M, cuda.BN_ROWS) * T * channel_blocks
             sum_programs = T * channel_blocks * splits
             rows.append({
                 "kernel": "BN", "shape": layer.shape_in, "layers": count,
                 "grid": f"sums ({T}, {channel_blocks}, {splits}) x {rows_per_split} rows; "
-                        f"map ({triton_lif.cdiv(M, triton_lif.BN_ROWS)}, {T}, {channel_blocks})",
+                        f"map ({cuda.cdiv(M, cuda.BN_ROWS)}, {T}, {channel_blocks})",
                 "programs": map_programs, "sum_programs": sum_programs,
-                "per_thread": triton_lif.BN_ROWS * block // (32 * triton_lif.BN_WARPS),
-                "lanes_used": (M * C) / (triton_lif.cdiv(M, triton_lif.BN_ROWS) * triton_lif.BN_ROWS * channel_blocks * block),
+                "per_thread": cuda.BN_ROWS * block // (32 * cuda.BN_WARPS),
+                "lanes_used": (M * C) / (cuda.cdiv(M, cuda.BN_ROWS) * cuda.BN_ROWS * channel_blocks * block),
                 "fwd_bytes_per_element": sum(KERNEL_ACCESSES["BN forward"]) * e,
                 "bwd_bytes_per_element": sum(KERNEL_ACCESSES["BN backward"]) * e,
                 "partials_bytes": 2 * T * splits * 2 * C * 4,  # written by the kernel, read by the torch sum
@@ -246,16 +249,14 @@ class _CountOps(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _triton_on_meta(launches: collections.Counter):
-    """msgsnn's LIF and BatchNorm take their CUDA path (Triton) on meta tensors; launches are counted, not run."""
+    """msgsnn's LIF and per-step BatchNorm run the Triton kernels (with ``MSGSNN_TRITON_BN=1``) on meta tensors;
+    launches are counted, not run."""
     def record(kernel, grid, *args, num_warps, **switches):
         launches[kernel.__name__] += 1
 
-    def spikes(lif, current):
-        return neuron.fused_lif(current, triton_lif.lif_forward, triton_lif.lif_backward, lif.tau, lif.v_threshold,
-                                lif.spec, lif.reset, lif.detach_reset)
-
-    with mock.patch.object(triton_lif, "_launch", record), mock.patch.object(backends, "_TRITON", triton_lif), \
-            mock.patch.object(backends, "bn_kernels", lambda x: triton_lif), mock.patch.object(LIF, "_spikes", spikes):
+    triton_on_meta = kernels.Kernels("triton", kernels.Family("Triton kernels", lambda: cuda, ""), strict=True)
+    with mock.patch.object(cuda, "_launch", record), mock.patch.object(kernels, "for_device", lambda d: triton_on_meta), \
+            mock.patch.object(cuda, "takes", lambda op, *args: op.startswith(("lif", "bn"))):
         yield
 
 
@@ -334,8 +335,8 @@ def print_report(r: dict, show_layers: bool) -> None:
     n = r["launch_count"]
     print(f"launches per step: {n['triton']} Triton + {n['torch']} torch operators; at an assumed {LAUNCH_US:.0f} us "
           f"each (eager dispatch) {r['launch_ms']:.2f} ms, {r['launch_ms'] / total:.1f}x the bound above")
-    print(f"Triton launches per layer shape (LIF: {triton_lif.LIF_BLOCK} neurons per program, {triton_lif.LIF_WARPS} "
-          f"warps; BN: {triton_lif.BN_ROWS}-row tiles, {triton_lif.BN_WARPS} warps, programs of the elementwise "
+    print(f"Triton launches per layer shape (LIF: {cuda.LIF_BLOCK} neurons per program, {cuda.LIF_WARPS} "
+          f"warps; BN: {cuda.BN_ROWS}-row tiles, {cuda.BN_WARPS} warps, programs of the elementwise "
           f"kernel; {H200_SMS} SMs)")
     print(f"{'kernel':<7}{'shape [T,B,C,H,W]':<24}{'layers':>7}{'programs':>10}{'per SM':>8}{'elem/thread':>12}"
           f"{'lanes used':>11}{'B/elem fwd+bwd':>15}  grid")

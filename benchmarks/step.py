@@ -4,6 +4,9 @@ Cases (each in its own process, so every peak-memory figure starts clean):
 
 * ``msg``           msgsnn with MSG, mask_p = 0.5 (the release's setting)
 * ``sg``            msgsnn with the plain surrogate gradient (mask_p = 0)
+* ``msg_triton_bn`` ``msg`` with the per-step BatchNorm on msgsnn's Triton kernels (``MSGSNN_TRITON_BN=1``)
+                    instead of torch's ``batch_norm``; CUDA only (on the CPU it would be ``msg`` again),
+                    and there one of the default cases
 * ``floor``         the same convolutions and BatchNorms as a plain ReLU network on the
                     folded ``[T*B, C, H, W]`` batch, channels-last: what the convolutions alone cost
 * ``spikingjelly``  SpikingJelly's multi-step ``LIFNode`` on the same network (if installed); on CUDA it
@@ -20,7 +23,7 @@ It therefore includes gradients and the optimizer state, the same for every case
 
     python benchmarks/step.py                      # VGGSNN, B=8, T=10, 2x48x48, CPU, 2 threads
     python benchmarks/step.py --amp bf16           # adds a bf16-autocast run of every case
-    python benchmarks/step.py --device cuda --batch 64
+    python benchmarks/step.py --device cuda --batch 64     # adds msg_triton_bn
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import subprocess
 import sys
 import time
 
-CASES = ("msg", "sg", "floor", "spikingjelly", "snntorch")
+CASES = ("msg", "sg", "floor", "spikingjelly", "snntorch", "msg_triton_bn")
+CUDA_ONLY = ("msg_triton_bn",)
+MSGSNN_CASES = ("msg", "sg", "msg_triton_bn")
 RESULT_TAG = "STEP-RESULT "
 
 
@@ -52,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per process (>= 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per case; order reversed every other round")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--cases", default=None,
+                   help=f"comma-separated subset of {','.join(CASES)} (default: all; {','.join(CUDA_ONLY)} on CUDA only)")
     p.add_argument("--backend", default="auto", help="msgsnn LIF backend for the msg/sg cases")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -130,9 +136,9 @@ def build_case(case: str, args):
     from torch import nn
 
     snn = _import_msgsnn()
-    p = 0.5 if case == "msg" else 0.0
+    p = 0.5 if case in ("msg", "msg_triton_bn") else 0.0
     model = snn.build_model(args.network, in_channels=args.channels, num_classes=args.classes, T=args.T,
-                            mask_p=p, backend=args.backend if case in ("msg", "sg") else "auto",
+                            mask_p=p, backend=args.backend if case in MSGSNN_CASES else "auto",
                             **({"input_size": args.size} if args.network.startswith("vgg") else {}))
     after_step = None
     if case == "floor":
@@ -233,12 +239,16 @@ def worker(args) -> dict:
 
 def backend_used(case: str, device) -> str:
     """Which implementation ran the neurons (and msgsnn's per-step BatchNorm) in this worker."""
-    if case in ("msg", "sg"):
-        from msgcli.snn import backends, cpu_kernels
+    if case in MSGSNN_CASES:
+        from msgcli.snn import kernels
 
         if device.type == "cuda":
-            return "Triton kernels" if backends._TRITON not in (None, False) else "torch operators (Triton off, see stderr)"
-        return "C kernels" if cpu_kernels.get() is not None else "torch operators"
+            if kernels.CUDA.fused_kernels() is None:
+                return "torch operators (Triton off, see stderr)"
+            if kernels.triton_batchnorm():
+                return "Triton kernels (LIF and BatchNorm)"
+            return "Triton kernels (LIF), torch's batch_norm (BatchNorm)"
+        return "C kernels" if kernels.CPU.fused_kernels() is not None else "torch operators"
     if case == "spikingjelly":
         # SpikingJelly 2.0 has no backend argument: on CUDA it takes its native CUDA build if there is one, else
         # its Triton kernels, else torch operators (SJ_LIF_CUDA_IMPLEMENTATION overrides); ask which it took.
@@ -273,7 +283,8 @@ def run_process(case: str, precision: str, args) -> dict:
            "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
     # every case waits as msgsnn's processes do (sleeping OpenMP threads), peers included
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               MSGSNN_TRITON_BN="1" if case == "msg_triton_bn" else "0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -337,7 +348,10 @@ def main(argv=None) -> int:
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(args)), flush=True)
         return 0
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if args.cases is None:
+        cases = [c for c in CASES if args.device == "cuda" or c not in CUDA_ONLY]
+    else:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         raise SystemExit(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")

@@ -14,13 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from msgcli import plugins as plugin_io
 from msgcli.errors import ConfigError, did_you_mean
 from msgcli.snn import options
+from msgcli.snn.surrogate import fill_names, names as surrogate_names
 
 
 def _preset_dir() -> Path:
@@ -41,6 +42,11 @@ def _choice(*values: str, default: str | None) -> Any:
     return field(default=default, metadata={"choices": values})
 
 
+def _live_choice(values: Callable[[], tuple[str, ...]], default: str) -> Any:
+    """A choice among ``values()`` as they are when a config is checked: surrogates registered by plugins count."""
+    return field(default=default, metadata={"choices": values})
+
+
 def _ranged(default: float | None, lo: float | None = None, hi: float | None = None) -> Any:
     return field(default=default, metadata={"range": (lo, hi)})
 
@@ -56,11 +62,11 @@ class NeuronConfig:
 
     tau: float = _ranged(2.0, 1.0)
     v_threshold: float = 0.5
-    surrogate: str = _choice(*options.SURROGATES, default="piecewise_linear")
+    surrogate: str = _live_choice(surrogate_names, default="piecewise_linear")
     alpha: float = _ranged(2.0, 0.0)
     mask_p: float = _ranged(0.5, 0.0, 1.0)
     mask_mode: str = _choice(*options.MASK_MODES, default="element")
-    mask_fill: str = _choice(*options.MASK_FILLS, default="zero")
+    mask_fill: str = _live_choice(fill_names, default="zero")
     rescale: bool = False
     reset: str = _choice(*options.RESETS, default="hard")
     detach_reset: bool = False
@@ -282,9 +288,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     choices = f.metadata.get("choices")
+    if callable(choices):
+        choices = choices()
     for item in value if isinstance(value, list) else [value]:
         if choices and item is not None and item not in choices:
-            raise ConfigError(f"{key}: {item!r} is not allowed; choose one of {', '.join(choices)}")
+            hint = did_you_mean(item, choices) if isinstance(item, str) else ""
+            raise ConfigError(f"{key}: {item!r} is not allowed; choose one of {', '.join(choices)}{hint}")
     missing = [item for item in f.metadata.get("required", ()) if item not in value]
     if missing:
         raise ConfigError(f"{key}: must include {', '.join(missing)} (always written); e.g. [{', '.join(choices)}]")

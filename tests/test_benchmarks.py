@@ -87,7 +87,7 @@ def test_gpu_sh_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == GPU_SH_FILES  # the device tool brings back 8 files at most
     step = json.loads((out / "step.json").read_text())
-    assert {key.split("/")[0] for key in step["summary"]} >= {"msg", "floor"}
+    assert {key.split("/")[0] for key in step["summary"]} >= {"msg", "floor", "msg_triton_bn"}
     assert "msg ran on: C kernels" in (out / "step.log").read_text()
     assert json.loads((out / "epoch-bf16.json").read_text())[0]["amp"] == "bf16"
     assert "spiking layers (LIF + BatchNorm)" in (out / "gpu_model.txt").read_text()
@@ -96,8 +96,8 @@ def test_gpu_sh_runs_every_stage_on_the_cpu(tmp_path):
 def test_step_benchmark_names_the_implementation_each_case_ran_on():
     step = load_script("benchmarks/step.py")
     cpu = torch.device("cpu")
-    from msgcli.snn import cpu_kernels
+    from msgcli.snn import kernels
 
-    assert step.backend_used("msg", cpu) == ("C kernels" if cpu_kernels.get() is not None else "torch operators")
+    assert step.backend_used("msg", cpu) == ("C kernels" if kernels.C_KERNELS.get() is not None else "torch operators")
     pytest.importorskip("spikingjelly")
     assert step.backend_used("spikingjelly", cpu) == "torch-reference"  # SpikingJelly 2.0's own name for it

@@ -8,13 +8,15 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from msgcli.snn import LIF, TemporalBatchNorm, cpu_kernels, memory
+from msgcli.snn import LIF, TemporalBatchNorm, kernels, memory
 from msgcli.snn import layers as layers_module
 from msgcli.snn import neuron as neuron_module
+from msgcli.snn.kernels import cpu as cpu_kernels
 
 has_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C compiler: the torch fallback is tested below")
 
@@ -22,9 +24,9 @@ has_compiler = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C c
 @pytest.fixture
 def built_kernels():
     """The kernels, which must build wherever a C compiler exists (a broken source fails, never skips)."""
-    kernels = cpu_kernels.get()
-    assert kernels is not None, "a C compiler is there but the kernels are unavailable: see the warning"
-    return kernels
+    built = kernels.C_KERNELS.get()
+    assert built is not None, "a C compiler is there but the kernels are unavailable: see the warning"
+    return built
 
 
 needs_kernels = pytest.mark.usefixtures("built_kernels")
@@ -52,7 +54,7 @@ def _run(lif, x, upstream, seed=None):
 @pytest.fixture
 def torch_fallback(monkeypatch):
     """Run the fused path without the C kernels (what a machine without a compiler gets)."""
-    monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+    monkeypatch.setattr(kernels.CPU, "fused", None)
 
 
 OPTIONS = [
@@ -121,7 +123,7 @@ def test_bfloat16_close_to_float32_on_the_same_input():
 @needs_kernels
 def test_mask_stream_is_torch_rand_in_logical_order():
     """The element mask of a channels-last tensor is the reference's torch.rand(shape) >= p, timestep T-1 first."""
-    kern = cpu_kernels.get()
+    kern = kernels.C_KERNELS.get()
     shape = (3, 2, 16, 3, 5)
     x = _channels_last(torch.zeros(shape))
     torch.manual_seed(9)
@@ -137,7 +139,7 @@ def test_mask_stream_is_torch_rand_in_logical_order():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, request, fallback, layout):
     if fallback:
-        monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+        monkeypatch.setattr(kernels.CPU, "fused", None)
     elif cpu_kernels.compiler() is None:
         pytest.skip("no C compiler")
     else:
@@ -210,10 +212,16 @@ def test_pool_reuses_freed_buffers_and_never_live_ones():
     assert pool.cached == 0
 
 
+def _not_loaded(monkeypatch):
+    """The C kernels' family as before its first use: the next ``get()`` builds (or fails to) and may warn."""
+    for name, value in (("_kernels", None), ("_loaded", False), ("_warned", False)):
+        monkeypatch.setattr(kernels.C_KERNELS, name, value)
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """The next ``get()`` builds (or fails to build) afresh in ``tmp_path/cache``."""
-    monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    _not_loaded(monkeypatch)
     monkeypatch.delenv("MSGSNN_CPU_KERNELS", raising=False)
     monkeypatch.setenv("MSGSNN_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "cpu-kernels"
@@ -221,8 +229,9 @@ def fresh_build(monkeypatch, tmp_path):
 
 def test_no_compiler_falls_back_with_its_own_warning(fresh_build, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.warns(RuntimeWarning, match="no C compiler: .CC .*no-such-compiler. not found"):
-        assert cpu_kernels.get() is None
+    with pytest.warns(RuntimeWarning, match="no C compiler: .CC .*no-such-compiler. not found") as caught:
+        assert kernels.C_KERNELS.get() is None
+    assert len(caught) == 1 and "torch operators run instead" in str(caught[0].message)
     x, upstream = _inputs(3)
     s_ref, g_ref = _run(LIF(backend="reference", mask_p=0.5), x, upstream, seed=2)
     s_fus, g_fus = _run(LIF(mask_p=0.5), x, upstream, seed=2)
@@ -232,11 +241,11 @@ def test_no_compiler_falls_back_with_its_own_warning(fresh_build, monkeypatch, t
 
 @has_compiler
 def test_a_broken_source_is_a_failed_build_not_a_missing_compiler(fresh_build, monkeypatch, tmp_path):
-    broken = tmp_path / "cpu_kernels.c"
+    broken = tmp_path / "cpu.c"
     broken.write_text("#error injected by the test\n" + cpu_kernels.SOURCE.read_text())
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     with pytest.warns(RuntimeWarning, match="failed to build.*injected by the test") as caught:
-        assert cpu_kernels.get() is None
+        assert kernels.C_KERNELS.get() is None
     assert not any("no C compiler" in str(w.message) for w in caught)
 
 
@@ -249,12 +258,12 @@ def test_cc_is_split_like_a_shell_and_its_version_is_in_the_key(fresh_build, mon
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", f"{wrapper} {cpu_kernels.compiler()[0]}")
     assert cpu_kernels.compiler() == [str(wrapper), cpu_kernels.compiler()[1]]
-    assert cpu_kernels.get() is not None
+    assert kernels.C_KERNELS.get() is not None
     assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
     first = {p.name for p in fresh_build.glob("*.so")}
     monkeypatch.setattr(cpu_kernels, "_compiler_version", lambda cc: "gcc 99.0 (a future release)")
-    monkeypatch.setattr(cpu_kernels, "_kernels", False)
-    assert cpu_kernels.get() is not None
+    _not_loaded(monkeypatch)
+    assert kernels.C_KERNELS.get() is not None
     assert len(first) == 1 and len(set(p.name for p in fresh_build.glob("*.so")) - first) == 1
 
 
@@ -267,7 +276,7 @@ def test_processes_starting_together_compile_once(tmp_path):
     wrapper.chmod(0o755)
     env = {**os.environ, "MSGSNN_CACHE": str(tmp_path / "cache"), "CC": f"{wrapper} {cpu_kernels.compiler()[0]}"}
     env.pop("MSGSNN_CPU_KERNELS", None)
-    code = "from msgcli.snn import cpu_kernels; assert cpu_kernels.get() is not None"
+    code = "from msgcli.snn import kernels; assert kernels.C_KERNELS.get() is not None"
     ranks = [subprocess.Popen([sys.executable, "-W", "error", "-c", code], env=env) for _ in range(3)]
     assert [rank.wait(timeout=600) for rank in ranks] == [0, 0, 0]
     assert sum("-shared" in line for line in log.read_text().splitlines()) == 1
@@ -299,7 +308,7 @@ def test_an_unwritable_cache_builds_in_a_private_temporary_folder(fresh_build, m
 @needs_kernels
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batchnorm_sums_do_not_depend_on_the_thread_count(layout):
-    kern = cpu_kernels.get()
+    kern = kernels.C_KERNELS.get()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 8, 16, 12, 12, generator=g) * 2 + 1  # 8 * 144 rows a timestep: several chunks
     dy = torch.randn(x.shape, generator=g)
@@ -319,10 +328,37 @@ def test_batchnorm_sums_do_not_depend_on_the_thread_count(layout):
     torch.testing.assert_close(results[0][0], x.double().mean((1, 3, 4)), rtol=0, atol=1e-12)
 
 
+@has_compiler
+@needs_kernels
+def test_a_failed_allocation_in_a_batchnorm_kernel_raises_a_clear_error(monkeypatch):
+    """The C BatchNorm functions return 1 when their work space cannot be allocated: a MemoryError naming
+    the kernel, never results computed from an unwritten buffer."""
+    kern = kernels.C_KERNELS.get()
+    real = kern.lib
+
+    class OutOfMemory:  # the library, with every BatchNorm kernel reporting a failed allocation
+        def __getattr__(self, name):
+            return (lambda *args: 1) if name.startswith("bn_") else getattr(real, name)
+
+    monkeypatch.setattr(kern, "lib", OutOfMemory())
+    x = _channels_last(torch.randn(3, 4, 16, 5, 5))
+    stat = torch.rand(3, 16, dtype=torch.float64)
+    calls = {"bn_stats": lambda: kern.bn_stats(x), "bn_apply": lambda: kern.bn_apply(x, stat, stat),
+             "bn_bsums": lambda: kern.bn_backward_sums(x, x, stat),
+             "bn_bdx": lambda: kern.bn_backward_input(x, x, stat, stat, stat, stat)}
+    for name, call in calls.items():
+        with pytest.raises(MemoryError, match=f"C BatchNorm kernel {name} could not allocate.*T=3, C=16"):
+            call()
+    with pytest.raises(MemoryError, match="bn_stats"):
+        TemporalBatchNorm(16)(x)
+
+
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_kernels", False)
+    _not_loaded(monkeypatch)
     monkeypatch.setenv("MSGSNN_CPU_KERNELS", "0")
-    assert cpu_kernels.get() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: nothing to warn about
+        assert kernels.C_KERNELS.get() is None
 
 
 @has_compiler
@@ -334,7 +370,7 @@ def test_eval_forward_matches_training_forward(surrogate, reset):
     with torch.no_grad():
         s_eval = lif(_channels_last(x))
     assert torch.equal(s_eval, lif(x.requires_grad_()).detach())
-    assert neuron_module.lif_forward(x.detach(), 2.0, 0.5, reset, keep_membrane=False)[1] is None
+    assert kernels.CPU.lif_forward(x.detach(), 2.0, 0.5, reset, False)[1] is None
 
 
 # --- convolutions on spikes save uint8 codes ----------------------------------------------------

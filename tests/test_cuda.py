@@ -17,18 +17,24 @@ import sys
 import pytest
 import torch
 
-from msgcli.snn import LIF, TemporalBatchNorm, build_model
+from msgcli.snn import LIF, TemporalBatchNorm, build_model, kernels
+from msgcli.snn.msg import SpikeSpec
 from msgcli.snn.neuron import fused_lif, lif_reference
-from msgcli.snn.surrogate import SpikeSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 
 
 def _triton():
-    from msgcli.snn import triton_lif
+    from msgcli.snn.kernels import cuda
 
-    return triton_lif
+    return cuda
+
+
+def triton_only():
+    """The Triton kernels alone, no torch fallback; on CPU tensors too under the interpreter."""
+    cuda = _triton()
+    return kernels.Kernels("triton", kernels.Family("Triton kernels", lambda: cuda, ""), strict=True)
 
 
 def _inputs(device, shape=(6, 3, 8, 5, 5), seed=0, channels_last=False):
@@ -48,8 +54,8 @@ def _grad(fn, x, up):
 
 
 def _triton_lif(spec, reset="hard", detach=False, tau=2.0, vth=0.5):
-    tl_mod = _triton()
-    return lambda x: fused_lif(x, tl_mod.lif_forward, tl_mod.lif_backward, tau, vth, spec, reset, detach)
+    ops = triton_only()
+    return lambda x: fused_lif(x, ops, tau, vth, spec, reset, detach)
 
 
 # --- checks shared by the CUDA tests and the interpreter run -----------------------------------
@@ -230,16 +236,23 @@ def test_saved_memory_on_cuda(p):
 
 
 @cuda
-def test_per_step_batchnorm_on_cuda_equals_a_loop():
+@pytest.mark.parametrize("triton_bn", ["0", "1"], ids=["torch batch_norm", "Triton kernels"])
+def test_per_step_batchnorm_on_cuda_equals_a_loop(monkeypatch, triton_bn):
+    monkeypatch.setenv("MSGSNN_TRITON_BN", triton_bn)
     x = (torch.randn(4, 3, 8, 5, 5) * 2 + 1).cuda()
     x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(4, 3, 8, 5, 5)
     up = torch.randn_like(x)
     tbn, bn = TemporalBatchNorm(8).cuda(), torch.nn.BatchNorm2d(8).cuda()
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    tbn(a).backward(up)
-    torch.stack([bn(b[t]) for t in range(4)]).backward(up)
+    y = tbn(a)
+    y_ref = torch.stack([bn(b[t]) for t in range(4)])
+    y.backward(up)
+    y_ref.backward(up)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=1e-5, atol=1e-5)
 
 
 @cuda

@@ -134,3 +134,71 @@ def test_folded_pool_and_linear_change_the_trailing_shape():
     x = torch.randn(T, B, C, H, W)
     assert Folded(nn.AvgPool2d(2))(x).shape == (T, B, C, H // 2, W // 2)
     assert Folded(nn.Sequential(nn.Flatten(), nn.Linear(C * H * W, 7)))(x).shape == (T, B, 7)
+
+
+# --- per-step BatchNorm on CUDA: torch's batch_norm over [B, T*C, H, W], run here on CPU tensors ---
+
+
+def _channels_last(x):
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+
+
+@pytest.mark.parametrize("shape, layout", [((T, B, C, H, W), "contiguous"), ((T, B, C, H, W), "channels_last"),
+                                           ((T, 7, C), "contiguous")])
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_cuda_path_of_per_step_batchnorm_equals_the_per_step_function(monkeypatch, shape, layout, affine):
+    """Values, the input's and parameters' gradients and the running statistics (T momentum updates per call,
+    over three calls), against the path the CPU takes (the C kernels, or torch operators without them)."""
+    from msgcli.snn.layers import batchnorm
+
+    timesteps_as_channels = batchnorm._timesteps_as_channels
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=g, dtype=torch.float64) * 2 + torch.arange(T).double().view(T, *[1] * (len(shape) - 1))
+          for _ in range(3)]
+    ups = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    if layout == "channels_last":
+        xs, ups = [_channels_last(x) for x in xs], [_channels_last(u) for u in ups]
+    results = {}
+    for path in ("per_step_function", "torch_batch_norm"):
+        monkeypatch.setattr(batchnorm, "_torch_batch_norm_applies", lambda x, sync, path=path: path == "torch_batch_norm")
+        calls = []
+        monkeypatch.setattr(batchnorm, "_timesteps_as_channels", lambda *a: calls.append(1) or timesteps_as_channels(*a))
+        bn = TemporalBatchNorm(C).double()
+        if not affine:
+            bn.weight, bn.bias = None, None
+        else:
+            with torch.no_grad():
+                bn.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+                bn.bias.copy_(torch.tensor([0.1, -0.3, 0.7]))
+        out = []
+        for x, up in zip(xs, ups):
+            x = x.clone(memory_format=torch.preserve_format).requires_grad_()
+            y = bn(x)
+            y.backward(up)
+            assert y.stride() == x.stride()
+            out += [y.detach(), x.grad]
+        if affine:
+            out += [bn.weight.grad, bn.bias.grad]
+        out += [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+        results[path] = out
+        assert len(calls) == (3 if path == "torch_batch_norm" else 0)
+    for got, expected in zip(results["torch_batch_norm"], results["per_step_function"]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_cuda_takes_torch_batch_norm_unless_triton_is_asked_for(monkeypatch):
+    from types import SimpleNamespace
+
+    from msgcli.snn import kernels
+    from msgcli.snn.layers import batchnorm
+
+    on_cuda, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    monkeypatch.delenv("MSGSNN_TRITON_BN", raising=False)
+    assert batchnorm._torch_batch_norm_applies(on_cuda, sync=False)
+    assert not batchnorm._torch_batch_norm_applies(on_cuda, sync=True)  # synchronised: the per-step Function
+    assert not batchnorm._torch_batch_norm_applies(on_cpu, sync=False)
+    assert batchnorm._batchnorm_kernels(torch.device("cuda")) is kernels.TORCH
+    assert batchnorm._batchnorm_kernels(torch.device("cpu")) is kernels.CPU
+    monkeypatch.setenv("MSGSNN_TRITON_BN", "1")
+    assert not batchnorm._torch_batch_norm_applies(on_cuda, sync=False)
+    assert batchnorm._batchnorm_kernels(torch.device("cuda")) is kernels.CUDA

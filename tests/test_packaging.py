@@ -38,19 +38,19 @@ def test_an_installed_wheel_reads_presets_and_kernel_source_from_its_own_files(t
     wheel = next((tmp_path / "dist").glob("msgsnn-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     presets = sorted(p.name for p in (REPO / "presets").glob("*.yaml"))
-    assert {f"msgcli/presets/{name}" for name in presets} <= names and "msgcli/snn/cpu_kernels.c" in names
+    assert {f"msgcli/presets/{name}" for name in presets} <= names and "msgcli/snn/kernels/cpu.c" in names
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                              capture_output=True, text=True, cwd=tmp_path)
     assert install.returncode == 0, install.stderr
-    probe = ("import msgcli.config as c, msgcli.snn.cpu_kernels as k; "
+    probe = ("import msgcli.config as c, msgcli.snn.kernels.cpu as k; "
              "print(c.PRESET_DIR); print(k.SOURCE); print(','.join(c.list_presets())); c.load_preset('digits-dvs')")
     env = {**os.environ, "PYTHONPATH": str(target)}
     env.pop("MSGSNN_PRESETS", None)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     preset_dir, source, listed = done.stdout.splitlines()
-    assert Path(preset_dir) == target / "msgcli" / "presets" and Path(source) == target / "msgcli" / "snn" / "cpu_kernels.c"
+    assert Path(preset_dir) == target / "msgcli" / "presets" and Path(source) == target / "msgcli" / "snn" / "kernels" / "cpu.c"
     assert listed.split(",") == config_io.list_presets()
 
 

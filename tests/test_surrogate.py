@@ -1,12 +1,23 @@
-"""Surrogate derivatives and the MSG mask (docs/method.md, "Surrogate gradients" and "MSG")."""
+"""Surrogate derivatives and the MSG mask (docs/method.md, "Surrogate gradients" and "MSG"); the one table of
+surrogates against both kernels; surrogates a user registers."""
 
+import itertools
+import logging
 import math
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
-from msgcli.snn import LIF
-from msgcli.snn.surrogate import SURROGATES, SpikeSpec, arctan, piecewise_linear, rectangular, sigmoid
+from msgcli import config as config_io
+from msgcli.config import ConfigError, RunConfig
+from msgcli.snn import LIF, build_model, kernels, surrogate
+from msgcli.snn.msg import SpikeSpec
+from msgcli.snn.options import MASK_MODES
+from msgcli.snn.surrogate import BUILTIN, SURROGATES, arctan, piecewise_linear, rectangular, sigmoid
+from tests.test_cuda import run_in_interpreter
 
 
 def _at(fn, x, alpha):
@@ -239,3 +250,218 @@ def test_unknown_names_list_the_choices():
 def test_wrong_rank_input_raises(backend):
     with pytest.raises(ValueError, match=r"LIF input.*\[T, B"):
         LIF(backend=backend)(torch.zeros(5))
+
+
+# --- one table: torch's formula, the C kernel and the Triton kernel agree ----------------------
+
+ALPHAS = (0.5, 2.0, 3.0)
+
+
+def _points(alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """Many x = H - V_th across and beyond every support, the support's edges included."""
+    x = torch.linspace(-3.0, 3.0, 1201, dtype=torch.float64) / alpha
+    edges = torch.tensor([-1.0, 1.0], dtype=torch.float64) / alpha
+    return torch.cat([x, edges, edges * (1 - 1e-6), edges * (1 + 1e-6), torch.zeros(1, dtype=torch.float64)]).to(dtype)
+
+
+def _kernel_derivatives(ops, name: str, alpha: float, dtype: torch.dtype):
+    """dS/dV of surrogate ``name`` by ``ops.lif_backward``, at T = 1, tau = 1, V_th = 0, upstream 1: as the
+    surrogate itself, and as the fill of every masked entry (p = 1) under each other surrogate."""
+    x = _points(alpha, dtype).view(1, -1)
+    ones = torch.ones_like(x)
+    plain = ops.lif_backward(ones, x, 1.0, 0.0, SpikeSpec(name, alpha), "hard", True)
+    fills = [ops.lif_backward(ones, x, 1.0, 0.0, SpikeSpec(other.name, alpha, 1.0, "element", name), "hard", True)
+             for other in BUILTIN]
+    return x, plain, fills
+
+
+def check_kernels_compute_the_tables_formulas(ops, dtype, tolerance) -> None:
+    for entry, alpha in itertools.product(BUILTIN, ALPHAS):
+        x, plain, fills = _kernel_derivatives(ops, entry.name, alpha, dtype)
+        expected = entry(x, alpha)  # the table's torch formula, in the kernels' dtype
+        assert plain.dtype == dtype
+        torch.testing.assert_close(plain, expected, rtol=tolerance, atol=tolerance, msg=f"{entry.name} alpha={alpha}")
+        for other, fill in zip(BUILTIN, fills):
+            torch.testing.assert_close(fill, expected, rtol=tolerance, atol=tolerance,
+                                       msg=f"{entry.name} as the fill of {other.name}, alpha={alpha}")
+
+
+def triton_only():
+    from tests.test_cuda import triton_only
+
+    return triton_only()
+
+
+def check_triton_kernels_compute_the_tables_formulas() -> None:
+    check_kernels_compute_the_tables_formulas(triton_only(), torch.float32, 1e-6)
+
+
+def test_the_kernel_ids_number_the_built_in_surrogates_from_zero():
+    assert [s.kernel_id for s in BUILTIN] == list(range(len(BUILTIN)))
+    assert [s.name for s in BUILTIN] == list(SURROGATES)[: len(BUILTIN)]
+
+
+def test_the_c_kernels_compute_the_tables_formulas():
+    if kernels.C_KERNELS.get() is None:
+        pytest.skip("no C kernels here (no compiler): tests/test_cpu_kernels.py says why")
+    check_kernels_compute_the_tables_formulas(kernels.CPU, torch.float64, 1e-12)
+    check_kernels_compute_the_tables_formulas(kernels.CPU, torch.float32, 1e-6)
+
+
+def test_the_triton_kernels_compute_the_tables_formulas():
+    """Under Triton's CPU interpreter (float32): a surrogate whose kernel line is missing or misnumbered fails."""
+    run_in_interpreter("from tests.test_surrogate import check_triton_kernels_compute_the_tables_formulas; "
+                       "check_triton_kernels_compute_the_tables_formulas()")
+
+
+# --- surrogates a user registers --------------------------------------------------------------
+
+
+def laplace(x, alpha):
+    """A surrogate the kernels do not know: alpha/2 exp(-alpha |x|), written as a user would."""
+    return alpha / 2 * torch.exp(-alpha * x.abs())
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """``laplace`` registered for this test only (the table and the notes of what was said are restored)."""
+    monkeypatch.setattr(surrogate, "SURROGATES", dict(surrogate.SURROGATES))
+    monkeypatch.setattr(surrogate, "_ON_TORCH_NOTED", set())
+    surrogate.register_surrogate("laplace", laplace)
+    return "laplace"
+
+
+BY_HAND = {  # the formulas the tests below use, written again (docs/method.md)
+    "laplace": laplace,
+    "arctan": lambda x, a: a / (1 + (math.pi / 2 * a * x) ** 2),
+    "sigmoid": lambda x, a: a * torch.sigmoid(a * x) * (1 - torch.sigmoid(a * x)),
+    "zero": lambda x, a: torch.zeros_like(x),
+}
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward; backward: upstream x (the surrogate, or the fill where the mask drops) as drawn by hand."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        ctx.save_for_backward(x)
+        ctx.spec = spec
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        spec = ctx.spec
+        g = BY_HAND[spec.surrogate](x, spec.alpha)
+        if spec.mask_p > 0:
+            shape = {"element": x.shape, "channel": x.shape[:2] + (1,) * (x.dim() - 2),
+                     "timestep": x.shape[:1] + (1,) * (x.dim() - 1)}[spec.mask_mode]
+            keep = torch.rand(shape, dtype=torch.float32) >= spec.mask_p
+            g = torch.where(keep, g, BY_HAND[spec.mask_fill](x, spec.alpha))
+        return grad * g, None
+
+
+def _by_hand(current, spec, tau=2.0, v_th=0.5):
+    """The LIF by hand with autograd, hard reset through S: the yardstick, drawing the mask as torch.rand per step."""
+    v = torch.zeros_like(current[0])
+    out = []
+    for t in range(current.shape[0]):
+        v = v + (current[t] - v) / tau
+        s = _Spike.apply(v - v_th, spec)
+        v = v * (1 - s)
+        out.append(s)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mask_mode", MASK_MODES)
+@pytest.mark.parametrize("surrogate_name, fill", [("laplace", "zero"), ("laplace", "sigmoid"), ("arctan", "laplace"),
+                                                  ("laplace", "laplace")])
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_a_registered_surrogate_gives_the_gradient_of_autograd_under_every_mask(registered, mask_mode, surrogate_name,
+                                                                                fill, backend):
+    """Same seed, same mask: the layer's gradient equals autograd's through the user's formula, with MSG on,
+    the registered surrogate as the surrogate, as the fill, or both."""
+    spec = SpikeSpec(surrogate=surrogate_name, alpha=2.0, mask_p=0.5, mask_mode=mask_mode, mask_fill=fill)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(5, 3, 4, 3, 3, generator=g, dtype=torch.float64) * 0.8 + 0.4)
+    up = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    grads = []
+    for layer in (LIF(surrogate=spec.surrogate, mask_p=0.5, mask_mode=mask_mode, mask_fill=spec.mask_fill,
+                      backend=backend), lambda v: _by_hand(v, spec)):
+        current = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        layer(current).backward(up)
+        grads.append(current.grad)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("role", ["surrogate", "fill"])
+def test_the_torch_operators_that_run_a_registered_surrogate_say_so_once(registered, role, caplog):
+    lif = LIF(surrogate=registered if role == "surrogate" else "arctan", mask_p=0.5,
+              mask_fill=registered if role == "fill" else "zero")
+    caplog.set_level(logging.INFO, logger="msgcli")
+    for _ in range(3):
+        lif(torch.randn(4, 2, 6, requires_grad=True)).sum().backward()
+    said = [r for r in caplog.records if registered in r.getMessage()]
+    if kernels.CPU.fused_kernels() is None:
+        assert not said  # no fused kernels here: nothing falls back
+    else:
+        assert len(said) == 1 and said[0].levelno == logging.INFO and "torch operators" in said[0].getMessage()
+
+
+def test_a_network_with_a_registered_surrogate_trains(registered):
+    torch.manual_seed(0)
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=4, T=3, input_size=16, surrogate=registered, mask_p=0.5,
+                        mask_mode="channel", mask_fill=registered)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.rand(8, 3, 2, 16, 16), torch.arange(8) % 4
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).mean(0), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and min(losses[-3:]) < losses[0]
+
+
+def test_the_config_takes_a_registered_name_and_still_refuses_an_unknown_one(registered):
+    cfg = config_io.apply_overrides(RunConfig(), {"model.neuron.surrogate": registered, "model.neuron.mask_fill": registered})
+    assert (cfg.model.neuron.surrogate, cfg.model.neuron.mask_fill) == (registered, registered)
+    assert config_io.from_dict(config_io.to_dict(cfg)).model.neuron.surrogate == registered  # a saved config.yaml
+    with pytest.raises(ConfigError, match=r"model\.neuron\.surrogate: 'laplac' is not allowed; choose one of "
+                                          r"piecewise_linear.*laplace.*did you mean 'laplace'"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.surrogate": "laplac"})
+    with pytest.raises(ConfigError, match=r"model\.neuron\.mask_fill: 'ziro' is not allowed.*did you mean 'zero'"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.mask_fill": "ziro"})
+
+
+def test_an_unregistered_name_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match=r"model\.neuron\.surrogate: 'laplace' is not allowed"):
+        config_io.apply_overrides(RunConfig(), {"model.neuron.surrogate": "laplace"})
+
+
+def test_registering_a_name_twice_warns_and_the_second_replaces_the_first(registered):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surrogate.register_surrogate(registered, laplace)  # the same function again: nothing to say
+    with pytest.warns(RuntimeWarning, match="'laplace' was already registered"):
+        surrogate.register_surrogate(registered, arctan)
+    assert SpikeSpec(registered).derivative is not None and surrogate.get_surrogate(registered).derivative is arctan
+    with pytest.warns(RuntimeWarning, match="'sigmoid' was already registered"):
+        surrogate.register_surrogate("sigmoid", laplace)
+    assert surrogate.get_surrogate("sigmoid").kernel_id is None  # a user's formula: torch operators run it
+
+
+@pytest.mark.parametrize("name, fn", [("zero", laplace), ("", laplace), (3, laplace), ("ok", "not a function")])
+def test_a_bad_registration_is_refused(name, fn):
+    with pytest.raises(ValueError, match="register_surrogate"):
+        surrogate.register_surrogate(name, fn)
+
+
+def test_register_surrogate_is_public_and_needs_no_torch():
+    code = ("import sys, msgcli; from msgcli.snn import register_surrogate as a; "
+            "assert msgcli.register_surrogate is a; assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,7 +1,7 @@
 """Every Triton kernel of msgsnn compiles ahead of time for the A100 (sm_80) and the H100/H200 (sm_90), no GPU needed.
 
 The launches are not listed here: :func:`recorded_launches` runs the real launchers of
-``msgcli.snn.triton_lif`` on meta tensors, with ``_launch`` recording instead of launching, over
+``msgcli.snn.kernels.cuda`` on meta tensors, with ``_launch`` recording instead of launching, over
 every option training can pass them (dtype, surrogate, MSG on/off, mask mode, fill and rescale,
 reset, detach_reset, layout, keep_membrane; BatchNorm channel counts that give every channel block
 ``bn_channel_block`` can pick). Launches with the same kernel, dtype and compile-time switches are
@@ -32,10 +32,14 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not importable: nothing to compile")
 
-from msgcli.snn import triton_lif  # noqa: E402
 from msgcli.snn import options  # noqa: E402
-from msgcli.snn.options import MASK_FILLS, MASK_MODES, RESETS, SURROGATES  # noqa: E402
-from msgcli.snn.surrogate import SpikeSpec  # noqa: E402
+from msgcli.snn.kernels import cuda  # noqa: E402
+from msgcli.snn.msg import SpikeSpec  # noqa: E402
+from msgcli.snn.options import MASK_MODES, RESETS  # noqa: E402
+from msgcli.snn.surrogate import BUILTIN, ZERO_FILL  # noqa: E402
+
+SURROGATES = tuple(s.name for s in BUILTIN)  # the surrogates the kernels compute
+MASK_FILLS = (ZERO_FILL,) + SURROGATES
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 LIF_KERNELS = ("_lif_forward_kernel", "_lif_backward_kernel")
@@ -105,23 +109,23 @@ def recorded_launches() -> list[Launch]:
              for s, p, mode, fill, rescale in itertools.product(SURROGATES, (0.0, 0.5, 1.0), MASK_MODES, MASK_FILLS,
                                                                   (False, True))]
     # the smallest channel count that gives each channel block
-    blocks = {triton_lif.bn_channel_block(c): c for c in range(4 * triton_lif.BN_MAX_CHANNELS, 0, -1)}
+    blocks = {cuda.bn_channel_block(c): c for c in range(4 * cuda.BN_MAX_CHANNELS, 0, -1)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(triton_lif, "_launch", record)
-        for dtype in triton_lif.DTYPES:
+        mp.setattr(cuda, "_launch", record)
+        for dtype in cuda.DTYPES:
             for channels_last, reset, detach in itertools.product((False, True), RESETS, (False, True)):
                 x = _meta((10, 4, 16, 6, 6), dtype, channels_last)
                 for keep in (False, True):
-                    triton_lif.lif_forward(x, 2.0, 0.5, reset, keep)
+                    cuda.lif_forward(x, 2.0, 0.5, reset, keep)
                 for spec in specs:
-                    triton_lif.lif_backward(x, x, 2.0, 0.5, spec, reset, detach)
+                    cuda.lif_backward(x, x, 2.0, 0.5, spec, reset, detach)
             for channels in sorted(blocks.values()):
                 x = _meta((10, 4, channels, 6, 6), dtype, True)
                 stat = torch.empty(10, channels, device="meta")
-                triton_lif.bn_stats(x)
-                triton_lif.bn_apply(x, stat, stat)
-                triton_lif.bn_backward_sums(x, x, stat)
-                triton_lif.bn_backward_input(x, x, stat, stat, stat, stat)
+                cuda.bn_stats(x)
+                cuda.bn_apply(x, stat, stat)
+                cuda.bn_backward_sums(x, x, stat)
+                cuda.bn_backward_input(x, x, stat, stat, stat, stat)
     return list(seen.values())
 
 
@@ -148,7 +152,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(triton_lif, launch.kernel)
+    kernel = getattr(cuda, launch.kernel)
     source = ASTSource(kernel, dict(launch.signature), dict(launch.constexprs),
                        {k: [list(a) for a in v] for k, v in launch.attrs})
     log = io.StringIO()
@@ -230,7 +234,7 @@ def test_launches_cover_every_option(launches):
     by_kernel = {k: [launch for launch in launches if launch.kernel == k] for k in {launch.kernel for launch in launches}}
     assert set(by_kernel) == {"_lif_forward_kernel", "_lif_backward_kernel", "_bn_sums_kernel", "_bn_map_kernel"}
     values = lambda kernel, name: {dict(launch.switches)[name] for launch in by_kernel[kernel]}  # noqa: E731
-    assert values("_lif_backward_kernel", "SURR") == set(range(len(SURROGATES)))
+    assert values("_lif_backward_kernel", "SURR") == {s.kernel_id for s in BUILTIN}
     assert values("_lif_backward_kernel", "MASK") == {options.NO_MASK, *range(len(MASK_MODES))}
     assert values("_lif_forward_kernel", "SAVE_H") == {False, True}
     assert values("_bn_map_kernel", "BC") == {1, 2, 4, 8, 16, 32, 64}

@@ -1,5 +1,5 @@
 """A Triton kernel that cannot be built for the GPU falls back to torch operators, once and loudly;
-an error while running one (a CUDA out-of-memory, say) propagates.
+an error while running one (a CUDA out-of-memory, say) propagates. Every launch runs on its tensors' device.
 
 Build failures are Triton's ``CompilationError``, ``PTXASError`` and ``OutOfResources`` and anything
 raised inside ``triton.compile``. ``test_kernel_failures_in_the_interpreter`` runs the layers with
@@ -10,6 +10,7 @@ backward sums and input gradient. No GPU is needed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -22,8 +23,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 
-from msgcli.snn import TemporalBatchNorm, backends, neuron, triton_lif  # noqa: E402
-from msgcli.snn.surrogate import SpikeSpec  # noqa: E402
+from msgcli.snn import LIF, TemporalBatchNorm, kernels  # noqa: E402
+from msgcli.snn.kernels import cuda  # noqa: E402
+from msgcli.snn.msg import SpikeSpec  # noqa: E402
 from tests.test_cuda import run_in_interpreter  # noqa: E402
 
 
@@ -55,17 +57,22 @@ class RaisingKernel:
         return launch
 
 
+def triton_family(load=lambda: cuda) -> kernels.Family:
+    """A fresh family of Triton kernels (by default usable, as if CUDA were there and its driver up), not yet warned about."""
+    return kernels.Family("Triton kernels", load, kernels.TRITON_KERNELS.consequence)
+
+
 # --- which errors are build failures ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("error", build_errors(), ids=lambda e: type(e).__name__)
 def test_triton_build_errors_are_build_failures(error):
-    assert triton_lif.is_build_error(error)
+    assert cuda.is_build_error(error)
 
 
 @pytest.mark.parametrize("error", run_errors(), ids=lambda e: type(e).__name__)
 def test_run_errors_are_not_build_failures(error):
-    assert not triton_lif.is_build_error(error)
+    assert not cuda.is_build_error(error)
 
 
 @triton.jit
@@ -82,7 +89,7 @@ def test_errors_raised_inside_triton_compile_are_build_failures(monkeypatch, tmp
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     with pytest.raises(CompilationError) as caught:
         _compile(_kernel_with_an_error, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16})
-    assert triton_lif.is_build_error(caught.value)
+    assert cuda.is_build_error(caught.value)
 
     from triton.backends.nvidia.compiler import CUDABackend
 
@@ -93,52 +100,65 @@ def test_errors_raised_inside_triton_compile_are_build_failures(monkeypatch, tmp
     signature = {"x_ptr": "*fp32", "s_ptr": "*fp32", "h_ptr": "*fp32", "N": "i32", "T": "i32", "tau": "fp32",
                  "vth": "fp32", "HARD": "constexpr", "SAVE_H": "constexpr", "BLOCK": "constexpr"}
     with pytest.raises(RuntimeError, match="PassManager") as caught:
-        _compile(triton_lif._lif_forward_kernel, signature, triton_lif.lif_forward_switches("hard", True))
-    assert triton_lif.is_build_error(caught.value)
+        _compile(cuda._lif_forward_kernel, signature, cuda.lif_forward_switches("hard", True))
+    assert cuda.is_build_error(caught.value)
 
 
 @pytest.mark.parametrize("error", build_errors() + run_errors(), ids=lambda e: type(e).__name__)
 def test_launch_names_the_kernel_of_a_build_failure_and_passes_other_errors_on(error):
-    kernel = RaisingKernel(triton_lif._lif_forward_kernel, {}, error)
+    kernel = RaisingKernel(cuda._lif_forward_kernel, {}, error)
     with pytest.raises(Exception) as caught:
-        triton_lif._launch(kernel, (1,), num_warps=4)
-    if triton_lif.is_build_error(error):
-        assert isinstance(caught.value, triton_lif.TritonBuildError) and caught.value.__cause__ is error
+        cuda._launch(kernel, (1,), torch.zeros(1), num_warps=4)
+    if cuda.is_build_error(error):
+        assert isinstance(caught.value, cuda.TritonBuildError) and caught.value.__cause__ is error
         assert "_lif_forward_kernel" in str(caught.value) and type(error).__name__ in str(caught.value)
     else:
         assert caught.value is error
 
 
-@pytest.fixture
-def triton_on(monkeypatch):
-    """Triton as if it were usable (CUDA there, driver up), not yet warned about."""
-    monkeypatch.setattr(backends, "_TRITON", triton_lif)
-    monkeypatch.setattr(backends, "_TRITON_WARNED", False)
+class FailingToBuild:
+    """Fused kernels that take every call and cannot build the LIF forward."""
+
+    build_errors = (cuda.TritonBuildError,)
+
+    def takes(self, op, *args) -> bool:
+        return True
+
+    def lif_forward(self, *args):
+        raise cuda.TritonBuildError("_lif_forward_kernel", PTXASError("boom"))
 
 
-def test_strict_backend_raises_a_build_failure(triton_on):
-    def failing(*args):
-        raise triton_lif.TritonBuildError("_lif_forward_kernel", PTXASError("boom"))
+def test_strict_kernels_raise_a_build_failure_and_the_others_fall_back_once():
+    family = triton_family(FailingToBuild)
+    x = torch.randn(3, 2, 5)
+    with pytest.raises(cuda.TritonBuildError, match="_lif_forward_kernel"):
+        kernels.Kernels("triton", family, strict=True).lif_forward(x, 2.0, 0.5, "hard", False)
+    assert family.get() is not None  # strict: not turned off
+    falling_back = kernels.Kernels("cuda", family)
+    with pytest.warns(RuntimeWarning, match="_lif_forward_kernel.*PTXASError.*torch operators") as caught:
+        spikes, _ = falling_back.lif_forward(x, 2.0, 0.5, "hard", False)
+    assert len(caught) == 1 and family.get() is None
+    assert torch.equal(spikes, kernels.TORCH.lif_forward(x, 2.0, 0.5, "hard", False)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        falling_back.lif_forward(x, 2.0, 0.5, "hard", False)
 
-    run = backends.triton_or_torch(failing, lambda *args: "torch", strict=True)
-    with pytest.raises(triton_lif.TritonBuildError, match="_lif_forward_kernel"):
-        run()
-    assert backends._TRITON is triton_lif
-    with pytest.warns(RuntimeWarning, match="_lif_forward_kernel"):
-        assert backends.triton_or_torch(failing, lambda *args: "torch", strict=False)() == "torch"
+
+def test_strict_kernels_refuse_a_call_they_do_not_take():
+    with pytest.raises(ValueError, match="backend: 'triton' has no kernel for this call.*use 'auto'"):
+        LIF(backend="triton")(torch.randn(3, 2, 5))  # a CPU tensor
 
 
 def test_a_driver_that_cannot_start_turns_triton_off_with_one_warning(monkeypatch):
-    monkeypatch.setattr(backends, "_TRITON", False)
-    monkeypatch.setattr(backends, "_TRITON_WARNED", False)
-    monkeypatch.setattr(triton_lif, "AVAILABLE", True)
-    error = triton_lif.TritonBuildError("the C module of its CUDA driver", RuntimeError("Failed to find C compiler"))
-    monkeypatch.setattr(triton_lif, "driver_error", lambda: error)
+    monkeypatch.setattr(cuda, "AVAILABLE", True)
+    error = cuda.TritonBuildError("the C module of its CUDA driver", RuntimeError("Failed to find C compiler"))
+    monkeypatch.setattr(cuda, "driver_error", lambda: error)
+    family = triton_family(kernels._load_triton_kernels)
     with pytest.warns(RuntimeWarning, match="C module of its CUDA driver.*Failed to find C compiler"):
-        assert backends.triton() is None
+        assert family.get() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.triton() is None
+        assert family.get() is None
 
 
 # --- end to end, kernels in Triton's interpreter ----------------------------------------------
@@ -153,17 +173,16 @@ PLACES = {  # a launch that fails: the kernel, and the switches that single out 
 }
 
 
-def _layer_output_and_grad(place: str):
-    """A LIF or per-step BatchNorm layer's output and input gradient on a channels-last CPU tensor."""
+def _layer_output_and_grad(place: str, spec: SpikeSpec = SpikeSpec()):
+    """A LIF or per-step BatchNorm layer's output and input gradient on a channels-last CPU tensor, through the
+    CPU's kernels (which the callers point at Triton's, or at none)."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 2, 4, 3, 3)
     x = (torch.randn(shape, generator=g) * 0.8 + 0.4).flatten(0, 1).contiguous(memory_format=torch.channels_last)
     x = x.view(shape).requires_grad_()
     up = torch.randn(shape, generator=g)
     if place.startswith("LIF"):
-        forward = backends.triton_or_torch(triton_lif.lif_forward, neuron.lif_forward, strict=False)
-        backward = backends.triton_or_torch(triton_lif.lif_backward, neuron.lif_backward, strict=False)
-        y = neuron.fused_lif(x, forward, backward, 2.0, 0.5, SpikeSpec(), "hard", False)
+        y = LIF(surrogate=spec.surrogate, mask_p=spec.mask_p)(x)
     else:
         y = TemporalBatchNorm(4)(x)
     y.backward(up)
@@ -173,23 +192,22 @@ def _layer_output_and_grad(place: str):
 def check_fallbacks() -> None:
     """Every place, every error: build failures give the torch result and one warning, run errors propagate."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backends, "bn_kernels", lambda x: None)
+        mp.setattr(kernels.CPU, "fused", None)
         references = {place: _layer_output_and_grad(place) for place in PLACES}  # torch operators throughout
     for place, (name, switches) in PLACES.items():
         for error in build_errors() + run_errors():
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(backends, "_TRITON", triton_lif)
-                mp.setattr(backends, "_TRITON_WARNED", False)
-                mp.setattr(backends, "bn_kernels", lambda x: triton_lif if backends.triton() is not None else None)
-                kernel = RaisingKernel(getattr(triton_lif, name), switches, error)
-                mp.setattr(triton_lif, name, kernel)
+                family = triton_family()
+                mp.setattr(kernels.CPU, "fused", family)
+                kernel = RaisingKernel(getattr(cuda, name), switches, error)
+                mp.setattr(cuda, name, kernel)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    if triton_lif.is_build_error(error):
+                    if cuda.is_build_error(error):
                         y, grad = _layer_output_and_grad(place)
                         torch.testing.assert_close(y, references[place][0], rtol=1e-5, atol=1e-5)
                         torch.testing.assert_close(grad, references[place][1], rtol=1e-5, atol=1e-5)
-                        assert backends._TRITON is None, place
+                        assert family.get() is None, place
                         _layer_output_and_grad(place)  # Triton is off now: not tried again, not warned again
                         assert kernel.raised == 1, place
                         assert len(caught) == 1 and caught[0].category is RuntimeWarning, (place, caught)
@@ -198,8 +216,61 @@ def check_fallbacks() -> None:
                         with pytest.raises(type(error)) as raised:
                             _layer_output_and_grad(place)
                         assert raised.value is error, place
-                        assert backends._TRITON is triton_lif and not caught, (place, caught)
+                        assert family.get() is cuda and not caught, (place, caught)
 
 
 def test_kernel_failures_in_the_interpreter():
     run_in_interpreter("from tests.test_triton_fallback import check_fallbacks; check_fallbacks()")
+
+
+# --- every launch on its tensors' device (issue 21, item 6) -----------------------------------
+
+
+def check_every_launch_is_guarded() -> None:
+    """Each kernel of ``kernels/cuda.py`` is launched inside ``torch.cuda.device_of`` of its own tensors.
+
+    ``device_of`` is replaced by a recorder of the devices it was entered with, every kernel by a
+    wrapper that checks, at launch, that the innermost guard is its first tensor's device; LIF
+    (MSG on and off) and per-step BatchNorm then run forward and backward, and every kernel must
+    have been launched.
+    """
+    guards: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def device_of(tensor):
+        guards.append(tensor.device)
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    launched = set()
+
+    class Checked:
+        def __init__(self, kernel) -> None:
+            self.kernel, self.__name__ = kernel, kernel.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                device = next(a for a in args if isinstance(a, torch.Tensor)).device
+                assert guards and guards[-1] == device, (self.__name__, guards, device)
+                launched.add(self.__name__)
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    jitted = type(cuda._lif_forward_kernel)  # a JITFunction, or under the interpreter an InterpretedFunction
+    names = {name for name, value in vars(cuda).items() if isinstance(value, jitted) and name.endswith("_kernel")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "device_of", device_of)
+        mp.setattr(kernels.CPU, "fused", triton_family())
+        for name in names:
+            mp.setattr(cuda, name, Checked(getattr(cuda, name)))
+        for place, spec in (("LIF", SpikeSpec()), ("LIF", SpikeSpec(mask_p=0.5)), ("BN", SpikeSpec())):
+            _layer_output_and_grad(place, spec)
+    assert launched == names == set(n for n, _ in PLACES.values()), (launched, names)
+
+
+def test_every_launch_runs_on_its_tensors_device():
+    run_in_interpreter("from tests.test_triton_fallback import check_every_launch_is_guarded; "
+                       "check_every_launch_is_guarded()")

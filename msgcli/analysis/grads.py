@@ -2,7 +2,7 @@
 
 For one batch, every spiking layer's membrane ``H`` (before the spike) is
 recomputed from its input current with the neuron's own charge/fire/reset
-(:func:`msgcli.snn.neuron.lif_forward`), and ``dS/dV`` is evaluated under four
+(``lif_forward`` of :mod:`msgcli.snn.kernels`), and ``dS/dV`` is evaluated under four
 settings: plain surrogate gradients with a narrow (4 alpha), the default and a
 wide (alpha / 4) surrogate, and MSG at probability p. The MSG mask is drawn
 here the way the spike's backward draws it (fresh per timestep and call), so
@@ -28,8 +28,7 @@ from msgcli.analysis.runs import Report
 from msgcli.config import RunConfig
 from msgcli.data import DatasetInfo, build_datasets
 from msgcli.engine.build import build_model_from_config, build_two, spiking_layers, trained_model
-from msgcli.snn import LIF, TWO, SpikeSpec
-from msgcli.snn.neuron import lif_forward
+from msgcli.snn import LIF, TWO, SpikeSpec, kernels
 from msgcli.snn.surrogate import get_surrogate
 
 BINS = 80  # over [0, the largest peak of the settings]: the same bins for every setting
@@ -76,7 +75,8 @@ def _surrogate_counter(lif: LIF, name: str, setting: Setting, edges: torch.Tenso
 
     @torch.no_grad()
     def hook(module, inputs, output):
-        _, membrane = lif_forward(inputs[0].detach().float(), lif.tau, lif.v_threshold, lif.reset, keep_membrane=True)
+        current = inputs[0].detach().float()
+        _, membrane = kernels.for_device(current.device).lif_forward(current, lif.tau, lif.v_threshold, lif.reset, True)
         counts = torch.zeros(BINS, dtype=torch.float64)
         nonzero = 0
         for t in range(membrane.shape[0]):

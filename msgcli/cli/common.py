@@ -21,7 +21,7 @@ from msgcli import config as config_io
 from msgcli import plugins as plugin_io
 from msgcli.config import RunConfig
 from msgcli.errors import ConfigError, MsgsnnError, PeerFailed
-from msgcli.snn import options
+from msgcli.snn import surrogate
 
 console = Console()
 err_console = Console(stderr=True)
@@ -65,7 +65,7 @@ DataRoot = Annotated[Optional[str], typer.Option(help="Folder holding the datase
 Epochs = Annotated[Optional[int], typer.Option(help="Number of epochs.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Batch size per process (lr scales with it).")]
 Two = Annotated[Optional[bool], typer.Option("--two/--no-two", help="Temporally weighted output (TWO) on/off.")]
-Surrogate = Annotated[Optional[str], typer.Option(help=f"{_or(options.SURROGATES)}.")]
+Surrogate = Annotated[Optional[str], typer.Option(help=f"{_or(surrogate.names())}, or a name given to register_surrogate.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed (of a sweep: its first).")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")]
 Amp = Annotated[Optional[str], typer.Option(help="Mixed precision: none, bf16 or fp16.")]

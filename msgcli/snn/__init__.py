@@ -1,8 +1,9 @@
 """The training core: pure torch, no I/O.
 
-``LIF`` (multi-step neuron with MSG), ``TWO`` (decoder), ``build_model`` (backbones by name).
-The names below are imported at first use, so that :mod:`msgcli.snn.options` (no torch) can be
-read by the configuration and the command line without importing torch.
+``LIF`` (multi-step neuron with MSG), ``TWO`` (decoder), ``build_model`` (backbones by name),
+``register_surrogate`` (a surrogate of one's own). The names below are imported at first use, so
+that :mod:`msgcli.snn.options` and :mod:`msgcli.snn.surrogate` (no torch) can be read by the
+configuration and the command line without importing torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "LIF": "neuron", "lif_reference": "neuron", "TWO": "decode", "Folded": "layers", "TemporalBatchNorm": "layers",
-    "SpikeSpec": "surrogate", "SURROGATES": "surrogate",
+    "SpikeSpec": "msg", "SURROGATES": "surrogate", "register_surrogate": "surrogate",
     "build_model": "models", "list_models": "models", "register_model": "models",
 }
 

@@ -11,10 +11,10 @@ The membrane starts at 0 on every call: the module keeps no state between calls.
 Two implementations sit behind :class:`LIF`: a plain-autograd reference written
 for reading, and a fused autograd Function that runs the time loop itself and
 saves only ``H`` (one tensor of activation size per timestep) for backward. The
-fused Function runs C kernels on CPU (:mod:`msgcli.snn.cpu_kernels`, built at
-first use) and Triton kernels on CUDA (:mod:`msgcli.snn.triton_lif`), with a loop
-of torch operators as the fallback everywhere. Spikes leave the module marked as
-such (:func:`mark_levels`), so the next convolution may keep them as bytes.
+fused Function's loops are the device's operations of :mod:`msgcli.snn.kernels`
+(C kernels on CPU, Triton kernels on CUDA, torch operators wherever those do not
+run). Spikes leave the module marked as such (:func:`mark_levels`), so the next
+convolution may keep them as bytes.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from msgcli.snn import backends, cpu_kernels, options
-from msgcli.snn.memory import step_layout
-from msgcli.snn.surrogate import SpikeSpec
+from msgcli.snn import kernels, options
+from msgcli.snn.msg import SpikeSpec
 
 
 def charge(v: torch.Tensor | float, current: torch.Tensor, tau: float) -> torch.Tensor:
@@ -68,89 +67,36 @@ def lif_reference(
     return torch.stack(spikes)
 
 
-def lif_forward(
-    current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Spikes ``[T, B, ...]`` without autograd, and the pre-spike membrane ``H`` if asked.
-
-    Runs the fused C kernel on CPU when it is available (one pass over the sequence,
-    time loop inside), else a loop of torch operators.
-    """
-    kernels = backends.cpu(current)
-    if kernels is not None and step_layout(current) is None:
-        current = current.contiguous()
-    if kernels is not None and cpu_kernels.supports(current):
-        return kernels.lif_forward(current, tau, v_threshold, reset_mode == "hard", keep_membrane)
-    spikes = torch.empty_like(current)
-    membrane = torch.empty_like(current) if keep_membrane else None
-    v = torch.zeros_like(current[0])
-    for t in range(current.shape[0]):
-        h = charge(v, current[t], tau)
-        fired = h >= v_threshold
-        spikes[t] = fired
-        v = h.masked_fill(fired, 0.0) if reset_mode == "hard" else h - v_threshold * spikes[t]
-        if membrane is not None:
-            membrane[t] = h
-    return spikes, membrane
-
-
-def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
-    """Gradient of the time loop w.r.t. its input from the saved ``H``: the C kernel on CPU, else torch operators."""
-    kernels = backends.cpu(membrane)
-    if kernels is not None and cpu_kernels.supports(membrane):
-        return kernels.lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode == "hard", detach_reset)
-    leak = 1.0 - 1.0 / tau
-    grad_current = torch.empty_like(membrane)
-    grad_v = torch.zeros_like(membrane[0])
-    for t in reversed(range(membrane.shape[0])):
-        h = membrane[t]
-        x = h - v_threshold
-        surrogate = spec.masked_derivative(x)
-        grad_s = grad_spikes[t]
-        if reset_mode == "hard":
-            if not detach_reset:
-                grad_s = grad_s - grad_v * h
-            grad_h = torch.where(x < 0, grad_v, 0.0).addcmul_(grad_s, surrogate)
-        else:
-            if not detach_reset:
-                grad_s = grad_s - v_threshold * grad_v
-            grad_h = torch.addcmul(grad_v, grad_s, surrogate)
-        torch.div(grad_h, tau, out=grad_current[t])
-        grad_v = grad_h.mul_(leak)
-    return grad_current
-
-
 class _FusedLIF(torch.autograd.Function):
-    """The whole time loop as one autograd node, over a pair of loop implementations.
+    """The whole time loop as one autograd node, over the ``lif_forward``/``lif_backward`` of a
+    :class:`msgcli.snn.kernels.Kernels`.
 
-    ``forward``/``backward`` are this module's :func:`lif_forward`/:func:`lif_backward`
-    (C kernels on CPU, torch operators elsewhere) or :mod:`msgcli.snn.triton_lif`'s (CUDA).
     Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
     else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
     backward, timestep T-1 first, exactly as the reference's autograd does
-    (on CPU the C kernel draws torch's own random stream, see ``cpu_kernels``).
+    (on CPU the C kernel draws torch's own random stream, see ``kernels/cpu.py``).
     """
 
     @staticmethod
-    def forward(ctx, current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset):
-        spikes, membrane = forward(current, tau, v_threshold, reset_mode, keep_membrane=True)
+    def forward(ctx, current, ops, tau, v_threshold, spec, reset_mode, detach_reset):
+        spikes, membrane = ops.lif_forward(current, tau, v_threshold, reset_mode, True)
         ctx.save_for_backward(membrane)
-        ctx.params = (backward, tau, v_threshold, spec, reset_mode, detach_reset)
+        ctx.ops, ctx.params = ops, (tau, v_threshold, spec, reset_mode, detach_reset)
         return spikes
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_spikes):
         (membrane,) = ctx.saved_tensors
-        backward, *params = ctx.params
-        return (backward(grad_spikes, membrane, *params),) + (None,) * 7
+        return (ctx.ops.lif_backward(grad_spikes, membrane, *ctx.params),) + (None,) * 6
 
 
-def fused_lif(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
-    """Spikes through :class:`_FusedLIF` when a gradient is wanted, else the forward loop alone (nothing saved)."""
+def fused_lif(current, ops: kernels.Kernels, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+    """Spikes through :class:`_FusedLIF` on ``ops`` when a gradient is wanted, else the forward loop alone
+    (nothing saved)."""
     if torch.is_grad_enabled() and current.requires_grad:
-        return _FusedLIF.apply(current, forward, backward, tau, v_threshold, spec, reset_mode, detach_reset)
-    return forward(current, tau, v_threshold, reset_mode, keep_membrane=False)[0]
+        return _FusedLIF.apply(current, ops, tau, v_threshold, spec, reset_mode, detach_reset)
+    return ops.lif_forward(current, tau, v_threshold, reset_mode, False)[0]
 
 
 _LEVELS = "_msgsnn_levels"
@@ -175,9 +121,13 @@ class LIF(nn.Module):
     """Leaky integrate-and-fire neurons over ``[T, B, ...]``, returning spikes of the same shape.
 
     ``mask_p`` is MSG's probability of dropping a surrogate-gradient entry
-    (0: plain surrogate gradient). ``backend``: ``reference`` (autograd per
-    step), ``fused`` (one autograd Function), ``triton`` (CUDA kernel), or
-    ``auto`` (triton on CUDA when available, else fused).
+    (0: plain surrogate gradient). ``surrogate`` and ``mask_fill`` name a
+    surrogate of :mod:`msgcli.snn.surrogate` (built in, or added by
+    ``register_surrogate``). ``backend``: ``reference`` (autograd per step),
+    ``fused`` (one autograd Function: C kernels on CPU, torch operators
+    elsewhere), ``triton`` (the CUDA kernels or an error), or ``auto`` (the
+    device's fused kernels: Triton on CUDA, C on CPU, each falling back to torch
+    operators, see :mod:`msgcli.snn.kernels`).
     """
 
     def __init__(
@@ -229,12 +179,10 @@ class LIF(nn.Module):
         args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
         if self.backend == "reference":
             return lif_reference(current, *args)
-        triton_lif = backends.lif_kernels(current) if self.backend in ("auto", "triton") else None
-        if triton_lif is not None:
-            strict = self.backend == "triton"
-            return fused_lif(current, backends.triton_or_torch(triton_lif.lif_forward, lif_forward, strict),
-                             backends.triton_or_torch(triton_lif.lif_backward, lif_backward, strict), *args)
         if self.backend == "triton":
-            raise ValueError("backend: 'triton' needs a CUDA tensor of float32/float16/bfloat16 and the triton package; "
-                             "use 'auto' to fall back to 'fused'")
-        return fused_lif(current, lif_forward, lif_backward, *args)
+            ops = kernels.TRITON
+        elif self.backend == "fused" and current.is_cuda:
+            ops = kernels.TORCH
+        else:
+            ops = kernels.for_device(current.device)
+        return fused_lif(current, ops, *args)

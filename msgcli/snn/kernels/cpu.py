@@ -1,23 +1,23 @@
-"""Fused CPU kernels for the LIF time loop and per-timestep BatchNorm, built at first use.
+"""The fused CPU kernels: the LIF time loop, per-timestep BatchNorm and spike codes, in C, built at first use.
 
-The kernels are plain C (``cpu_kernels.c`` beside this file, OpenMP, compiled with
-``$CC`` or the system's ``gcc``/``cc`` for the host CPU, loaded with ``ctypes``): no
-torch headers, so the build takes a few seconds and needs nothing beyond a C compiler.
-If there is no compiler, the build fails or a self-test disagrees with torch, :func:`get`
-warns which of these happened and returns ``None``, and the callers use their
-torch-operator paths instead. ``MSGSNN_CPU_KERNELS=0`` turns the kernels off. The
-shared library is built once (under a file lock) into a private folder,
-``$MSGSNN_CACHE/cpu-kernels`` (default ``~/.cache/msgsnn/cpu-kernels``), keyed by the
-source, the compiler and its version, the flags and the CPU.
+The kernels are plain C (``cpu.c`` beside this file, OpenMP, compiled with ``$CC`` or the
+system's ``gcc``/``cc`` for the host CPU, loaded with ``ctypes``): no torch headers, so the
+build takes a few seconds and needs nothing beyond a C compiler. :func:`build` raises
+:class:`NoCompiler` or :class:`BuildFailed` (a compile error, a self-test that disagrees with
+torch); :mod:`msgcli.snn.kernels` then warns and runs torch operators instead. The shared
+library is built once (under a file lock) into a private folder, ``$MSGSNN_CACHE/cpu-kernels``
+(default ``~/.cache/msgsnn/cpu-kernels``), keyed by the source, the compiler and its version, the
+flags and the CPU.
 
 Determinism. Every parallel loop has a static schedule and every sum over a batch is
 made either by one thread or in fixed chunks added in a fixed order, so results do not
 depend on the number of threads or on the load of the machine; ``-march=native`` (vector
 width, fused multiply-add) makes them depend on the CPU model.
 
-Layouts. Both kernels see a ``[T, B, C, L]`` tensor stored ``ncl`` or ``nlc``
+Layouts. The kernels see a ``[T, B, C, L]`` tensor stored ``ncl`` or ``nlc``
 (:func:`msgcli.snn.memory.step_layout`), and write their large outputs into buffers of
-:data:`msgcli.snn.memory.pool`. Options arrive as their indices in :mod:`msgcli.snn.options`.
+:data:`msgcli.snn.memory.pool`. Options arrive as the kernels' numbers: a mask mode's in
+:mod:`msgcli.snn.options`, a surrogate's ``kernel_id`` in :mod:`msgcli.snn.surrogate`.
 
 MSG mask. The element mask must be the one the reference draws with
 ``torch.rand(shape) >= p`` per timestep, T-1 first. torch's CPU generator is an
@@ -40,7 +40,6 @@ import stat
 import subprocess
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +53,21 @@ try:
 except ImportError:  # Windows: no build lock
     fcntl = None
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")  # shipped with the package
+SOURCE = Path(__file__).with_name("cpu.c")  # shipped with the package
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _STATE_BYTES = 5056
 
-_lock = threading.Lock()
-_kernels: "CpuKernels | None | bool" = False  # False: not tried yet
 
 
 class NoCompiler(RuntimeError):
-    """No C compiler to build the kernels with: the callers use torch operators."""
+    """No C compiler to build the kernels with: torch operators run instead."""
 
 
 class BuildFailed(RuntimeError):
-    """The compiler is there but the kernels did not build (or their folder is not safe to load from)."""
+    """The compiler is there but the kernels did not build, load or pass their self-test (or their folder is
+    not safe to load from)."""
 
 
 def compiler() -> list[str] | None:
@@ -151,11 +149,7 @@ def _compile(cc: list[str], source: Path, path: Path) -> None:
         os.replace(out, path)  # atomic: a reader never sees half a library
 
 
-def _load() -> "CpuKernels":
-    cc = compiler()
-    if cc is None:
-        wanted = f"$CC ({os.environ['CC']})" if os.environ.get("CC", "").strip() else "gcc or cc"
-        raise NoCompiler(f"no C compiler: {wanted} not found on PATH")
+def _load(cc: list[str]) -> "CpuKernels":
     text = SOURCE.read_text()
     key = hashlib.sha256("\0".join([text, *cc, _compiler_version(cc), *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
     directory = _kernel_dir()
@@ -169,25 +163,21 @@ def _load() -> "CpuKernels":
     return CpuKernels(ctypes.CDLL(str(path)))
 
 
-def get() -> "CpuKernels | None":
-    """The loaded kernels, or ``None`` when they are switched off or could not be built (with a warning why)."""
-    global _kernels
-    if _kernels is False:
-        with _lock:
-            if _kernels is False:
-                _kernels = None
-                if os.environ.get("MSGSNN_CPU_KERNELS", "1") not in ("0", "false", "off", "no"):
-                    try:
-                        kernels = _load()
-                        kernels.self_test()
-                        _kernels = kernels
-                    except NoCompiler as err:
-                        warnings.warn(f"msgsnn: {err}; the fused CPU kernels are off, using torch operators "
-                                      "(install gcc or set CC for faster CPU training)", RuntimeWarning, stacklevel=2)
-                    except Exception as err:  # noqa: BLE001 - a failed build or self-test: use the torch path
-                        warnings.warn(f"msgsnn: the fused CPU kernels failed to build or load, using torch operators "
-                                      f"({err})", RuntimeWarning, stacklevel=2)
-    return _kernels or None
+def build() -> "CpuKernels":
+    """The kernels, compiled (or found already built), loaded and self-tested.
+
+    Raises :class:`NoCompiler` when there is no compiler, :class:`BuildFailed` for anything else.
+    """
+    cc = compiler()
+    if cc is None:
+        wanted = f"$CC ({os.environ['CC']})" if os.environ.get("CC", "").strip() else "gcc or cc"
+        raise NoCompiler(f"no C compiler: {wanted} not found on PATH (install gcc or set CC for faster CPU training)")
+    try:
+        kernels = _load(cc)
+        kernels.self_test()
+    except Exception as err:  # noqa: BLE001 - a failed build, load or self-test: torch operators run instead
+        raise BuildFailed(f"the fused CPU kernels failed to build or load ({err})") from err
+    return kernels
 
 
 def _bcl(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -213,8 +203,30 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _DTYPES and step_layout(x) is not None
 
 
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _laid_like(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``other`` with the dtype and strides of ``x`` (a copy from the pool where they differ)."""
+    if other.dtype == x.dtype and other.stride() == x.stride():
+        return other
+    return pool.empty_like(x).copy_(other)
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    """A ``[T, C]`` coefficient as the kernels read it: contiguous float64."""
+    return t.to(torch.float64).contiguous()
+
+
 class CpuKernels:
-    """Typed wrappers around the shared library; every tensor argument must satisfy :func:`supports`."""
+    """Typed wrappers around the shared library, with the operations of :mod:`msgcli.snn.kernels`.
+
+    :meth:`takes` says which calls they run: CPU tensors of float32, float64 or bfloat16, dense
+    timesteps, and built-in surrogates. A failed allocation inside a kernel raises MemoryError.
+    """
+
+    build_errors: tuple[type[Exception], ...] = ()  # every failure to build happens in build()
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -236,16 +248,44 @@ class CpuKernels:
             for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx"):
                 getattr(lib, f"{name}_{s}").restype = i32
 
+    def takes(self, op: str, *args) -> bool:
+        """Whether these kernels run ``op`` on these arguments (the operation's own, in its order)."""
+        if op == "lif_forward":
+            return args[0].device.type == "cpu" and args[0].dtype in _DTYPES  # laid out densely if it is not
+        if op == "lif_backward":
+            return supports(args[1]) and args[4].kernel_ids() is not None
+        if op in ("bn_stats", "bn_apply"):
+            return supports(args[0])
+        if op in ("bn_backward_sums", "bn_backward_input"):
+            return supports(args[1])
+        if op == "encode":
+            return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
+        if op == "decode":
+            return args[0].device.type == "cpu" and args[2] in _DTYPES and _dense(args[0])
+        raise ValueError(f"unknown operation {op!r}")
+
+    def _bn(self, name: str, x: torch.Tensor, *args) -> None:
+        """Run BatchNorm kernel ``name`` for ``x`` on ``args`` (tensors pass as pointers, held until it returns);
+        its status 1 is a failed allocation of its ``[T, C]`` work space."""
+        pointers = [_ptr(a) if isinstance(a, torch.Tensor) else a for a in args]
+        if getattr(self.lib, f"{name}_{_DTYPES[x.dtype]}")(*pointers, int(step_layout(x) == "nlc"), torch.get_num_threads()):
+            T, _, C, _ = _bcl(x)
+            raise MemoryError(f"msgsnn: the C BatchNorm kernel {name} could not allocate its work space "
+                              f"for T={T}, C={C}")
+
     # ---------------------------------------------------------------- LIF
 
-    def lif_forward(self, x: torch.Tensor, tau: float, v_threshold: float, hard: bool, keep_membrane: bool):
-        """Spikes and (if asked) the pre-spike membrane ``H``, both laid out like ``x``."""
+    def lif_forward(self, x: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
+        """Spikes and (if asked) the pre-spike membrane ``H``, both laid out like ``x`` (made dense if it is not)."""
+        if step_layout(x) is None:
+            x = x.contiguous()
         T, N = x.shape[0], x[0].numel()
         spikes = pool.empty_like(x)
         membrane = pool.empty_like(x) if keep_membrane else None
         if x.numel():
             getattr(self.lib, f"lif_fwd_{_DTYPES[x.dtype]}")(
-                _ptr(x), _ptr(spikes), _ptr(membrane), T, N, tau, v_threshold, int(hard), torch.get_num_threads())
+                _ptr(x), _ptr(spikes), _ptr(membrane), T, N, tau, v_threshold, int(reset_mode == "hard"),
+                torch.get_num_threads())
         return spikes, membrane
 
     def _scratch(self, nbytes: int) -> torch.Tensor:
@@ -269,10 +309,9 @@ class CpuKernels:
         return bits, rowbytes
 
     def lif_backward(self, grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float,
-                     spec, hard: bool, detach_reset: bool) -> torch.Tensor:
+                     spec, reset_mode: str, detach_reset: bool) -> torch.Tensor:
         T, N = membrane.shape[0], membrane[0].numel()
-        if grad.dtype != membrane.dtype or grad.stride() != membrane.stride():
-            grad = pool.empty_like(membrane).copy_(grad)
+        grad = _laid_like(membrane, grad)
         out = pool.empty_like(membrane)
         if not membrane.numel():
             return out
@@ -280,10 +319,10 @@ class CpuKernels:
         if spec.mask_p > 0:
             bits, rowbytes = self.draw_mask(membrane, spec.mask_mode, spec.mask_p)
         keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
+        surrogate_id, fill_id = spec.kernel_ids()
         getattr(self.lib, f"lif_bwd_{_DTYPES[membrane.dtype]}")(
-            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(hard),
-            int(detach_reset), options.surrogate_id(spec.surrogate), spec.alpha, options.fill_id(spec.mask_fill), keep_div,
-            torch.get_num_threads())
+            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(reset_mode == "hard"),
+            int(detach_reset), surrogate_id, spec.alpha, fill_id, keep_div, torch.get_num_threads())
         return out
 
     # ---------------------------------------------------------------- BatchNorm per timestep
@@ -293,33 +332,28 @@ class CpuKernels:
         T, B, C, L = _bcl(x)
         mean = torch.empty(T, C, dtype=torch.float64)
         var = torch.empty(T, C, dtype=torch.float64)
-        getattr(self.lib, f"bn_stats_{_DTYPES[x.dtype]}")(
-            _ptr(x), _ptr(mean), _ptr(var), T, B, C, L, int(step_layout(x) == "nlc"), torch.get_num_threads())
+        self._bn("bn_stats", x, x, mean, var, T, B, C, L)
         return mean, var
 
     def bn_apply(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         T, B, C, L = _bcl(x)
         y = pool.empty_like(x)
-        getattr(self.lib, f"bn_apply_{_DTYPES[x.dtype]}")(
-            _ptr(x), _ptr(y), _ptr(scale.contiguous()), _ptr(shift.contiguous()), T, B, C, L,
-            int(step_layout(x) == "nlc"), torch.get_num_threads())
+        self._bn("bn_apply", x, x, y, _double(scale), _double(shift), T, B, C, L)
         return y
 
     def bn_backward_sums(self, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
         T, B, C, L = _bcl(x)
+        dy = _laid_like(x, dy)
         sdy = torch.empty(T, C, dtype=torch.float64)
         sdyx = torch.empty(T, C, dtype=torch.float64)
-        getattr(self.lib, f"bn_bsums_{_DTYPES[x.dtype]}")(
-            _ptr(dy), _ptr(x), _ptr(mean), _ptr(sdy), _ptr(sdyx), T, B, C, L,
-            int(step_layout(x) == "nlc"), torch.get_num_threads())
+        self._bn("bn_bsums", x, dy, x, _double(mean), sdy, sdyx, T, B, C, L)
         return sdy, sdyx
 
     def bn_backward_input(self, dy, x, mean, q, a, r) -> torch.Tensor:
         T, B, C, L = _bcl(x)
+        dy = _laid_like(x, dy)
         dx = pool.empty_like(x)
-        getattr(self.lib, f"bn_bdx_{_DTYPES[x.dtype]}")(
-            _ptr(dy), _ptr(x), _ptr(dx), _ptr(mean), _ptr(q.contiguous()), _ptr(a.contiguous()), _ptr(r.contiguous()),
-            T, B, C, L, int(step_layout(x) == "nlc"), torch.get_num_threads())
+        self._bn("bn_bdx", x, dy, x, dx, *(_double(k) for k in (mean, q, a, r)), T, B, C, L)
         return dx
 
     # ---------------------------------------------------------------- spike codes

@@ -1,6 +1,6 @@
-"""Multi-step LIF with MSG as two Triton kernels (forward, backward) for CUDA tensors, and per-step BatchNorm.
+"""The CUDA kernels, written in Triton: the LIF time loop with MSG (forward, backward) and per-step BatchNorm.
 
-One program owns a block of neurons and runs the whole time loop in registers:
+LIF. One program owns a block of neurons and runs the whole time loop in registers:
 the forward reads the input current once and writes spikes and the pre-spike
 membrane ``H`` (saved for backward, input dtype); the backward reads the upstream
 gradient and ``H`` once and writes the input gradient. The MSG keep-mask is drawn
@@ -17,12 +17,19 @@ mask mode are compile-time switches (:func:`lif_forward_switches`,
 :func:`lif_backward_switches`); the mask's fill and rescaling are run-time values,
 so one compiled kernel serves all of them.
 
-Every launch goes through :func:`_launch`: a kernel that Triton cannot build for the
-GPU raises :class:`TritonBuildError` (the callers then fall back to torch operators),
-while an error of running it (a CUDA out-of-memory, say) propagates unchanged.
+BatchNorm: see the section below; :mod:`msgcli.snn.layers.batchnorm` uses these kernels on CUDA
+only where ``MSGSNN_TRITON_BN=1`` asks for them.
+
+Every launch goes through :func:`_launch`, which launches on the device of the kernel's first
+tensor (a model on ``cuda:1`` runs there whatever the current device is) and turns a kernel that
+Triton cannot build for the GPU into :class:`TritonBuildError` (:mod:`msgcli.snn.kernels` then
+falls back to torch operators), while an error of running it (a CUDA out-of-memory, say)
+propagates unchanged.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -32,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-from msgcli.snn import options
+from msgcli.snn import options, surrogate
 from msgcli.snn.memory import step_layout
 
 AVAILABLE = triton is not None and torch.cuda.is_available()
@@ -52,8 +59,33 @@ class TritonBuildError(RuntimeError):
         self.kernel = kernel
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def supports(x: torch.Tensor) -> bool:
-    return triton is not None and x.dtype in DTYPES and 0 < x[0].numel() < 2**31
+    """The LIF kernels take ``x``: a CUDA tensor (any under the interpreter) of a Triton dtype, timesteps < 2**31."""
+    return (triton is not None and (x.is_cuda or _interpreting()) and x.dtype in DTYPES
+            and 0 < x[0].numel() < 2**31)
+
+
+build_errors = (TritonBuildError,)
+
+
+def takes(op: str, *args) -> bool:
+    """Whether these kernels run ``op`` (an operation of :mod:`msgcli.snn.kernels`) on these arguments."""
+    if op == "lif_forward":
+        return supports(args[0])
+    if op == "lif_backward":
+        return supports(args[1]) and args[4].kernel_ids() is not None
+    if op in ("bn_stats", "bn_apply"):
+        return bn_supports(args[0])
+    if op in ("bn_backward_sums", "bn_backward_input"):
+        return bn_supports(args[1])
+    if op in ("encode", "decode"):
+        return False  # spike codes are a CPU matter
+    raise ValueError(f"unknown operation {op!r}")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -98,9 +130,16 @@ def is_build_error(err: BaseException) -> bool:
 
 
 def _launch(kernel, grid: tuple, *args, num_warps: int, **switches) -> None:
-    """``kernel[grid](*args, **switches)``, with a failure to build it raised as :class:`TritonBuildError`."""
+    """``kernel[grid](*args, **switches)`` on the device of its first tensor argument, with a failure to build
+    it raised as :class:`TritonBuildError`.
+
+    Triton launches on the current CUDA device; ``torch.cuda.device_of`` makes that the tensors' own
+    (and does nothing for a CPU tensor, under the interpreter).
+    """
+    tensor = next(a for a in args if isinstance(a, torch.Tensor))
     try:
-        kernel[grid](*args, num_warps=num_warps, **switches)
+        with torch.cuda.device_of(tensor):
+            kernel[grid](*args, num_warps=num_warps, **switches)
     except Exception as err:
         if is_build_error(err):
             raise TritonBuildError(kernel.__name__, err) from err
@@ -108,10 +147,11 @@ def _launch(kernel, grid: tuple, *args, num_warps: int, **switches) -> None:
 
 
 if triton is not None:
+    _KERNEL_SURROGATES = tl.constexpr(len(surrogate.BUILTIN))  # the built-ins' kernel ids are 0 .. this - 1
 
     @triton.jit
     def _surrogate(x, alpha, KIND: tl.constexpr):
-        """Surrogate number ``KIND`` of ``options.SURROGATES``."""
+        """The surrogate whose ``kernel_id`` is ``KIND`` in :data:`msgcli.snn.surrogate.SURROGATES`."""
         if KIND == 0:
             g = tl.maximum(alpha - alpha * alpha * tl.abs(x), 0.0)
         elif KIND == 1:
@@ -120,22 +160,19 @@ if triton is not None:
         elif KIND == 2:
             s = tl.sigmoid(alpha * x)
             g = alpha * s * (1.0 - s)
-        else:
+        elif KIND == 3:
             g = tl.where(tl.abs(x) < 1.0 / alpha, alpha, 0.0)
+        else:
+            tl.static_assert(False, "no surrogate has this kernel_id")
         return g
 
     @triton.jit
     def _fill(x, alpha, kind):
-        """What a masked entry gets: 0 (``kind`` = ``options.ZERO_FILL``) or surrogate ``kind``, chosen at run time."""
+        """What a masked entry gets: 0 (``kind`` = ``ZERO_FILL_ID``) or surrogate ``kind``, chosen at run time."""
         g = tl.zeros_like(x)
-        if kind == 0:
-            g = _surrogate(x, alpha, 0)
-        elif kind == 1:
-            g = _surrogate(x, alpha, 1)
-        elif kind == 2:
-            g = _surrogate(x, alpha, 2)
-        elif kind == 3:
-            g = _surrogate(x, alpha, 3)
+        for k in tl.static_range(_KERNEL_SURROGATES):
+            if kind == k:
+                g = _surrogate(x, alpha, k)
         return g
 
     @triton.jit
@@ -235,7 +272,7 @@ def lif_backward_switches(spec, reset_mode: str, detach_reset: bool, channels_la
     """The compile-time switches of the LIF backward kernel; a switch that cannot change the result is
     given one value (no mask: no layout), so no two kernels that compute the same thing are compiled."""
     mask = options.mask_mode_id(spec.mask_mode, spec.mask_p)
-    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": options.surrogate_id(spec.surrogate),
+    return {"HARD": reset_mode == "hard", "DETACH": bool(detach_reset), "SURR": spec.kernel_ids()[0],
             "MASK": mask, "NLC": spec.mask_p > 0 and spec.mask_mode == "channel" and channels_last, "BLOCK": LIF_BLOCK}
 
 
@@ -254,8 +291,7 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
                  detach_reset: bool) -> torch.Tensor:
     """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from a fresh seed (never stored)."""
     T, N = membrane.shape[0], membrane[0].numel()
-    if grad.stride() != membrane.stride() or grad.dtype != membrane.dtype:
-        grad = torch.empty_like(membrane).copy_(grad)
+    grad = _laid_like(membrane, grad)
     out = torch.empty_like(membrane)
     B = membrane.shape[1]
     C = membrane.shape[2] if membrane.dim() > 2 else 1
@@ -265,7 +301,7 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
     # a fresh 62-bit key per backward call from torch's CPU generator (no device sync), always an int64 argument
     seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] != options.NO_MASK else 2**32
     keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
-    fill_kind = options.fill_id(spec.mask_fill)
+    fill_kind = spec.kernel_ids()[1]
     _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),
             1.0 - 1.0 / float(tau), float(v_threshold), float(spec.alpha), float(spec.mask_p), keep_scale, fill_kind,
             num_warps=LIF_WARPS, **switches)
@@ -279,15 +315,9 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
 
 
 def bn_supports(x: torch.Tensor) -> bool:
-    """Triton per-step BatchNorm takes CUDA tensors whose timesteps are ``[M, C]`` row-major."""
-    return ((AVAILABLE or (triton is not None and _interpreting())) and x.dtype in DTYPES and x[0].numel() < 2**31
+    """Triton per-step BatchNorm takes CUDA tensors (any under the interpreter) whose timesteps are ``[M, C]`` row-major."""
+    return (triton is not None and (x.is_cuda or _interpreting()) and x.dtype in DTYPES and x[0].numel() < 2**31
             and _rows_layout(x))
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _rows_layout(x: torch.Tensor) -> bool:
@@ -414,9 +444,14 @@ def bn_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return _bn_map(x, x, [scale, shift, scale, shift], backward=False)
 
 
+def _laid_like(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``other`` with the dtype and strides of ``x`` (a copy where they differ)."""
+    return other if other.dtype == x.dtype and other.stride() == x.stride() else torch.empty_like(x).copy_(other)
+
+
 def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
-    return _bn_sums(dy, x, mean, product=True)
+    return _bn_sums(_laid_like(x, dy), x, mean, product=True)
 
 
 def bn_backward_input(dy, x, mean, q, a, r) -> torch.Tensor:
-    return _bn_map(dy, x, [mean, q, a, r], backward=True)
+    return _bn_map(_laid_like(x, dy), x, [mean, q, a, r], backward=True)

@@ -1,4 +1,4 @@
-/* Fused CPU kernels of msgsnn (see cpu_kernels.py): the LIF time loop, per-timestep BatchNorm, MSG masks. */
+/* Fused CPU kernels of msgsnn (see cpu.py): the LIF time loop, per-timestep BatchNorm, MSG masks, spike codes. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -148,7 +148,7 @@ static void keep_zero_double(double* restrict g, const uint8_t* restrict row, in
 
 #define ABSV(v) ((v) < 0 ? -(v) : (v))
 
-/* sid: the index in msgcli/snn/options.py's SURROGATES; fill: such an index, or -1 (ZERO_FILL) for zero */
+/* sid: a surrogate's kernel_id in msgcli/snn/surrogate.py's table; fill: such an id, or -1 (ZERO_FILL_ID) for zero */
 #define DEF_SURR(S, ct, EXP)                                                                  \
 static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, double alpha) {     \
     const ct a = (ct)alpha;                                                                   \
@@ -160,9 +160,11 @@ static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, doubl
         for (int i = 0; i < n; i++) { ct z = k * x[i]; g[i] = a / ((ct)1 + z * z); }          \
     } else if (sid == 2) {                                                                    \
         for (int i = 0; i < n; i++) { ct s = (ct)1 / ((ct)1 + EXP(-(a * x[i]))); g[i] = a * s * ((ct)1 - s); } \
-    } else {                                                                                  \
+    } else if (sid == 3) {                                                                    \
         const ct w = (ct)(1.0 / alpha);                                                       \
         for (int i = 0; i < n; i++) g[i] = ABSV(x[i]) < w ? a : (ct)0;                         \
+    } else {                                                                                  \
+        for (int i = 0; i < n; i++) g[i] = 0; /* no surrogate has this id: Python passes none */ \
     }                                                                                         \
 }
 

@@ -1,0 +1,183 @@
+"""The operations of the spiking layers, and which implementation runs them on each device.
+
+Each operation has one entry point per device, a method of :class:`Kernels` (``[T, B, C, ...]``
+tensors; ``[T, C]`` statistics):
+
+* ``lif_forward(current, tau, v_threshold, reset_mode, keep_membrane)`` -> spikes, membrane ``H`` or None
+* ``lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)`` -> input gradient
+* ``bn_stats(x)`` -> mean, biased variance; ``bn_apply(x, scale, shift)`` -> ``x * scale + shift``
+* ``bn_backward_sums(dy, x, mean)`` -> sums of ``dy`` and ``dy * (x - mean)``;
+  ``bn_backward_input(dy, x, mean, q, a, r)`` -> ``(dy - (x - mean) q) a - r``
+* ``encode(x, levels)`` -> uint8 codes of ``x * levels``; ``decode(codes, levels, dtype)`` -> ``x``
+
+Three implementations, each with every operation: torch operators (:mod:`.torch_ops`, any
+device, the yardstick), the C kernels (:mod:`.cpu`, CPU tensors, built at first use) and the
+Triton kernels (:mod:`.cuda`, CUDA tensors). :func:`for_device` gives the :class:`Kernels` of a
+device: ``CPU`` (C kernels), ``CUDA`` (Triton), ``TORCH`` elsewhere.
+
+The fallback rule, here and nowhere else. A family of fused kernels (C, Triton) that cannot be
+had (no C compiler, a failed build or self-test, Triton's driver not starting, or a Triton
+kernel that cannot be built for this GPU) is off for the rest of the process, with one loud
+warning naming the kernel and the error; torch operators then run, with the same results. A
+call the fused kernels do not take (a dtype, a layout, a registered surrogate) runs on torch
+operators too. An error while running a kernel (a CUDA out-of-memory, say) propagates.
+``MSGSNN_CPU_KERNELS=0`` switches the C kernels off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Callable
+
+import torch
+
+from msgcli.snn.kernels import cpu, torch_ops
+
+
+class Family:
+    """One family of fused kernels, loaded at first use by ``load`` (None: they do not apply here; an
+    exception: they cannot be had), and off for the rest of the process after :meth:`turn_off`.
+
+    A family's kernels are an object with the operations of this module, ``takes(op, *args)`` (do
+    they run this call?) and ``build_errors`` (the exceptions of a kernel that cannot be built).
+    """
+
+    def __init__(self, name: str, load: Callable[[], object | None], consequence: str) -> None:
+        self.name, self._load, self.consequence = name, load, consequence
+        self._kernels = None
+        self._loaded = False
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The kernels, or None: they do not apply here, or are off."""
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    try:
+                        self._kernels = self._load()
+                    except Exception as err:  # noqa: BLE001 - whatever stops them, torch operators run instead
+                        self.turn_off(err)
+                    self._loaded = True
+        return self._kernels
+
+    def turn_off(self, err: Exception) -> None:
+        """Torch operators instead of these kernels for the rest of the process, because of ``err`` (which names
+        the kernel); warns once, loudly."""
+        self._kernels, self._loaded = None, True
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"msgsnn: {err}. {self.consequence}", RuntimeWarning, stacklevel=4)
+
+
+def _load_c_kernels():
+    if os.environ.get("MSGSNN_CPU_KERNELS", "1") in ("0", "false", "off", "no"):
+        return None
+    return cpu.build()
+
+
+def _load_triton_kernels():
+    try:
+        from msgcli.snn.kernels import cuda
+    except ImportError:
+        return None
+    if not cuda.AVAILABLE:  # no triton package, or no CUDA
+        return None
+    err = cuda.driver_error()
+    if err is not None:
+        raise err
+    return cuda
+
+
+C_KERNELS = Family("C kernels", _load_c_kernels,
+                   "The fused CPU kernels are off: torch operators run instead (same results, slower steps).")
+TRITON_KERNELS = Family("Triton kernels", _load_triton_kernels,
+                        "The LIF and BatchNorm layers now run on torch operators on CUDA for the rest of this process: "
+                        "same results, slower steps. Please report this with your GPU and the torch and triton "
+                        "versions; backend='fused' chooses torch operators from the start.")
+
+
+class Kernels:
+    """The operations on one kind of device: on the ``fused`` family's kernels where they take the call, else on
+    torch operators (the rule of this module's docstring).
+
+    ``strict`` (``LIF(backend='triton')``): the fused kernels or an error, never torch operators; a kernel that
+    cannot be built raises, and a call they do not take raises ValueError.
+    """
+
+    def __init__(self, name: str, fused: Family | None = None, strict: bool = False) -> None:
+        self.name, self.fused, self.strict = name, fused, strict
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.name!r})"
+
+    def fused_kernels(self):
+        """The fused kernels that calls would reach now, or None (torch operators)."""
+        return self.fused.get() if self.fused is not None else None
+
+    def _run(self, op: str, *args):
+        kernels = self.fused_kernels()
+        if kernels is not None and kernels.takes(op, *args):
+            try:
+                return getattr(kernels, op)(*args)
+            except kernels.build_errors as err:
+                if self.strict:
+                    raise
+                self.fused.turn_off(err)
+        elif self.strict:
+            raise ValueError(f"backend: '{self.name}' has no kernel for this call ({op}); it needs a CUDA tensor of "
+                             "float32/float16/bfloat16, the triton package and a built-in surrogate; use 'auto' to "
+                             "fall back to torch operators")
+        return getattr(torch_ops, op)(*args)
+
+    def lif_forward(self, current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str,
+                    keep_membrane: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Spikes ``[T, B, ...]`` of the time loop (no autograd) and, if asked, the pre-spike membrane ``H``."""
+        return self._run("lif_forward", current, tau, v_threshold, reset_mode, keep_membrane)
+
+    def lif_backward(self, grad_spikes: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec,
+                     reset_mode: str, detach_reset: bool) -> torch.Tensor:
+        """The time loop's input gradient from the saved ``H``, the MSG mask of ``spec`` drawn afresh."""
+        return self._run("lif_backward", grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)
+
+    def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""
+        return self._run("bn_stats", x)
+
+    def bn_apply(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``x * scale[t, c] + shift[t, c]``, laid out like ``x``."""
+        return self._run("bn_apply", x, scale, shift)
+
+    def bn_backward_sums(self, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
+        """Sums per (t, c) of ``dy`` and of ``dy * (x - mean)``: ``[T, C]`` each."""
+        return self._run("bn_backward_sums", dy, x, mean)
+
+    def bn_backward_input(self, dy, x, mean, q, a, r) -> torch.Tensor:
+        """``(dy - (x - mean) * q) * a - r`` per (t, c), laid out like ``x``."""
+        return self._run("bn_backward_input", dy, x, mean, q, a, r)
+
+    def encode(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """uint8 codes ``x * levels`` of a tensor whose entries are multiples of ``1 / levels`` in [0, 255 / levels]."""
+        return self._run("encode", x, levels)
+
+    def decode(self, codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+        """``codes / levels`` as ``dtype``."""
+        return self._run("decode", codes, levels, dtype)
+
+
+CPU = Kernels("cpu", C_KERNELS)
+CUDA = Kernels("cuda", TRITON_KERNELS)
+TRITON = Kernels("triton", TRITON_KERNELS, strict=True)
+TORCH = Kernels("torch")
+
+
+def for_device(device: torch.device) -> Kernels:
+    """The kernels of ``device``: C on the CPU, Triton on CUDA, torch operators elsewhere."""
+    return CPU if device.type == "cpu" else CUDA if device.type == "cuda" else TORCH
+
+
+def triton_batchnorm() -> bool:
+    """``MSGSNN_TRITON_BN=1``: per-step BatchNorm on CUDA runs the Triton kernels instead of torch's ``batch_norm``."""
+    return os.environ.get("MSGSNN_TRITON_BN", "0") not in ("0", "", "false", "off", "no")

@@ -1,0 +1,43 @@
+"""Stateless modules over time: convolutions, pooling and linear layers run once on ``[T*B, ...]``.
+
+They have no temporal dynamics, so :class:`Folded` runs them in one call on the folded batch
+instead of looping over T. A convolution whose input is known to hold spikes (see
+:func:`msgcli.snn.neuron.mark_levels`) saves that input as bytes (:mod:`.spike_conv`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msgcli.snn.layers.spike_conv import SpikeInputConv, pooled_levels, takes_spike_codes
+from msgcli.snn.neuron import levels_of, mark_levels
+
+
+class Folded(nn.Module):
+    """Apply a stateless module to ``[T, B, ...]`` as one ``[T*B, ...]`` batch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if isinstance(module, nn.Conv2d):
+            module = module.to(memory_format=torch.channels_last)  # weights laid out like the activations
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = levels_of(x)
+        flat = x.flatten(0, 1)
+        module = self.module
+        if flat.dim() == 4 and isinstance(module, nn.Conv2d):
+            flat = flat.contiguous(memory_format=torch.channels_last)  # no copy after the first layer
+            if levels is not None and flat.device.type == "cpu" and torch.is_grad_enabled() and takes_spike_codes(module):
+                y = SpikeInputConv.apply(flat, module.weight, module.bias, module, levels)
+            else:
+                y = module(flat)
+        else:
+            y = module(flat)
+        out = y.view(x.shape[0], x.shape[1], *y.shape[1:])
+        if levels is not None and isinstance(module, nn.AvgPool2d):
+            pooled = pooled_levels(module, levels)
+            if pooled is not None:
+                mark_levels(out, pooled)
+        return out

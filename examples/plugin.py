@@ -1,6 +1,6 @@
 """An msgsnn plugin: a spiking backbone and a surrogate gradient of its own, with no change to msgsnn.
 
-    msgsnn train --plugin examples/plugin.py --set model.name=tiny_snn ...
+    msgsnn train --plugin examples/plugin.py --set model.name=tiny_snn --set model.neuron.surrogate=triangle ...
 
 The run records the plugin in its config.yaml, so `msgsnn eval`, `export`, `--resume` and every
 sweep point load it again without the flag.
@@ -9,7 +9,7 @@ sweep point load it again without the flag.
 import torch
 from torch import nn
 
-from msgcli import LIF, register_model
+from msgcli import LIF, register_model, register_surrogate
 
 
 class TinySpikingCNN(nn.Module):
@@ -46,11 +46,9 @@ def tiny_snn(in_channels, num_classes, T, neuron, input_size=32, **options):
     return TinySpikingCNN(in_channels, num_classes, T, neuron, input_size)
 
 
-# A surrogate of our own: dS/dV at x = H - V_th, here a triangle of half-width 1/alpha and height alpha.
-# TODO(lead): register_surrogate comes with the core-layout branch; until it is merged this block does nothing.
-try:
-    from msgcli import register_surrogate
-except ImportError:
-    register_surrogate = None
-if register_surrogate is not None:
-    register_surrogate("triangle", lambda x, alpha: (alpha - alpha * alpha * x.abs()).clamp(min=0))
+def triangle(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """dS/dV at ``x = H - V_th``: a triangle of height ``alpha`` and half-width ``1 / alpha`` (area 1)."""
+    return (alpha - alpha * alpha * x.abs()).clamp(min=0)
+
+
+register_surrogate("triangle", triangle)  # model.neuron.surrogate: triangle (or mask_fill: triangle)

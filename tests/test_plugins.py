@@ -37,7 +37,7 @@ TINY_FOLDER_RUN = ["--set", "model.name=vggsnn_tiny", "--set", "data.size=8", "-
 BACKBONE = '''
 import torch
 from torch import nn
-from msgcli import LIF, register_model
+from msgcli import LIF, register_model, register_surrogate
 
 
 class Net(nn.Module):
@@ -57,6 +57,9 @@ class Net(nn.Module):
 @register_model
 def {name}(in_channels, num_classes, T, neuron, input_size=16, **options):
     return Net(in_channels, num_classes, T, neuron, input_size)
+
+
+register_surrogate("{name}_sg", lambda x, alpha: alpha / (1 + (alpha * x) ** 2))
 '''
 
 
@@ -96,11 +99,15 @@ def test_a_plugin_trains_from_another_folder_and_its_run_evaluates_without_the_f
     monkeypatch.chdir(elsewhere)
     relative = os.path.relpath(plugin, elsewhere)  # ../my code/plugged_net.py
     result = CliRunner().invoke(app, ["train", "--plugin", relative, "--set", "model.name=plugged_net", "--out", "out",
-                                      "--name", "mine", *tiny_args(tmp_path)])
+                                      "--surrogate", "plugged_net_sg", "--set", "model.neuron.mask_fill=plugged_net_sg",
+                                      "--set", "model.neuron.mask_mode=channel", "--name", "mine", *tiny_args(tmp_path)])
     assert result.exit_code == 0, result.output
     saved = config_io.load_yaml(elsewhere / "out" / "mine" / "config.yaml")
     assert saved["plugins"] == [str(plugin)]  # absolute: the run works from any folder
-    assert saved["model"]["name"] == "plugged_net"
+    assert saved["model"]["name"] == "plugged_net" and saved["model"]["neuron"]["surrogate"] == "plugged_net_sg"
+    # the surrogate's name is valid only where the plugin is loaded: here, a fresh process without it
+    done = cli("train", "--surrogate", "plugged_net_sg", "--out", str(tmp_path / "other"), cwd=tmp_path)
+    assert done.returncode == 2 and "plugged_net_sg" in one_error_line(done.stdout + done.stderr)
     # a fresh process, another folder, no --plugin: the run's config.yaml brings the plugin back
     done = cli("eval", str(elsewhere / "out" / "mine"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -119,6 +126,7 @@ def test_a_plugin_trains_from_another_folder_and_its_run_evaluates_without_the_f
 def test_a_sweep_over_a_plugins_backbone_runs_two_jobs_at_once(tmp_path):
     plugin = write_plugin(tmp_path / "plugins", "swept_net")
     result = CliRunner().invoke(app, ["sweep", "--plugin", str(plugin), "--set", "model.name=swept_net",
+                                      "--set", "model.neuron.surrogate=swept_net_sg",
                                       "--mask-p", "0,0.5", "--jobs", "2", "--lr", "0.02", "--out", str(tmp_path / "out"),
                                       "--name", "plugged", *[a for a in tiny_args(tmp_path) if a != "--quiet"]])
     assert result.exit_code == 0, result.output
@@ -128,6 +136,7 @@ def test_a_sweep_over_a_plugins_backbone_runs_two_jobs_at_once(tmp_path):
     for row in rows:
         cfg = config_io.load_yaml(sweep / row["run"] / "config.yaml")
         assert cfg["plugins"] == [str(plugin)] and cfg["optim"]["lr"] == 0.02
+        assert cfg["model"]["neuron"]["surrogate"] == "swept_net_sg"
         assert pd.read_csv(sweep / row["run"] / "metrics.csv")["lr"][0] == pytest.approx(0.02)
 
 
@@ -552,7 +561,7 @@ def test_the_examples_write_an_event_folder_train_sweep_and_evaluate(tmp_path):
     result = CliRunner().invoke(app, ["train", *common, "--name", "my-snn", "--quiet"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "results" / "my-snn" / "summary.json").read_text())
-    assert summary["model"] == "tiny_snn" and summary["best_val_acc"] is not None
+    assert summary["model"] == "tiny_snn" and summary["surrogate"] == "triangle" and summary["best_val_acc"] is not None
     result = CliRunner().invoke(app, ["sweep", *common, "--mask-p", "0,0.5", "--jobs", "2", "--limit-batches", "2"])
     assert result.exit_code == 0, result.output
     done = cli("eval", str(tmp_path / "results" / "my-snn"), "--T", "3", cwd=tmp_path)  # no --plugin
@@ -570,7 +579,7 @@ def test_the_readme_documents_extending_msgsnn_with_the_names_it_uses():
                                                  ["msgsnn", "sweep"]]
     assert all(step.cwd is None and step.expect == "ok" for step in steps)
     assert str(EXAMPLES / "plugin.py") in steps[1].args and steps[1].args[-2:] == ["--limit-batches", "3"]
-    for name in ("--plugin", "plugins:", "msgsnn.plugins", "register_model", "register_dataset", "EventFiles",
+    for name in ("--plugin", "plugins:", "msgsnn.plugins", "register_model", "register_surrogate", "register_dataset", "EventFiles",
                  "event-folder", "image-folder", "data.train_fraction", "data.sensor_size", "data.val_fraction",
                  "best_val_acc", "test_acc_at_best_val", "--T", "analyze timesteps", "--lr", "examples/plugin.py"):
         assert name in section, name

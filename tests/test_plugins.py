@@ -29,6 +29,8 @@ from msgcli.snn import build_model, register_model
 from tests import formats
 from tests.conftest import load_script, tiny_config
 
+pytestmark = pytest.mark.usefixtures("isolated_registries")
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 TINY_FOLDER_RUN = ["--set", "model.name=vggsnn_tiny", "--set", "data.size=8", "--set", "T=2", "--set", "data.num_workers=0",

@@ -105,6 +105,7 @@ def test_sweep_runs_points_in_parallel_records_failures_skips_finished_and_resum
     assert result.exit_code != 0 and "model.neuron.alpha: 2.0 -> 4.0" in result.output, result.output
 
 
+@pytest.mark.usefixtures("isolated_registries")
 def test_ray_backend_runs_points_as_tasks_on_a_local_instance(tmp_path):
     """Each point a Ray task; its worker imports the plugin that the config names (a backbone of its own)."""
     ray = pytest.importorskip("ray")

@@ -117,11 +117,14 @@ class DataConfig:
     """The dataset. ``train_fraction``: per class, the share of the recordings that train where a dataset has no
     official split. ``val_fraction``: per class, the share of the training set held out for validation, which then
     chooses ``best.pt`` (0: none, and the test set chooses it, as in the authors' release). ``sensor_size``: ``[W, H]``
-    or ``[W, H, P]`` of ``event-folder`` recordings (empty: the recordings' extent, 2 polarities)."""
+    or ``[W, H, P]`` of ``event-folder`` recordings (empty: the recordings' extent, 2 polarities).
+    ``frame_tail``: ``drop`` frames events as tonic's ``ToFrame`` (and the release) does, its last
+    bin ending before the recording's last event; ``keep`` counts that event in the last bin."""
 
     name: str = "digits-dvs"
     root: str = ""
     size: int = _ranged(48, 4)
+    frame_tail: str = _choice("drop", "keep", default="drop")
     train_fraction: float = _ranged(0.9, 0.0, 1.0)
     val_fraction: float = _ranged(0.0, 0.0, 0.9)
     sensor_size: list[int] = field(default_factory=list)

@@ -7,6 +7,7 @@ tonic accepts a dataset folder only when it holds the full number of files (e.g.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -24,16 +25,18 @@ import torchvision
 import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
-from msgcli.config import ConfigError, RunConfig
+from msgcli.config import ConfigError, RunConfig, apply_overrides
 from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root
+from msgcli.data import clips as clips_module
 from msgcli.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
 from msgcli.data.emulator import SaccadeDVS
-from msgcli.data.frames import FrameSpec, event_counts, events_to_frames, resize
+from msgcli.data.cache import cache_stem
+from msgcli.data.frames import FRAME_FORMAT_VERSION, FrameSpec, event_counts, events_to_frames, resize
 from msgcli.data.split import class_balanced_weights, split_per_class
 from msgcli.errors import BadSample, DatasetMissing
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 
-SAMPLE_NMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "sample_nmnist.bin"
+SAMPLE_NMNIST = Path(__file__).resolve().parent / "data" / "sample_nmnist.bin"  # a real N-MNIST recording (ATIS .bin)
 
 
 def config(tmp_path: Path, name: str, T: int = 4, size: int = 16, **data) -> RunConfig:
@@ -163,9 +166,9 @@ def test_partly_extracted_dataset_is_missing_not_downloaded(tmp_path, monkeypatc
 # ------------------------------------------------------------------ frames
 
 
-@pytest.mark.skipif(not SAMPLE_NMNIST.exists(), reason=f"{SAMPLE_NMNIST} is not on this machine")
-def test_sample_nmnist_frames_count_every_event(tmp_path, data_tonic_accepts_few_files):
-    """The real N-MNIST recording through the N-MNIST path: tonic's bins drop the last event; msgsnn does not."""
+def test_sample_nmnist_frames_drop_the_last_event_as_tonic_or_keep_it(tmp_path, data_tonic_accepts_few_files):
+    """The real N-MNIST recording through the N-MNIST path: by default tonic's counts exactly (its
+    bins drop the last event, as the release's frames do); ``data.frame_tail=keep`` counts every event."""
     for folder in ("Train", "Test"):
         target = tmp_path / "data" / "NMNIST" / folder / "3" / "00001.bin"
         target.parent.mkdir(parents=True)
@@ -174,30 +177,55 @@ def test_sample_nmnist_frames_count_every_event(tmp_path, data_tonic_accepts_few
         (tmp_path / "data" / "NMNIST" / archive).touch()
     events = tonic.io.read_mnist_file(str(SAMPLE_NMNIST), dtype=tonic.datasets.NMNIST.dtype)
     tonic_frames = tonic.transforms.ToFrame(sensor_size=(34, 34, 2), n_time_bins=10)(events)
-    assert tonic_frames.sum() == len(events) - 1  # the trap msgsnn corrects
+    assert tonic_frames.sum() == len(events) - 1  # the event tonic's last bin ends before
 
     bundle = build_datasets(config(tmp_path, "nmnist", T=10, size=34))
     frames, label = bundle.train[0]
     assert frames.shape == (10, 2, 34, 34) and label == 3
-    assert frames.sum().item() == len(events)
-    last = events[-1]
-    where = (9, int(last["p"]), int(last["y"]), int(last["x"]))
-    assert frames[where] == tonic_frames[where] + 1
+    assert frames.dtype == torch.float32 and torch.equal(frames, torch.from_numpy(tonic_frames.astype(np.float32)))
     assert bundle.info.classes[3] == "3 - three" and bundle.info.sensor_size == (34, 34, 2)
 
+    kept, _ = build_datasets(config(tmp_path, "nmnist", T=10, size=34, frame_tail="keep")).train[0]
+    assert kept.sum().item() == len(events)
+    last = events[-1]
+    where = (9, int(last["p"]), int(last["y"]), int(last["x"]))
+    expected = torch.from_numpy(tonic_frames.astype(np.float32))
+    expected[where] += 1
+    assert torch.equal(kept, expected)
 
-def test_event_counts_put_everything_after_the_last_bin_into_it():
+
+@pytest.mark.parametrize("tail, last_bin", [("drop", [0, 0, 0, 0, 0, 1, 0, 0]), ("keep", [0, 0, 0, 0, 0, 1, 1, 0])])
+def test_event_counts_drop_the_tail_as_tonic_or_keep_it_in_the_last_bin(tail, last_bin):
     events = np.zeros(7, dtype=tonic.io.events_struct)
     events["t"] = [0, 10, 20, 30, 40, 50, 69]  # bins of (69 - 0) // 3 = 23 us end at 69, before the last event
     events["x"] = np.arange(7)
-    counts = event_counts(events, (8, 1, 2), 3)
-    assert counts[:, 0, 0].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 0]]
+    counts = event_counts(events, (8, 1, 2), 3, tail)
+    assert counts.dtype == np.int16
+    assert counts[:, 0, 0].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], last_bin]
+    if tail == "drop":
+        assert np.array_equal(counts, tonic.transforms.ToFrame(sensor_size=(8, 1, 2), n_time_bins=3)(events))
+    else:
+        assert counts.sum() == len(events)
 
 
-def test_resize_is_bilinear_with_aligned_corners():
+def test_frame_tail_is_a_validated_config_key(tmp_path):
+    assert RunConfig().data.frame_tail == "drop"
+    assert apply_overrides(RunConfig(), {"data.frame_tail": "keep"}).data.frame_tail == "keep"
+    with pytest.raises(ConfigError, match="data.frame_tail: .last. is not allowed; choose one of drop, keep"):
+        apply_overrides(RunConfig(), {"data.frame_tail": "last"})
+    with pytest.raises(ValueError, match="tail must be one of drop, keep"):
+        FrameSpec(4, 16, (34, 34, 2), tail="last")
+
+
+def test_resize_is_the_releases_bilinear_interpolation_bit_for_bit():
     frames = np.random.default_rng(0).random((3, 2, 34, 20)).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(frames), size=(16, 16), mode="bilinear", align_corners=True)
     np.testing.assert_allclose(resize(frames, 16), expected.numpy(), atol=1e-5)
+    counts = np.random.default_rng(1).poisson(3.0, (5, 2, 128, 128)).astype(np.int16)
+    expected = F.interpolate(torch.tensor(counts, dtype=torch.float), size=[48, 48], mode="bilinear", align_corners=True)
+    resized = resize(counts, 48)
+    assert resized.dtype == np.float32 and np.array_equal(resized, expected.numpy())
+    assert np.array_equal(resize(counts, 128), counts.astype(np.float32))
 
 
 @pytest.mark.parametrize(
@@ -265,9 +293,10 @@ def test_cifar10dvs_split_is_per_class_in_path_order(tmp_path, data_tonic_accept
         sums.append([(round(frames.sum().item()), label) for frames, label in bundle.train])
         test = [(round(frames.sum().item()), label) for frames, label in bundle.test]
     assert sums[0] == sums[1]
-    # files sort as cifar10_airplane_0 ... _4: the first four train, the last one tests
-    assert sums[0] == [(n, 0) for n in counts["airplane"][:4]] + [(n, 9) for n in counts["truck"][:4]]
-    assert test == [(counts["airplane"][4], 0), (counts["truck"][4], 9)]
+    # files sort as cifar10_airplane_0 ... _4: the first four train, the last one tests;
+    # each clip counts all events of its recording but the last (tonic's bins end before it)
+    assert sums[0] == [(n - 1, 0) for n in counts["airplane"][:4]] + [(n - 1, 9) for n in counts["truck"][:4]]
+    assert test == [(counts["airplane"][4] - 1, 0), (counts["truck"][4] - 1, 9)]
     info = bundle.info
     assert (info.n_train, info.n_test, info.num_classes, info.input_shape) == (8, 2, 10, (3, 2, 128, 128))
 
@@ -280,14 +309,14 @@ def test_ncaltech101_frames_each_recording_at_its_extent(tmp_path, data_tonic_ac
     for cls, n, (width, height) in (("Faces_easy", 4, (200, 150)), ("accordion", 2, (120, 170))):
         for k in range(n):
             x, y, t, p = random_events(rng, 80, width, height)
-            x[-1], y[-1] = width - 1, height - 1  # the far corner of this recording's extent
+            x[0], y[0] = width - 1, height - 1  # the far corner of this recording's extent, in the first bin
             write_atis_bin(base / "Caltech101" / cls / f"image_{k:04d}.bin", x, y, t, p)
     cfg = config(tmp_path, "ncaltech101", T=5, size=24, train_fraction=0.5, balanced_sampler=True)
     bundle = build_datasets(cfg)
     assert bundle.info.classes == ["Faces_easy", "accordion"]
     assert [label for _, label in bundle.train] == [0, 0, 1] and bundle.info.n_test == 3
     frames, _ = bundle.train[2]
-    assert frames.shape == (5, 2, 24, 24) and frames[-1, :, -1, -1].sum() > 0
+    assert frames.shape == (5, 2, 24, 24) and frames[0, :, -1, -1].sum() > 0
     torch.testing.assert_close(bundle.sample_weights, torch.tensor([0.5, 0.5, 1.0]))
 
 
@@ -363,6 +392,51 @@ def test_cache_is_reused_and_keyed_by_every_frame_parameter(tmp_path, data_tonic
     torch.testing.assert_close(rebuilt.train[1][0], expected)
 
 
+def test_a_cache_of_the_previous_frame_format_is_rebuilt_not_reused(tmp_path, data_tonic_accepts_few_files, monkeypatch, caplog):
+    """Caches written before issue 25 (format 1: float16 clips, the tail kept, no ``tail`` in the key) are not read."""
+    write_cifar10dvs(tmp_path / "data", {"airplane": 2, "cat": 2})
+    cfg = config(tmp_path, "cifar10dvs", train_fraction=0.5)
+    cache = tmp_path / "cache"
+    current = build_datasets(cfg)
+    expected = [x for x, _ in current.train]
+    for meta_path in cache.glob("*.json"):  # each split as the previous version wrote it
+        meta = json.loads(meta_path.read_text())
+        assert meta["params"]["format"] == FRAME_FORMAT_VERSION == 2 and meta["params"]["tail"] == "drop"
+        old_params = {**{k: v for k, v in meta["params"].items() if k != "tail"}, "format": 1}
+        frames = np.load(meta_path.with_suffix(".npy"))
+        old_stem = cache_stem(old_params)
+        np.save(cache / f"{old_stem}.npy", (frames + 1).astype(np.float16))  # other numbers: a reuse would show
+        (cache / f"{old_stem}.json").write_text(json.dumps({**meta, "params": old_params}))
+        meta_path.unlink()
+        meta_path.with_suffix(".npy").unlink()
+    old_files = {p.name: p.read_bytes() for p in cache.iterdir()}
+
+    rendered = []
+    real_render = clips_module.render
+
+    def counted_render(*args, **kwargs):
+        rendered.append(args[1])
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(clips_module, "render", counted_render)
+    rebuilt = build_datasets(cfg)
+    assert len(rendered) == 2  # train and test rendered again
+    assert all(torch.equal(x, e) for (x, _), e in zip(rebuilt.train, expected, strict=True))
+    assert rebuilt.train.frames.dtype == np.float32
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.name in old_files} == old_files  # left as they were
+    assert len(list(cache.glob("*.npy"))) == 4
+
+    # the current key holding a float16 file (an interrupted downgrade, a hand copy) is rebuilt too
+    current_files = [p for p in cache.glob("*.npy") if p.name not in old_files]
+    target = next(p for p in current_files if p.name.startswith("cifar10dvs-train-"))
+    np.save(target.with_suffix(".tmp.npy"), np.load(target).astype(np.float16))
+    os.replace(target.with_suffix(".tmp.npy"), target)
+    with caplog.at_level(logging.WARNING):
+        again = build_datasets(cfg)
+    assert "float16 clips" in caplog.text and "rebuilding" in caplog.text and len(rendered) == 3
+    assert all(torch.equal(x, e) for (x, _), e in zip(again.train, expected, strict=True))
+
+
 def test_a_recording_rewritten_at_the_same_size_is_rendered_again(tmp_path, data_tonic_accepts_few_files):
     write_cifar10dvs(tmp_path / "data", {"airplane": 2, "cat": 2})
     cfg = config(tmp_path, "cifar10dvs", train_fraction=0.5)
@@ -377,7 +451,7 @@ def test_a_recording_rewritten_at_the_same_size_is_rendered_again(tmp_path, data
     after = build_datasets(cfg).train[0][0]
     expected = events_to_frames(tonic.io.make_structured_array(x, y, t, p), FrameSpec(4, 16, (128, 128, 2)), "new")
     assert not torch.equal(after, before)
-    torch.testing.assert_close(after, torch.from_numpy(expected.astype(np.float16).astype(np.float32)))
+    assert torch.equal(after, torch.from_numpy(expected))
 
 
 def _global_random_states():
@@ -398,7 +472,7 @@ def test_building_datasets_draws_nothing_from_the_global_random_streams(tmp_path
         after = _global_random_states()
         assert torch.equal(before[0], after[0]) and before[1:] == after[1:], cache
         built[cache] = np.asarray(bundle.test.frames)
-    assert built["cold"].dtype == built["warm"].dtype == np.float16
+    assert built["cold"].dtype == built["warm"].dtype == np.float32
     assert np.array_equal(built["cold"], built["warm"])
     for name in ("synthetic", "digits-dvs"):  # in memory, and the main job's dataset (emulator stubbed)
         before = _global_random_states()
@@ -483,9 +557,10 @@ def test_digits_dvs_hard_trains_on_fewer_and_tests_on_the_same_digits(tmp_path, 
     """With the emulator replaced by one event a digit index, the frames tell which digit each sample is."""
 
     def one_event_per_index(self, images):
-        events = [np.zeros(index + 1, dtype=tonic.io.events_struct) for index in range(len(images))]
+        # index + 1 events at t = 0 and a last one at t = 2, which tonic's bins (of 1 us at T = 2) leave out
+        events = [np.zeros(index + 2, dtype=tonic.io.events_struct) for index in range(len(images))]
         for stream in events:
-            stream["t"] = np.arange(len(stream))
+            stream["t"][-1] = 2
         return events
 
     monkeypatch.setattr(SaccadeDVS, "record", one_event_per_index)

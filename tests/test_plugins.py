@@ -302,7 +302,8 @@ def test_each_event_folder_file_format_trains(kind, tmp_path):
 
 
 def test_every_format_gives_the_same_frames_as_the_events_framed_directly(tmp_path):
-    from msgcli.data.frames import FrameSpec, events_to_frames
+    from msgcli.data.clips import frame_spec
+    from msgcli.data.frames import events_to_frames
     from msgcli.data.folders import read_events
 
     clips = {}
@@ -314,7 +315,7 @@ def test_every_format_gives_the_same_frames_as_the_events_framed_directly(tmp_pa
         assert bundle.info.classes == ["left", "right"] and (bundle.info.n_train, bundle.info.n_test) == (6, 2)
         clips[kind] = bundle.test.frames
         first_test = sorted(p for p in written if "/test/" in p)[0]
-        expected = events_to_frames(read_events(first_test), FrameSpec(3, 12, (12, 12, 2)), first_test)
+        expected = events_to_frames(read_events(first_test), frame_spec(cfg, (12, 12, 2)), first_test)
         assert np.array_equal(np.asarray(bundle.test.frames[0], dtype=np.float32), expected), kind
     for kind in SUFFIX:
         assert np.array_equal(clips[kind], clips["npy"]), kind

@@ -2,6 +2,8 @@
 
 Real recordings (tonic), the digits emulator and the synthetic set all hand their
 recordings to :func:`event_bundle`, so they are framed, cached and augmented alike.
+A new event dataset does the same: ``frame_spec(cfg, sensor_size)``, one
+:class:`EventSplit` per split, then :func:`event_bundle`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset
 from msgcli.config import DataConfig, RunConfig
 
 from .augment import ClipAugment, clip_augment
-from .cache import Clips, build_clips, load_clips, open_frames
+from .cache import CLIP_DTYPE, Clips, build_clips, load_clips, open_frames
 from .frames import FRAME_FORMAT_VERSION, FrameSpec, Recordings, render
 from msgcli.errors import BadSample
 
@@ -57,7 +59,7 @@ class FrameClips(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        clip = np.asarray(self.frames[index], dtype=np.float32)
+        clip = np.array(self.frames[index], dtype=np.float32)  # a copy: the mapped file is read-only
         if self.augment is not None:
             clip = self.augment(clip)
         return torch.from_numpy(np.ascontiguousarray(clip)), int(self.targets[index])
@@ -83,6 +85,11 @@ def cache_dir(data: DataConfig) -> Path:
     return Path(chosen).expanduser() if chosen else resolve_root(data.root) / ".msgsnn-cache"
 
 
+def frame_spec(cfg: RunConfig, sensor_size: tuple[int, int, int], fit_extent: bool = False) -> FrameSpec:
+    """The run's framing (``T``, ``data.size``, ``data.frame_tail``) for recordings from a ``(W, H, P)`` sensor."""
+    return FrameSpec(cfg.T, cfg.data.size, tuple(sensor_size), fit_extent, cfg.data.frame_tail)
+
+
 def _split_clips(
     name: str, split: str, part: EventSplit, spec: FrameSpec, data: DataConfig, directory: Path | None, progress: bool
 ) -> Clips:
@@ -95,6 +102,7 @@ def _split_clips(
         "size": spec.size,
         "sensor_size": list(spec.sensor_size),
         "fit_extent": spec.fit_extent,
+        "tail": spec.tail,
         "train_fraction": data.train_fraction,
         "source": part.source,
     }
@@ -113,7 +121,7 @@ def _split_clips(
     shape = (len(part.labels), spec.T, spec.sensor_size[2], spec.size, spec.size)
     if directory is not None:
         return build_clips(directory, params, shape, fill)
-    out = np.empty(shape, dtype=np.float16)
+    out = np.empty(shape, dtype=CLIP_DTYPE)
     labels, skipped = fill(out)
     return Clips(out[: len(labels)], labels, skipped)
 

@@ -22,9 +22,8 @@ from rich.progress import track
 from msgcli.config import RunConfig
 from msgcli.errors import BadSample, UserError
 
-from .clips import EventSplit, cache_dir, event_bundle
+from .clips import EventSplit, cache_dir, event_bundle, frame_spec
 from .events import fingerprint
-from .frames import FrameSpec
 from .registry import Check, DataBundle, register
 
 log = logging.getLogger(__name__)
@@ -124,8 +123,7 @@ def files_bundle(name: str, files: EventFiles, cfg: RunConfig, progress: bool) -
         labels = np.array([label for _, label in pairs], dtype=np.int64)
         splits[split] = EventSplit(lambda paths=paths: FileRecordings(paths, files.read), labels,
                                    fingerprint(paths, _root(paths)))
-    spec = FrameSpec(cfg.T, cfg.data.size, tuple(int(n) for n in sensor_size))
-    return event_bundle(cfg, list(files.classes), spec, splits, progress)
+    return event_bundle(cfg, list(files.classes), frame_spec(cfg, tuple(int(n) for n in sensor_size)), splits, progress)
 
 
 def register_dataset(name: str, build: Callable[[RunConfig], EventFiles | DataBundle],

@@ -18,9 +18,9 @@ import numpy as np
 
 from msgcli.config import RunConfig
 
-from .clips import EventSplit, event_bundle
+from .clips import EventSplit, event_bundle, frame_spec
 from .emulator import EMULATOR_VERSION, SaccadeDVS
-from .frames import EventList, FrameSpec
+from .frames import EventList
 from .registry import DataBundle, register
 from .split import split_per_class
 
@@ -70,7 +70,7 @@ def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool) -> Data
     def split(indices: np.ndarray) -> EventSplit:
         return EventSplit(lambda: EventList(record_all(), indices, variant.name), labels[indices], source)
 
-    spec = FrameSpec(cfg.T, cfg.data.size, variant.sensor.sensor_size)
+    spec = frame_spec(cfg, variant.sensor.sensor_size)
     return event_bundle(cfg, [str(d) for d in range(10)], spec, {"train": split(train), "test": split(test)}, progress)
 
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 from tonic.io import events_struct
 
-from .frames import resize
-
 # Part of the cache key of emulated datasets: bump it whenever this code records other events.
 EMULATOR_VERSION = 1
 # The image offset (dx, dy) in pixels at the start and at the end of each saccade.
@@ -70,7 +68,8 @@ class SaccadeDVS:
 
     def _place(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """float32 ``[N, canvas, canvas]`` intensities: each image scaled up and put at a random offset."""
-        scaled = np.clip(resize(images, self.object_size), 0, 1)
+        rows, columns = (_bilinear_weights(n, self.object_size) for n in images.shape[-2:])
+        scaled = np.clip(rows @ images.astype(np.float32) @ columns.T, 0, 1)
         slack = self.canvas - self.object_size - MAX_SHIFT
         canvas = np.zeros((len(images), self.canvas, self.canvas), dtype=np.float32)
         for index, (top, left) in enumerate(rng.integers(0, slack + 1, size=(len(images), 2))):
@@ -137,3 +136,18 @@ class SaccadeDVS:
 def _compact(sample, x, y, t, p) -> tuple[np.ndarray, ...]:
     """Flat event fields in small dtypes: millions of events pass through sorting."""
     return sample.astype(np.int32), x.astype(np.int16), y.astype(np.int16), t.astype(np.int32), p.astype(bool)
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """float32 ``[n_out, n_in]`` weights of 1-D linear interpolation with aligned corners, computed exactly.
+
+    The emulated camera's optics, part of the recordings (``EMULATOR_VERSION``): not
+    ``frames.resize``, whose weights are torch's float32 ones, as the release's frames need.
+    """
+    position = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(weights, (np.arange(n_out), low), 1 - (position - low))
+    np.add.at(weights, (np.arange(n_out), high), position - low)
+    return weights

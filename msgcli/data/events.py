@@ -20,8 +20,7 @@ import tonic
 
 from msgcli.config import RunConfig
 
-from .clips import EventSplit, event_bundle
-from .frames import FrameSpec
+from .clips import EventSplit, event_bundle, frame_spec
 from msgcli.errors import BadSample, DatasetMissing
 
 from .registry import DataBundle, register, resolve_root
@@ -209,8 +208,7 @@ def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBun
         else:
             in_path_order = np.array(sorted(range(len(dataset.data)), key=dataset.data.__getitem__), dtype=np.int64)
             splits[split] = _event_split(dataset, in_path_order, labels, root)
-    spec = FrameSpec(cfg.T, cfg.data.size, tuple(source.sensor_size), source.fit_extent)
-    return event_bundle(cfg, classes, spec, splits, progress)
+    return event_bundle(cfg, classes, frame_spec(cfg, source.sensor_size, source.fit_extent), splits, progress)
 
 
 for _source in SOURCES:

@@ -12,8 +12,8 @@ from tonic.io import events_struct
 
 from msgcli.config import RunConfig
 
-from .clips import EventSplit, event_bundle
-from .frames import EventList, FrameSpec
+from .clips import EventSplit, event_bundle, frame_spec
+from .frames import EventList
 from .registry import DataBundle, register
 from .split import split_per_class
 
@@ -54,7 +54,7 @@ def build_synthetic(cfg: RunConfig, progress: bool = False) -> DataBundle:
     def split(indices: np.ndarray) -> EventSplit:
         return EventSplit(lambda: EventList(recordings, indices, "synthetic"), labels[indices], source)
 
-    spec = FrameSpec(cfg.T, size, (size, size, 2))
+    spec = frame_spec(cfg, (size, size, 2))
     return event_bundle(cfg, CLASSES, spec, {"train": split(train), "test": split(test)}, progress, cached=False)
 
 

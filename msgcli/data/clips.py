@@ -157,4 +157,5 @@ def event_bundle(
         n_test=len(clips["test"].labels),
         skipped=skipped,
     )
-    return DataBundle(FrameClips(clips["train"], clip_augment(cfg.data.augment)), FrameClips(clips["test"]), info)
+    return DataBundle(FrameClips(clips["train"], clip_augment(cfg.data.augment)), FrameClips(clips["test"]), info,
+                      train_plain=FrameClips(clips["train"]))

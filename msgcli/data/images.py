@@ -149,7 +149,9 @@ def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> 
         raise DatasetMissing(
             f"{source.name}: torchvision rejects the files in {folder} ({err}); expected {expected}; get it from {cls.url}"
         ) from None
-    return DataBundle(train, test, _image_info(source.name, list(train.classes), 32, (32, 32, 3), len(train), len(test)))
+    plain = cls(str(root), train=True, transform=test_tf, download=False) if cfg.data.val_fraction else None
+    return DataBundle(train, test, _image_info(source.name, list(train.classes), 32, (32, 32, 3), len(train), len(test)),
+                      train_plain=plain)
 
 
 def _imagenet_missing(cfg: RunConfig, problem: str) -> DatasetMissing:
@@ -178,7 +180,9 @@ def build_imagenet(cfg: RunConfig, progress: bool = False) -> DataBundle:
         test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
     except OSError as err:
         raise _imagenet_missing(cfg, str(err)) from None
-    return DataBundle(train, test, _image_info("imagenet", list(train.classes), 224, None, len(train), len(test)))
+    plain = torchvision.datasets.ImageFolder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction else None
+    return DataBundle(train, test, _image_info("imagenet", list(train.classes), 224, None, len(train), len(test)),
+                      train_plain=plain)
 
 
 for _source in CIFARS:

@@ -1,8 +1,8 @@
 """msgcli, the import package of the ``msgsnn`` command: spiking neural networks trained with Masked
 Surrogate Gradients and TWO.
 
-The public API, ``from msgcli import LIF, TWO, build_model, register_model, register_surrogate``, is
-imported at first use, so that ``msgsnn --help`` answers without loading torch.
+The public API, ``from msgcli import LIF, TWO, build_model, register_model, register_surrogate,
+register_dataset, EventFiles``, is imported at first use, so that ``msgsnn --help`` answers without loading torch.
 """
 
 import os
@@ -17,7 +17,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 __version__ = "0.1.0"
 
 _API = {"LIF": "msgcli.snn", "TWO": "msgcli.snn", "build_model": "msgcli.snn", "register_model": "msgcli.snn",
-        "register_surrogate": "msgcli.snn"}
+        "register_surrogate": "msgcli.snn", "register_dataset": "msgcli.data", "EventFiles": "msgcli.data"}
 __all__ = list(_API)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from msgcli import plugins as plugin_io
 from msgcli.errors import ConfigError, did_you_mean
 from msgcli.snn import options
 from msgcli.snn.surrogate import fill_names, names as surrogate_names
@@ -113,7 +114,11 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    """``frame_tail``: ``drop`` frames events as tonic's ``ToFrame`` (and the release) does, its last
+    """The dataset. ``train_fraction``: per class, the share of the recordings that train where a dataset has no
+    official split. ``val_fraction``: per class, the share of the training set held out for validation, which then
+    chooses ``best.pt`` (0: none, and the test set chooses it, as in the authors' release). ``sensor_size``: ``[W, H]``
+    or ``[W, H, P]`` of ``event-folder`` recordings (empty: the recordings' extent, 2 polarities).
+    ``frame_tail``: ``drop`` frames events as tonic's ``ToFrame`` (and the release) does, its last
     bin ending before the recording's last event; ``keep`` counts that event in the last bin."""
 
     name: str = "digits-dvs"
@@ -121,11 +126,17 @@ class DataConfig:
     size: int = _ranged(48, 4)
     frame_tail: str = _choice("drop", "keep", default="drop")
     train_fraction: float = _ranged(0.9, 0.0, 1.0)
+    val_fraction: float = _ranged(0.0, 0.0, 0.9)
+    sensor_size: list[int] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str = ""
     skip_bad_samples: bool = False
     balanced_sampler: bool = False
     num_workers: int | None = _ranged(None, 0)  # null: from the CPUs this process may use (data.resolve_workers)
+
+    def __post_init__(self) -> None:
+        if self.sensor_size and (len(self.sensor_size) not in (2, 3) or min(self.sensor_size) < 1):
+            raise ConfigError(f"data.sensor_size: expected [W, H] or [W, H, P] of positive integers, got {self.sensor_size}")
 
 
 @dataclass
@@ -215,6 +226,7 @@ class PaperConfig:
 class RunConfig:
     name: str = ""
     preset: str = ""
+    plugins: list[str] = field(default_factory=list)  # files (absolute paths) or modules, imported before validation
     T: int = _ranged(10, 1)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -327,8 +339,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def from_dict(data: dict[str, Any] | None) -> RunConfig:
-    """Build and validate a RunConfig from nested dicts (YAML)."""
-    return _build(RunConfig, data or {}, "")
+    """Build and validate a RunConfig from nested dicts (YAML), after importing the plugins it names (and the
+    installed packages' plugins), so that the backbones, surrogates and datasets they register are valid names."""
+    data = dict(data or {})
+    data["plugins"] = plugin_io.load(_coerce(data.get("plugins") or [], list[str], "plugins"))
+    return _build(RunConfig, data, "")
+
+
+def with_plugins(cfg: RunConfig, specs: list[str]) -> RunConfig:
+    """``cfg`` with ``specs`` (``--plugin``, imported now) added to its ``plugins`` list."""
+    added = plugin_io.load(specs)
+    return apply_overrides(cfg, {"plugins": list(dict.fromkeys([*cfg.plugins, *added]))}) if added else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -382,6 +403,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if isinstance(data.get("plugins"), list):  # a plugin file a YAML file names lies beside it
+        data["plugins"] = [str(Path(path).parent / spec) if isinstance(spec, str) and plugin_io.is_file(spec)
+                           and not Path(spec).expanduser().is_absolute() else spec for spec in data["plugins"]]
     return data
 
 

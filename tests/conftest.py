@@ -39,6 +39,23 @@ def tiny(tmp_path):
     return tiny_config(tmp_path)
 
 
+@pytest.fixture
+def isolated_registries():
+    """Backbones, surrogates and datasets that a test (or a plugin it loads) registers are gone after it, so the
+    registries hold only the built-in ones for every other test."""
+    from msgcli import plugins
+    from msgcli.data import registry as datasets
+    from msgcli.snn import surrogate
+    from msgcli.snn.models import registry as models
+
+    tables = [models._MODELS, surrogate.SURROGATES, datasets._BUILDERS, datasets._CHECKS, plugins._loaded]
+    saved = [table.copy() for table in tables]
+    yield
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)
+
+
 def load_script(relative_path: str):
     """Import a script of the repository that is not in a package (``.ci/smoke.py``, ``benchmarks/*.py``)."""
     path = Path(__file__).resolve().parent.parent / relative_path

@@ -19,6 +19,7 @@ from msgcli.engine import sweep as sweeps
 from msgcli.errors import UserError
 from tests.conftest import tiny_cli_args, tiny_config
 from tests.test_data import write_cifar10dvs
+from tests.test_plugins import write_plugin
 
 
 def invoke(*args):
@@ -104,9 +105,13 @@ def test_sweep_runs_points_in_parallel_records_failures_skips_finished_and_resum
     assert result.exit_code != 0 and "model.neuron.alpha: 2.0 -> 4.0" in result.output, result.output
 
 
+@pytest.mark.usefixtures("isolated_registries")
 def test_ray_backend_runs_points_as_tasks_on_a_local_instance(tmp_path):
+    """Each point a Ray task; its worker imports the plugin that the config names (a backbone of its own)."""
     ray = pytest.importorskip("ray")
-    plan = sweeps.plan_sweep(tiny_config(tmp_path, train__epochs=1), {"model.neuron.mask_p": [0.25]}, 1, tmp_path)
+    plugin = write_plugin(tmp_path / "plugins", "ray_net")
+    cfg = tiny_config(tmp_path, train__epochs=1, plugins=[str(plugin)], model__name="ray_net")
+    plan = sweeps.plan_sweep(cfg, {"model.neuron.mask_p": [0.25]}, 1, tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rows = sweeps.run_sweep(plan, backend="ray", echo=lambda line: None)
@@ -116,6 +121,7 @@ def test_ray_backend_runs_points_as_tasks_on_a_local_instance(tmp_path):
     table = pd.read_csv(plan.directory / "sweep.csv")
     assert list(table["model.neuron.mask_p"]) == [0.25] and list(table["epochs"]) == [1]
     assert (plan.directory / "mask_p=0.25_seed=42" / "summary.json").exists()
+    assert json.loads((plan.directory / "mask_p=0.25_seed=42" / "summary.json").read_text())["model"] == "ray_net"
 
 
 def test_the_ray_backend_starts_ray_without_usage_statistics(monkeypatch):

@@ -13,7 +13,7 @@ import pandas as pd
 
 from msgcli.analysis.figures import maskp_report
 from msgcli.analysis.runs import Report, Run, load_run, paper_ablation, variant
-from msgcli.analysis.stats import markdown, mean_std
+from msgcli.analysis.stats import VALIDATION, markdown, mean_std
 from msgcli.engine.reproduce import Reproduction, Row, duration, point_states
 
 FIG5_NOTE = ("The paper gives Fig. 5 as a figure only, with no numbers: accuracy against p from 0 to 1, best around "
@@ -42,6 +42,8 @@ def row_record(row: Row, kind: str, states: list[tuple[str, str]], runs: list[Ru
     """One report row: the paper's number, ours over the finished seeds (``runs``), the difference, time and states."""
     best_mean, best_std = spread([run.accuracy("best") for run in runs])
     final_mean, final_std = spread([run.accuracy("final") for run in runs])
+    validated = {key: spread([run.validation(key) for run in runs if pd.notna(run.validation(key))])
+                 for key in VALIDATION}
     seconds = [float(run.summary["seconds"]) for run in runs]
     paper_mean, paper_std = paper_reference(row, kind)
     difference = None if paper_mean is None or best_mean is None else best_mean - paper_mean
@@ -58,6 +60,7 @@ def row_record(row: Row, kind: str, states: list[tuple[str, str]], runs: list[Ru
     record.update({
         "paper_mean": paper_mean, "paper_std": paper_std, "seeds": len(row.points), "finished": len(runs),
         "best_mean": best_mean, "best_std": best_std, "final_mean": final_mean, "final_std": final_std,
+        **{f"{key}_{part}": value for key, (mean, std) in validated.items() for part, value in (("mean", mean), ("std", std))},
         "difference": difference, "within_spread": within,
         "seconds_mean": spread(seconds)[0], "seconds_total": sum(seconds) if seconds else None,
         "status": ", ".join(f"{n} {state}" for state, n in counts.items() if n),
@@ -86,6 +89,8 @@ def shown_table(table: pd.DataFrame, kind: str) -> pd.DataFrame:
         "paper": paper,
         "ours best": [number(m, s) for m, s in zip(table["best_mean"], table["best_std"])],
         "ours final": [number(m, s) for m, s in zip(table["final_mean"], table["final_std"])],
+        **{f"ours {column}": [number(m, s) for m, s in zip(table[f"{key}_mean"], table[f"{key}_std"])]
+           for key, column in VALIDATION.items() if table[f"{key}_mean"].notna().any()},
         **({} if kind == "fig5" else {"diff": ["" if pd.isna(d) else f"{d:+.2f}" for d in table["difference"]],
                                        "in spread": table["within_spread"]}),
         "seeds": [f"{f}/{n}" for f, n in zip(table["finished"], table["seeds"])],
@@ -111,6 +116,9 @@ def reproduction_report(plan: Reproduction, command: str) -> Report:
     directory.mkdir(parents=True, exist_ok=True)
     written = [directory / "report.md", directory / "report.csv"]
     notes = {"fig5": [FIG5_NOTE], "ablation": [ABLATION_NOTE]}.get(plan.kind, [])
+    if "ours best val" in shown:
+        notes.append("ours best val, ours test at best val: runs with a validation split (data.val_fraction) chose "
+                     "best.pt by validation accuracy; these are that accuracy and the test accuracy of the same epoch.")
     failures = [f"{preset}, {errors}" for preset, errors in zip(table["preset"], table["errors"]) if errors]
     figure = plan.kind == "fig5" and bool(finished)
     if figure:

@@ -74,6 +74,11 @@ class Run:
         """``best`` or ``final`` test accuracy (percent) of a finished run."""
         return float(self.summary[f"{metric}_test_acc"])
 
+    def validation(self, key: str) -> float:
+        """``best_val_acc`` or ``test_acc_at_best_val`` of a finished run with a validation split, else NaN."""
+        value = (self.summary or {}).get(key)
+        return float("nan") if value is None else float(value)
+
 
 @dataclass
 class Report:

@@ -18,6 +18,8 @@ from msgcli.engine.sweep import flat_config, setting_keys
 
 # Keys that differ between the runs of one experiment.
 NOT_A_SETTING = ("name", "train.seed")
+# What runs with a validation split (data.val_fraction > 0) also report, and the column that shows each.
+VALIDATION = {"best_val_acc": "best val", "test_acc_at_best_val": "test at best val"}
 
 
 def run_frame(runs: list[Run], metric: str) -> pd.DataFrame:
@@ -27,7 +29,7 @@ def run_frame(runs: list[Run], metric: str) -> pd.DataFrame:
         cfg = run.config
         row = flat_config(cfg)
         row.update(run=run.name, setup=cfg.preset or f"{cfg.data.name}/{cfg.model.name}", variant=run.variant,
-                   acc=run.accuracy(metric))
+                   acc=run.accuracy(metric), **{key: run.validation(key) for key in VALIDATION})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -46,6 +48,9 @@ def summarize(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean, sample std (ddof 1; empty for one seed), min, max and count of ``acc`` per group, in first-seen order."""
     grouped = frame.groupby(by, sort=False, dropna=False)
     table = grouped["acc"].agg(n="count", mean="mean", std="std", min="min", max="max").reset_index()
+    for key in VALIDATION:
+        if key in frame and frame[key].notna().any():
+            table[f"{key}_mean"], table[f"{key}_std"] = grouped[key].mean().values, grouped[key].std().values
     table["seeds"] = grouped["train.seed"].agg(lambda s: " ".join(map(str, sorted(s)))).values
     table["runs"] = grouped["run"].agg(" ".join).values
     return table
@@ -86,6 +91,9 @@ def ablation_table(runs: list[Run], metric: str) -> pd.DataFrame:
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     table["accuracy"] = [mean_std(m, s) for m, s in zip(table["mean"], table["std"])]
+    for key, column in VALIDATION.items():
+        if f"{key}_mean" in table:
+            table[column] = ["" if pd.isna(m) else mean_std(m, s) for m, s in zip(table[f"{key}_mean"], table[f"{key}_std"])]
     return table
 
 
@@ -127,8 +135,8 @@ def table_report(runs: list[Run], metric: str, directory: Path) -> Report:
     gaps = [f"{setup}: no {', '.join(v for v in VARIANTS if v not in set(part['variant']))} runs"
             for setup, part in table.groupby("setup") if set(part["variant"]) != set(VARIANTS)]
     gaps += [f"{r.setup} {r.variant}: one seed only, no spread" for r in table.itertuples() if r.n == 1]
-    columns = ["setup", "variant", "p", "detail", "n", "accuracy", "paper"]
-    shown = table[[c for c in columns if c != "detail" or table["detail"].astype(bool).any()]]
+    columns = ["setup", "variant", "p", "detail", "n", "accuracy", *VALIDATION.values(), "paper"]
+    shown = table[[c for c in columns if c in table and (c != "detail" or table["detail"].astype(bool).any())]]
     title = f"Ablation: {metric} test accuracy (%), mean ± std over seeds"
     directory.mkdir(parents=True, exist_ok=True)
     table.to_csv(directory / "ablation.csv", index=False)

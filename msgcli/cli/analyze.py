@@ -163,3 +163,32 @@ def table_command(paths: Optional[list[Path]] = typer.Argument(
     paths = paths or [latest("sweep")]
     chosen, gaps = select(paths, runs.finished)
     show(stats.table_report(chosen, metric, runs.output_dir(paths, out)), gaps)
+
+
+@analyze_app.command("timesteps")
+@exit_on_user_errors
+def timesteps_command(
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory. Default: the most recently finished run under results/."),
+    timesteps: Optional[str] = typer.Option(
+        None, "--T", help="Timesteps to evaluate at, e.g. 1,2,4,8 (default: 1, 2, 4, ... and the run's T and twice it)."),
+    checkpoint: str = typer.Option("best", help="Weights of the run: best or last."),
+    data_root: DataRoot = None,
+    out: Optional[Path] = OUT,
+) -> None:
+    """Test accuracy against the number of timesteps T: the trained run evaluated at each T (event data re-framed)."""
+    from msgcli.analysis import runs, timesteps as accuracy_over_T
+
+    check_choice("--checkpoint", checkpoint, ("best", "last"), UserError)
+    run_dir = run_dir or latest("run")
+    run = runs.load_run(run_dir)
+    values = accuracy_over_T.default_timesteps(run.config.T)
+    if timesteps is not None:
+        try:
+            values = [int(value) for value in timesteps.split(",")]
+        except ValueError:
+            raise UserError(f"--T: expected whole numbers such as 1,2,4,8, got {timesteps!r}") from None
+        if min(values) < 1:
+            raise UserError(f"--T: every T must be at least 1, got {timesteps!r}")
+    overrides = {"data.root": data_root} if data_root is not None else {}
+    show(accuracy_over_T.timesteps_report(run, values, checkpoint, overrides, runs.output_dir([run_dir], out)), [])

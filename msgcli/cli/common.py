@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from msgcli import config as config_io
+from msgcli import plugins as plugin_io
 from msgcli.config import RunConfig
 from msgcli.errors import ConfigError, MsgsnnError, PeerFailed, traceback_file
 from msgcli.snn import surrogate
@@ -84,13 +85,17 @@ Backend = Annotated[str, typer.Option(help="local, or ray: every run a Ray task 
 RayAddress = Annotated[Optional[str], typer.Option(
     help="Address of a running Ray cluster (default: RAY_ADDRESS, else a local Ray).")]
 RunDir = Annotated[Path, typer.Argument(help="A run directory written by `msgsnn train`.")]
+Plugins = Annotated[list[str], typer.Option(
+    "--plugin", metavar="FILE.py|MODULE", help="A plugin that registers backbones, surrogates or datasets: a file (plugin.py) or a module "
+                     "(package.module); repeatable. Recorded in the run's config, so later commands load it themselves.")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate itself (optim.lr), instead of base_lr * batch / 1024.")]
 
 FLAG_KEYS = {  # flag -> the config key it sets
     "epochs": "train.epochs", "batch_size": "train.batch_size", "mask_p": "model.neuron.mask_p",
     "two": "two.enabled", "surrogate": "model.neuron.surrogate", "seed": "train.seed", "device": "train.device",
     "amp": "train.amp", "limit_batches": "train.limit_batches", "data_root": "data.root", "name": "name",
-    "loggers": "train.loggers", "skip_bad_samples": "data.skip_bad_samples", "workers": "data.num_workers",
-    "auto_resume": "train.auto_resume",
+    "loggers": "train.loggers", "skip_bad_samples": "data.skip_bad_samples", "lr": "optim.lr",
+    "workers": "data.num_workers", "auto_resume": "train.auto_resume",
 }
 
 
@@ -99,8 +104,13 @@ def flag_overrides(**flags: Any) -> dict[str, Any]:
     return {FLAG_KEYS[k]: v for k, v in flags.items() if v is not None}
 
 
-def resolve_config(preset: str | None, config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> RunConfig:
-    """Preset (or saved config.yaml) + flags + ``--set key=value``, validated."""
+def resolve_config(preset: str | None, config_file: Path | None, overrides: dict[str, Any], sets: list[str],
+                   plugins: list[str] = ()) -> RunConfig:
+    """Preset (or saved config.yaml) + ``--plugin`` + flags + ``--set key=value``, validated.
+
+    The plugins are imported first, so the names they register are valid in the preset and the flags.
+    """
+    added = plugin_io.load(plugins)
     if config_file is not None:
         if not config_file.exists():
             raise ConfigError(f"--config: no such file {config_file}")
@@ -109,7 +119,7 @@ def resolve_config(preset: str | None, config_file: Path | None, overrides: dict
         cfg = config_io.load_preset(preset or "digits-dvs")
     merged = dict(overrides)
     merged.update(dict(config_io.parse_override(s) for s in sets))
-    return config_io.apply_overrides(cfg, merged)
+    return config_io.with_plugins(config_io.apply_overrides(cfg, merged), added)
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...], error: type[MsgsnnError] = ConfigError) -> None:

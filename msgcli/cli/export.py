@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from msgcli.cli.common import Checkpoint, RunDir, check_choice, console, exit_on_user_errors
+from msgcli.cli.common import Checkpoint, Plugins, RunDir, check_choice, console, exit_on_user_errors
 
 
 @exit_on_user_errors
@@ -19,10 +19,14 @@ def export_command(
                                     "(snnTorch, SpikingJelly, Norse, Sinabs, Lava and chips read it; needs the nir package)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: <run>/<checkpoint>.nir."),
     dt: float = typer.Option(1e-4, help="Seconds one timestep lasts in the graph; every LIF's tau is msgsnn's tau times dt."),
+    plugins: Plugins = [],  # noqa: B006 - typer's repeatable option
 ) -> None:
     """Write the trained network as a NIR graph: BatchNorm folded, LIF nodes, TWO's output weights in the metadata."""
     check_choice("--format", file_format, ("nir",))
+    from msgcli import plugins as plugin_io
     from msgcli.export.nir import export_run
+
+    plugin_io.load(plugins)
 
     path, graph = export_run(run_dir, checkpoint, output, dt)
     kinds: dict[str, int] = {}

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from msgcli.cli.common import (Backend, DataRoot, Jobs, LimitBatches, RayAddress, Sets, console, exit_on_user_errors,
-                               flag_overrides)
+from msgcli.cli.common import (Backend, DataRoot, Jobs, LimitBatches, Plugins, RayAddress, Sets, console,
+                               exit_on_user_errors, flag_overrides)
 from msgcli.errors import UserError
 
 
@@ -26,6 +26,7 @@ def reproduce_command(
     ray_address: RayAddress = None,
     epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: each preset's own)."),
     limit_batches: LimitBatches = None,
+    plugins: Plugins = [],  # noqa: B006 - typer's repeatable option
     sets: Sets = [],  # noqa: B006 - typer's repeatable option
     out: Path = typer.Option(Path("results"), help="Runs go to <out>/reproduce/<table>/<preset>/<run>/, the report beside them."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: rebuild the report from whatever has finished."),
@@ -46,9 +47,9 @@ def reproduce_command(
 
     overrides = flag_overrides(epochs=epochs, limit_batches=limit_batches, data_root=data_root)
     overrides.update(config_io.parse_override(text) for text in sets)
-    plan = reproduce.plan_reproduction(table or [], overrides, seeds, out)
+    plan = reproduce.plan_reproduction(table or [], overrides, seeds, out, plugins)
     given = [*(["--epochs", str(epochs)] if epochs else []), *(["--limit-batches", str(limit_batches)] if limit_batches else []),
-             *(f"--set={text}" for text in sets)]
+             *(f"--plugin={spec}" for spec in plugins), *(f"--set={text}" for text in sets)]
     rebuild = shlex.join(["msgsnn", "reproduce", *(table or []), "--seeds", str(seeds), "--out", str(out), *given, "--report-only"])
 
     def echo(line: str) -> None:

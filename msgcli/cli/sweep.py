@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from msgcli.cli.common import (Amp, Backend, BatchSize, DataRoot, Device, Epochs, Jobs, LimitBatches, Preset, RayAddress, Sets,
-                               SkipBadSamples, Seed, Surrogate, Two, console, exit_on_user_errors, flag_overrides, resolve_config)
+from msgcli.cli.common import (Amp, Backend, BatchSize, DataRoot, Device, Epochs, Jobs, LimitBatches, Lr, Plugins, Preset,
+                               RayAddress, Sets, SkipBadSamples, Seed, Surrogate, Two, console, exit_on_user_errors,
+                               flag_overrides, resolve_config)
 from msgcli.errors import UserError
 
 
@@ -29,6 +30,7 @@ def sweep_command(
     data_root: DataRoot = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
+    lr: Lr = None,
     two: Two = None,
     surrogate: Surrogate = None,
     seed: Seed = None,
@@ -36,6 +38,7 @@ def sweep_command(
     amp: Amp = None,
     limit_batches: LimitBatches = None,
     skip_bad_samples: SkipBadSamples = False,
+    plugins: Plugins = [],  # noqa: B006 - typer's repeatable option
     sets: Sets = [],  # noqa: B006 - typer's repeatable option
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every run of the sweep, finished ones too."),
 ) -> None:
@@ -49,10 +52,10 @@ def sweep_command(
     from msgcli.analysis.stats import rich_table
     from msgcli.engine import sweep as sweeps
 
-    overrides = flag_overrides(epochs=epochs, batch_size=batch_size, two=two, surrogate=surrogate, seed=seed,
+    overrides = flag_overrides(epochs=epochs, batch_size=batch_size, lr=lr, two=two, surrogate=surrogate, seed=seed,
                                device=device, amp=amp, limit_batches=limit_batches, data_root=data_root,
                                skip_bad_samples=skip_bad_samples or None)
-    base = resolve_config(preset, None, overrides, sets)
+    base = resolve_config(preset, None, overrides, sets, plugins)
     axes = {}
     if mask_p is not None:
         axes["model.neuron.mask_p"] = sweeps.parse_values("--mask-p", mask_p)

@@ -159,5 +159,7 @@ def event_bundle(
         n_test=len(clips["test"].labels) if "test" in clips else None,
         skipped=skipped,
     )
-    train = FrameClips(clips["train"], clip_augment(cfg.data.augment)) if "train" in clips else None
-    return DataBundle(train, FrameClips(clips["test"]) if "test" in clips else None, info)
+    if "train" not in clips:
+        return DataBundle(None, FrameClips(clips["test"]) if "test" in clips else None, info)
+    return DataBundle(FrameClips(clips["train"], clip_augment(cfg.data.augment)),
+                      FrameClips(clips["test"]) if "test" in clips else None, info, train_plain=FrameClips(clips["train"]))

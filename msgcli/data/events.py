@@ -172,7 +172,7 @@ def open_offline(source: TonicDataset, root: Path, part: Part) -> tonic.Dataset:
     return dataset
 
 
-def _fingerprint(paths: list[str], root: Path) -> dict[str, Any]:
+def fingerprint(paths: list[str], root: Path) -> dict[str, Any]:
     """Identifies the recordings for the cache key (path, size and modification time of each), so changed data is re-read.
 
     The modification time catches a recording rewritten with other events of the same
@@ -185,7 +185,7 @@ def _fingerprint(paths: list[str], root: Path) -> dict[str, Any]:
 
 def _event_split(dataset: tonic.Dataset, indices: np.ndarray, labels: np.ndarray, root: Path) -> EventSplit:
     paths = [dataset.data[i] for i in indices]
-    return EventSplit(lambda: TonicRecordings(dataset, indices), labels[indices], _fingerprint(paths, root))
+    return EventSplit(lambda: TonicRecordings(dataset, indices), labels[indices], fingerprint(paths, root))
 
 
 def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool, wanted: tuple[str, ...] = SPLITS) -> DataBundle:

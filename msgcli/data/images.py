@@ -154,8 +154,10 @@ def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False, spl
         raise DatasetMissing(
             f"{source.name}: torchvision rejects the files in {folder} ({err}); expected {expected}; get it from {cls.url}"
         ) from None
+    plain = cls(str(root), train=True, transform=test_tf, download=False) if cfg.data.val_fraction and train else None
     classes = list((train or test).classes)
-    return DataBundle(train, test, _image_info(source.name, classes, 32, (32, 32, 3), _length(train), _length(test)))
+    return DataBundle(train, test, _image_info(source.name, classes, 32, (32, 32, 3), _length(train), _length(test)),
+                      train_plain=plain)
 
 
 def _imagenet_missing(cfg: RunConfig, problem: str) -> DatasetMissing:
@@ -184,8 +186,10 @@ def build_imagenet(cfg: RunConfig, progress: bool = False, splits: tuple[str, ..
         test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf) if "test" in splits else None
     except OSError as err:
         raise _imagenet_missing(cfg, str(err)) from None
+    plain = torchvision.datasets.ImageFolder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction and train else None
     classes = list((train or test).classes)
-    return DataBundle(train, test, _image_info("imagenet", classes, 224, None, _length(train), _length(test)))
+    return DataBundle(train, test, _image_info("imagenet", classes, 224, None, _length(train), _length(test)),
+                      train_plain=plain)
 
 
 for _source in CIFARS:

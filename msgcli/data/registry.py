@@ -6,18 +6,21 @@ engine only ever call :func:`build_datasets` with a :class:`~msgcli.config.RunCo
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from msgcli.config import RunConfig
 from msgcli.errors import ConfigError, did_you_mean
 
-from .split import class_balanced_weights
+from .split import class_balanced_weights, split_per_class
 
 
 @dataclass
@@ -38,6 +41,7 @@ class DatasetInfo:
     n_train: int | None  # None when that split was not built
     n_test: int | None
     skipped: int = 0
+    n_val: int = 0
     num_classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,17 +50,30 @@ class DatasetInfo:
 
 @dataclass
 class DataBundle:
-    """Train and test sets of ``(frames, label)`` plus optional class-balancing weights.
+    """Train and test sets of ``(frames, label)`` plus optional class-balancing weights and a validation set.
 
-    A split that was not asked for (:func:`build_datasets`' ``splits``) is ``None``.
-    ``sample_weights`` is ``None`` or a float tensor ``[n_train]`` for a
-    ``WeightedRandomSampler``; the engine builds the samplers and loaders.
+    Each set has ``targets``, the label of every sample ``[N]``; a split that was not asked for
+    (:func:`build_datasets`' ``splits``) is ``None``. ``sample_weights`` is ``None`` or a float tensor
+    ``[n_train]`` for a ``WeightedRandomSampler``; the engine builds the samplers and loaders. ``train_plain`` is
+    the training set without augmentation (as the test set is transformed), from which :func:`build_datasets`
+    holds out ``val`` when ``data.val_fraction`` > 0; a builder that gives none has its validation samples
+    drawn from ``train`` as it is.
     """
 
     train: Dataset | None
     test: Dataset | None
     info: DatasetInfo
     sample_weights: torch.Tensor | None = None
+    val: Dataset | None = None
+    train_plain: Dataset | None = None
+
+
+class LabelledSubset(Subset):
+    """The samples of ``dataset`` at ``indices``, with their ``targets``."""
+
+    def __init__(self, dataset: Dataset, indices: np.ndarray) -> None:
+        super().__init__(dataset, indices.tolist())
+        self.targets = np.asarray(dataset.targets)[indices]
 
 
 SPLITS = ("train", "test")
@@ -68,12 +85,17 @@ _CHECKS: dict[str, Check] = {}
 
 def register(name: str, builder: Builder, check: Check | None = None) -> None:
     """Make ``builder(cfg, progress, splits) -> DataBundle`` available as dataset ``name``; it builds (and
-    renders) only the ``splits`` named, leaving the others ``None``.
+    renders) only the ``splits`` named, leaving the others ``None``. A second dataset of the same name
+    replaces the first, with a warning.
 
     ``check(cfg)``, for data read from disk, raises :class:`DatasetMissing` from file tests
     alone, so a sweep can stop before it starts a single run.
     """
+    if name in _BUILDERS:
+        warnings.warn(f"register_dataset: '{name}' was already registered; the new one replaces it", RuntimeWarning,
+                      stacklevel=3)
     _BUILDERS[name] = builder
+    _CHECKS.pop(name, None)
     if check is not None:
         _CHECKS[name] = check
 
@@ -127,9 +149,26 @@ def build_datasets(cfg: RunConfig, progress: bool = True, splits: tuple[str, ...
     ``cfg.data.skip_bad_samples`` is set.
     """
     bundle = _builder(cfg.data.name)(cfg, progress, splits)
+    if cfg.data.val_fraction > 0 and bundle.train is not None:
+        bundle = hold_out_validation(bundle, cfg.data.val_fraction)
     if cfg.data.balanced_sampler and bundle.train is not None:
         bundle.sample_weights = class_balanced_weights(bundle.train.targets)
     return bundle
+
+
+def hold_out_validation(bundle: DataBundle, fraction: float) -> DataBundle:
+    """Per class, the last ``fraction`` of the training samples (in the training set's order) become the
+    validation set, taken from the unaugmented ``train_plain``; the rest stay for training."""
+    targets = np.asarray(bundle.train.targets)
+    keep, held = split_per_class(range(len(targets)), targets, 1 - fraction)
+    if len(held) == 0:
+        raise ConfigError(f"data.val_fraction: {fraction} of {len(targets)} training samples holds out none per class; "
+                          "raise it or set it to 0")
+    if len(keep) == 0:
+        raise ConfigError(f"data.val_fraction: {fraction} leaves no training sample; lower it")
+    info = dataclasses.replace(bundle.info, n_train=len(keep), n_val=len(held))
+    plain = bundle.train_plain if bundle.train_plain is not None else bundle.train
+    return dataclasses.replace(bundle, train=LabelledSubset(bundle.train, keep), val=LabelledSubset(plain, held), info=info)
 
 
 def check_datasets(cfg: RunConfig) -> None:

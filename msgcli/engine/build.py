@@ -12,7 +12,7 @@ from torch import nn
 
 from msgcli.config import RunConfig
 from msgcli.engine import checkpoint
-from msgcli.errors import UserError
+from msgcli.errors import ConfigError, UserError
 from msgcli.snn import LIF, TWO, build_model
 
 
@@ -32,14 +32,26 @@ def model_args(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, 
 
 
 def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return build_model(**model_args(cfg, in_channels, num_classes))
+    return build_network(model_args(cfg, in_channels, num_classes))
 
 
-def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
+def build_network(args: dict[str, Any]) -> nn.Module:
+    """:func:`build_model` of ``args``; an unknown name or option is a ConfigError (one line), not a traceback."""
+    try:
+        return build_model(**args)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def trained_model(path: Path, cfg: RunConfig, T: int | None = None) -> tuple[nn.Module, TWO]:
     """The network and TWO decoder saved in a checkpoint, the network rebuilt from its ``model_args``.
 
     A checkpoint of an older msgsnn without them is rebuilt from ``cfg``, its input channels and
-    classes read off the weights.
+    classes read off the weights. ``T`` other than the trained ``cfg.T`` runs the same weights for
+    ``T`` timesteps (the LIF keeps no state between calls); TWO's factors belong to the trained
+    timesteps, so the decoder is then the plain mean over time.
     """
     state = checkpoint.load(path)
     args = state.get("model_args")
@@ -47,13 +59,14 @@ def trained_model(path: Path, cfg: RunConfig) -> tuple[nn.Module, TWO]:
         weights = [w for key, w in state["model"].items() if key.endswith("weight")]
         in_channels = next(w.shape[1] for w in weights if w.dim() == 4)
         args = model_args(cfg, in_channels, [w for w in weights if w.dim() == 2][-1].shape[0])
-    model, two = build_model(**args), build_two(cfg)
+    other_T = T is not None and T != cfg.T
+    model, two = build_network({**args, "T": T} if other_T else args), build_two(cfg)
     try:
         model.load_state_dict(state["model"])
         two.load_state_dict(state["two"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the network its config.yaml describes: {str(err).splitlines()[0]}") from None
-    return model, two
+    return model, (TWO(T, enabled=False) if other_T else two)
 
 
 def build_two(cfg: RunConfig) -> TWO:

@@ -92,29 +92,36 @@ def evaluate(
     )
 
 
-def run_evaluation(run_dir: Path, which: str, overrides: dict) -> tuple[EvalResult, Path | None]:
-    """Evaluate ``run_dir``'s best or last checkpoint on its test set; returns the result and the report path
-    (``None`` on every rank but rank 0 of an ``srun``/``torchrun`` job: one process writes the report)."""
+def run_evaluation(run_dir: Path, which: str, overrides: dict, T: int | None = None) -> tuple[EvalResult, Path | None]:
+    """Evaluate ``run_dir``'s best or last checkpoint on its test set (the only split it builds); returns the result
+    and the report path (``None`` on every rank but rank 0 of an ``srun``/``torchrun`` job: one process writes it).
+
+    ``T`` other than the run's evaluates the same weights at ``T`` timesteps: event data is framed
+    at ``T`` bins (and cached so), images are repeated ``T`` times, and the output is decoded by
+    its mean over time (TWO's factors belong to the trained timesteps). Report: ``eval-<which>.json``,
+    or ``eval-<which>-T<T>.json`` at another ``T``.
+    """
     from msgcli import config as config_io
     from msgcli.data import build_datasets
-    from msgcli.engine import checkpoint
-    from msgcli.engine.build import build_model_from_config, build_two
-    from msgcli.errors import UserError
+    from msgcli.engine.build import trained_model
+    from msgcli.errors import ConfigError, UserError
     from msgcli.engine.results import RunDirectory
 
     run = RunDirectory(run_dir)
     if not run.config.exists():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = config_io.apply_overrides(config_io.load(run.config), overrides)
+    trained = config_io.apply_overrides(config_io.load(run.config), overrides)
+    if T is not None and T < 1:
+        raise ConfigError(f"--T: must be at least 1, got {T}")
+    other_T = T is not None and T != trained.T
+    cfg = config_io.apply_overrides(trained, {"T": T}) if other_T else trained
     ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     try:
-        state = checkpoint.load(run.best if which == "best" else run.last, map_location=ctx.device)
+        model, two = trained_model(run.best if which == "best" else run.last, trained, T=cfg.T)
+        model, two = model.to(ctx.device), two.to(ctx.device)
         bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=ctx.is_main, splits=("test",)))
-        model = build_model_from_config(cfg, bundle.info.in_channels, bundle.info.num_classes).to(ctx.device)
-        model.load_state_dict(state["model"])
-        two = build_two(cfg).to(ctx.device)
-        two.load_state_dict(state["two"])
         loader = test_loader(bundle.test, cfg, ctx, pin=ctx.device.type == "cuda")
-        return evaluate(model, two, loader, cfg, ctx), run.path / f"eval-{which}.json" if ctx.is_main else None
+        report = run.path / (f"eval-{which}-T{cfg.T}.json" if other_T else f"eval-{which}.json")
+        return evaluate(model, two, loader, cfg, ctx), report if ctx.is_main else None
     finally:
         distributed.teardown(ctx)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from msgcli import config as config_io
+from msgcli import plugins as plugin_io
 from msgcli.config import ConfigError, RunConfig
 from msgcli.engine.results import RunDirectory
 from msgcli.engine.sweep import SWEEP_CSV, Point, Sweep, parse_values, plan_sweep, sweep_running
@@ -86,11 +87,14 @@ def table_axes(kind: str, base: RunConfig) -> dict[str, list[Any]]:
     return {}
 
 
-def plan_reproduction(names: list[str], overrides: dict[str, Any], seeds: int, out: Path) -> Reproduction:
+def plan_reproduction(names: list[str], overrides: dict[str, Any], seeds: int, out: Path,
+                      plugins: list[str] = ()) -> Reproduction:
     """The plan of a table (``main``, ``ablation``, ``fig5``) or of a list of presets, every run validated.
 
-    ``overrides`` (dotted keys) apply to every run after the table's own settings.
+    ``plugins`` are imported first and added to every run's; ``overrides`` (dotted keys) apply to every run
+    after the table's own settings.
     """
+    added = plugin_io.load(plugins)
     names = list(dict.fromkeys(names or ["main"]))
     tables = [name for name in names if name in TABLES]
     if tables and len(names) > 1:
@@ -103,7 +107,7 @@ def plan_reproduction(names: list[str], overrides: dict[str, Any], seeds: int, o
     settings = FIG5_SETTINGS if kind == "fig5" else {}
     sweeps, rows = [], []
     for preset_config in configs:
-        base = config_io.apply_overrides(preset_config, {**settings, **overrides})
+        base = config_io.with_plugins(config_io.apply_overrides(preset_config, {**settings, **overrides}), added)
         sweep = plan_sweep(base, table_axes(kind, base), seeds, directory, name=base.preset)
         groups: dict[str, Row] = {}
         for point in sweep.points:

@@ -49,21 +49,26 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def append_row_locked(path: Path, row: dict[str, Any]) -> None:
-    """Append one CSV row (header first if the file is new) while holding an exclusive lock."""
-    with open(path, "a+", newline="") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
+    """Append one CSV row (header first if the file is new) while holding an exclusive lock on ``.<name>.lock``.
+
+    A row with columns the file lacks (one written by an older msgsnn) rewrites the file atomically with them added.
+    """
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path, "a+", newline="") as fh:
             fh.seek(0)
             header = fh.readline().strip()
             columns = header.split(",") if header else list(row)
+            if any(key not in columns for key in row):
+                fh.seek(0)
+                write_atomic(path, csv_text([*csv.DictReader(fh), row]))
+                return
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             if not header:
                 writer.writeheader()
             writer.writerow(row)
             fh.flush()
             os.fsync(fh.fileno())
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class RunDirectory:

@@ -71,8 +71,10 @@ class TrainState:
     batch: int = 0
     sums: dict[str, float] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv, one row per finished epoch
-    best: float = -1.0
+    best: float = -1.0  # best test accuracy
     seconds: float = 0.0
+    best_val: float = -1.0  # with a validation split: its best accuracy, which chooses best.pt
+    test_at_best_val: float = float("nan")  # the test accuracy of that epoch
 
     def rank_state(self, device: torch.device) -> dict[str, Any]:
         """What this process alone holds: its random streams, partial sums and TWO counts."""
@@ -82,7 +84,8 @@ class TrainState:
     def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "two": self.two.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch": self.batch, "ranks": ranks,
-                "rows": self.rows, "best": self.best, "seconds": self.seconds}
+                "rows": self.rows, "best": self.best, "seconds": self.seconds, "best_val": self.best_val,
+                "test_at_best_val": self.test_at_best_val}
 
     def load_state_dict(self, state: dict[str, Any], rank: int, device: torch.device) -> None:
         mine = state["ranks"][rank]
@@ -95,6 +98,7 @@ class TrainState:
         checkpoint.set_rng_state(mine["rng"], device)
         self.epoch, self.batch, self.rows = state["epoch"], state["batch"], state["rows"]
         self.best, self.seconds, self.sums = state["best"], state["seconds"], mine["sums"]
+        self.best_val, self.test_at_best_val = state.get("best_val", -1.0), state.get("test_at_best_val", float("nan"))
 
 
 @dataclass
@@ -326,9 +330,11 @@ def _train(
     # ---- data: rank 0 builds (and caches) first while the others wait outside any collective; then they read it
     bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=progress and ctx.is_main))
     info = bundle.info
-    log.info("data %s: %d train / %d test samples, input %s, %d classes", info.name, info.n_train, info.n_test, info.input_shape, info.num_classes)
+    log.info("data %s: %d train / %d val / %d test samples, input %s, %d classes", info.name, info.n_train, info.n_val,
+             info.n_test, info.input_shape, info.num_classes)
     pin = ctx.device.type == "cuda"
     test_batches = test_loader(bundle.test, cfg, ctx, pin)
+    val_batches = test_loader(bundle.val, cfg, ctx, pin) if bundle.val is not None else None
 
     # ---- model, decoder, optimizer: the same on every rank; then each rank's own random streams
     seed_everything(cfg.train.seed)
@@ -366,11 +372,13 @@ def _train(
             factors_used = two.factors.tolist()
             counts = train_epoch(trainer, epoch, stop, bar, started)
             result = evaluate(model, two, test_batches, cfg, ctx, limit=cfg.train.limit_batches)
+            val = evaluate(model, two, val_batches, cfg, ctx, limit=cfg.train.limit_batches) if val_batches else None
             two.end_epoch(epoch)
             row = {
                 "epoch": epoch + 1, "lr": lr,
                 "train_loss": float(counts[0] / counts[3]), "train_acc": float(100 * counts[1] / counts[2]),
                 "test_loss": result.loss, "test_acc": result.accuracy,
+                **({"val_loss": val.loss, "val_acc": val.accuracy} if val else {}),
             }
             row.update({f"test_acc_t{t}": a for t, a in enumerate(result.timestep_accuracy)})
             row.update({f"two_t{t}": f for t, f in enumerate(factors_used)})
@@ -394,6 +402,8 @@ def _train(
         "surrogate": cfg.model.neuron.surrogate, "mask_p": cfg.model.neuron.mask_p, "two": cfg.two.enabled,
         "seed": cfg.train.seed, "epochs": len(state.rows), "best_test_acc": state.best,
         "final_test_acc": state.rows[-1]["test_acc"] if state.rows else float("nan"),
+        "best_val_acc": state.best_val if bundle.val is not None else None,
+        "test_acc_at_best_val": state.test_at_best_val if bundle.val is not None else None,
         "seconds": round(state.seconds, 2), "world_size": ctx.world_size, "run_dir": str(run.path),
     }
     if ctx.is_main:
@@ -481,11 +491,15 @@ def train_epoch(trainer: Trainer, epoch: int, stop: StopSignals, bar: Progress, 
 
 def end_epoch(trainer: Trainer, row: dict[str, Any], started: float) -> None:
     """Record a finished epoch: its metrics row, the checkpoints (``best.pt`` a copy of ``last.pt`` when the
-    test accuracy improved) and metrics.csv."""
+    validation accuracy improved, or without a validation split the test accuracy, as the release) and metrics.csv."""
     state = trainer.state
     state.rows.append(row)
     state.epoch, state.batch, state.sums, state.seconds = row["epoch"], 0, None, time.time() - started
     improved = row["test_acc"] > state.best
+    if "val_acc" in row:
+        improved = row["val_acc"] > state.best_val
+        if improved:
+            state.best_val, state.test_at_best_val = row["val_acc"], row["test_acc"]
     state.best = max(state.best, row["test_acc"])
     trainer.save_checkpoint(trainer.run.last)
     if trainer.ctx.is_main:

@@ -179,13 +179,18 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().float().numpy()
 
 
+def check_exportable(model: nn.Module) -> None:
+    """NotExportable unless ``model`` is one of the backbone families the exporter walks (a plugin's is not)."""
+    if type(model) not in STAGES:
+        known = ", ".join(cls.__name__ for cls in STAGES)
+        raise NotExportable(f"model ({type(model).__name__}): the NIR exporter knows the {known} backbones")
+
+
 def to_nir(model: nn.Module, two: TWO, input_shape: tuple[int, int, int], dt: float = DT,
            metadata: dict[str, Any] | None = None):
     """The network (eval mode: BatchNorm running statistics) as a ``nir.NIRGraph`` over one ``[C, H, W]`` frame
     per timestep; ``metadata`` adds to what the graph records (dt, T, TWO's output weights, how to decode)."""
-    if type(model) not in STAGES:
-        known = ", ".join(cls.__name__ for cls in STAGES)
-        raise NotExportable(f"model ({type(model).__name__}): the NIR exporter knows the {known} backbones")
+    check_exportable(model)
     if not dt > 0:
         raise UserError(f"--dt: must be a positive number of seconds, got {dt!r}")
     builder = _GraphBuilder(dt)
@@ -224,6 +229,7 @@ def export_run(run_dir: Path, checkpoint: str = "best", path: Path | None = None
     cfg = run.read_config()
     model, two = trained_model(run.checkpoint(checkpoint), cfg)
     model.eval()
+    check_exportable(model)
     graph = to_nir(model, two, (model.in_channels, cfg.data.size, cfg.data.size), dt,
                    {"model": cfg.model.name, "run": run.name, "checkpoint": checkpoint})
     path = Path(path) if path is not None else run.path / f"{checkpoint}.nir"

@@ -17,7 +17,17 @@ NEURON_OPTIONS = tuple(inspect.signature(LIF).parameters)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` under its name (a decorator); a second model of the same name replaces the first, with a warning."""
+    """Register the backbone ``fn`` under its name (a decorator); a second model of the same name replaces the first,
+    with a warning. ``model.name: <fn's name>`` then selects it, in a config or with ``--set``.
+
+    The contract: ``fn(in_channels, num_classes, T, neuron, input_size=None, **options)`` returns a module that maps
+    ``[B, T, C, H, W]`` event clips (or ``[B, C, H, W]`` images, to be repeated over T) to per-timestep logits
+    ``[T, B, num_classes]``. ``neuron`` is the dict of LIF keyword arguments from ``model.neuron`` (``LIF(**neuron)``
+    builds each spiking layer, so MSG and the surrogate apply); ``input_size`` is the input's height and width
+    (``data.size``). ``options`` are the model's other config keys (``bn_mode``, ``init``, ``stem``,
+    ``stem_pool``): a backbone that takes ``**options`` receives them all and may ignore those it does not use;
+    one without it receives only those it names, and an option it does not name is an error.
+    """
     if fn.__name__ in _MODELS and _MODELS[fn.__name__] is not fn:
         warnings.warn(f"register_model: '{fn.__name__}' was already registered ({_MODELS[fn.__name__].__module__}); "
                       f"{fn.__module__}'s replaces it", RuntimeWarning, stacklevel=2)
@@ -51,11 +61,14 @@ def build_model(name: str, in_channels: int, num_classes: int, T: int, input_siz
     neuron = {k: v for k, v in options.items() if k in NEURON_OPTIONS}
     model_options = {k: v for k, v in options.items() if k not in NEURON_OPTIONS}
     builder = _MODELS[name]
-    accepted = set(inspect.signature(builder).parameters)
+    parameters = inspect.signature(builder).parameters
+    accepted = set(parameters)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     unknown = sorted(set(model_options) - accepted)
-    if unknown:
+    if unknown and not takes_any:
         allowed = sorted((accepted - {"in_channels", "num_classes", "T", "neuron", "input_size"}) | set(NEURON_OPTIONS))
-        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    if input_size is not None and "input_size" in accepted:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)} "
+                         "(a backbone that takes **options receives every option and may ignore them)")
+    if input_size is not None and ("input_size" in accepted or takes_any):
         model_options["input_size"] = input_size
     return builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)

@@ -10,7 +10,7 @@ syntax, not commands). Each runs in README order with one of these expectations:
   across CPU models; the output says whether it matched exactly); the other ``train``/``sweep``
   commands get ``--limit-batches 3`` and the benchmarks tiny sizes, so the step stays within
   minutes. GPU commands are ``ok`` commands where CUDA is present.
-* ``offline``: the commands of "Multi-GPU" and "Reproducing the paper" need the real datasets,
+* ``offline``: the commands of "Clusters" and "Reproducing the paper" need the real datasets,
   which CI does not have: each must stop with a non-zero exit and the one ``error:`` line its
   own missing data calls for, planned here from the command itself: msgsnn's check of the
   dataset its preset names under its data root (the exact message; for ``reproduce``, the one
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OFFLINE_SECTIONS = ("Multi-GPU", "Reproducing the paper")
+OFFLINE_SECTIONS = ("Clusters", "Reproducing the paper")
 PROGRAMS = ("msgsnn", "python", "torchrun", "pip", "bash")
 GPU_SCRIPTS = ("benchmarks/gpu.sh",)  # need CUDA whatever their flags
 EXAMPLES = "examples/"  # files of the repository that README commands name from the user's own folder

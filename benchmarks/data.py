@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from msgcli.config import AugmentConfig, DataConfig
+from msgcli.config import AugmentConfig
 from msgcli.data.augment import ClipAugment, clip_augment
 from msgcli.data.cache import build_clips
 from msgcli.data.clips import FrameClips
 from msgcli.data.frames import resize
+from msgcli.data.registry import resolve_workers
 
 STORES = ("float32", "counts")
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--sensor", type=int, default=128, help="the counts' size for --store counts")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=DataConfig().num_workers)
+    parser.add_argument("--workers", type=int, default=resolve_workers(None), help="default: what a run uses")
     parser.add_argument("--epochs", type=int, default=3, help="steady-state epochs after the first")
     parser.add_argument("--store", default=",".join(STORES), help=f"comma-separated, of {', '.join(STORES)}")
     args = parser.parse_args()

@@ -65,7 +65,7 @@ def time_preset(name: str, args: argparse.Namespace, device: torch.device) -> di
     shape = (B, cfg.T, channels, size, size) if kind == "events" else (B, channels, size, size)
     model = build_model_from_config(cfg, channels, classes).to(device).train()
     two = build_two(cfg).to(device)
-    optimizer = build_optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters(), world_size=1)
     inputs = torch.rand(shape, device=device)
     targets = torch.randint(0, classes, (B,), device=device)
     times = []

@@ -132,7 +132,7 @@ class DataConfig:
     cache_dir: str = ""
     skip_bad_samples: bool = False
     balanced_sampler: bool = False
-    num_workers: int = _ranged(2, 0)
+    num_workers: int | None = _ranged(None, 0)  # null: from the CPUs this process may use (data.resolve_workers)
 
     def __post_init__(self) -> None:
         if self.sensor_size and (len(self.sensor_size) not in (2, 3) or min(self.sensor_size) < 1):
@@ -176,6 +176,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """How a run trains and survives a cluster.
+
+    ``dist_timeout``: seconds a collective (or the processes' first meeting) may wait for a peer before the
+    run stops, passed to ``init_process_group``; 30 minutes by default, against NCCL's 10, since no collective
+    waits on data building. ``auto_resume``: resume when the run directory holds a checkpoint, start when it
+    holds none, exit 0 untouched when the run has finished. ``checkpoint_minutes``: also write the exact
+    mid-epoch checkpoint between batches this often (0: at epoch ends only). ``deterministic``: torch's
+    deterministic algorithms, raising on an operator that has none (CUDA; the CPU path is deterministic as it is).
+    """
+
     epochs: int = _ranged(120, 1)
     batch_size: int = _ranged(64, 1)
     limit_batches: int = _ranged(0, 0)
@@ -185,6 +195,9 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     threads: int = _ranged(0, 0)
+    dist_timeout: float = _ranged(1800.0, 1.0)
+    auto_resume: bool = False
+    checkpoint_minutes: float = _ranged(30.0, 0.0)
     loggers: list[str] = _listed(*LOGGERS, default=("csv",), required=("csv",))  # metrics.csv is the source of truth
 
 
@@ -223,14 +236,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     paper: PaperConfig = field(default_factory=PaperConfig)
 
-    @property
-    def lr(self) -> float:
-        """The learning rate actually used: explicit, or ``base_lr * batch / 1024`` with the batch of one
-        process (``optim.lr_batch: process``, the release's ``main.py``) or of all the processes that
-        ``torchrun`` started (``global``: ``batch_size * WORLD_SIZE``)."""
+    def lr(self, world_size: int) -> float:
+        """The learning rate actually used by a job of ``world_size`` processes: explicit, or
+        ``base_lr * batch / 1024`` with the batch of one process (``optim.lr_batch: process``, the
+        release's ``main.py``) or of all of them (``global``: ``batch_size * world_size``)."""
         if self.optim.lr > 0:
             return self.optim.lr
-        processes = int(os.environ.get("WORLD_SIZE", "1")) if self.optim.lr_batch == "global" else 1
+        processes = world_size if self.optim.lr_batch == "global" else 1
         return self.optim.base_lr * self.train.batch_size * processes / 1024
 
 

@@ -41,6 +41,12 @@ class RunExists(UserError):
     exit_code = 2
 
 
+class RunInUse(UserError):
+    """Another process holds the run directory (a second ``train`` on the same ``--out``/``--name``)."""
+
+    exit_code = 2
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -48,7 +54,7 @@ class NonFiniteLoss(UserError):
 
 
 class Interrupted(UserError):
-    """SIGINT/SIGTERM: a checkpoint was saved; ``--resume`` continues exactly."""
+    """SIGINT, SIGTERM or SIGUSR1: a checkpoint was saved; ``--resume`` continues exactly."""
 
     exit_code = 130
 
@@ -59,6 +65,20 @@ class PeerFailed(UserError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+TRACEBACK_NOTE = "full traceback in "
+
+
+def note_traceback_file(err: BaseException, path: object) -> None:
+    """Say on ``err`` where its full traceback was written (the CLI's one line names the file)."""
+    err.add_note(f"{TRACEBACK_NOTE}{path}")
+
+
+def traceback_file(err: BaseException) -> str | None:
+    """Where :func:`note_traceback_file` said ``err``'s traceback is, or None."""
+    notes = [n for n in getattr(err, "__notes__", ()) if n.startswith(TRACEBACK_NOTE)]
+    return notes[-1][len(TRACEBACK_NOTE):] if notes else None
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -17,12 +17,12 @@ from msgcli.errors import UserError
 def test_a_checkpoint_with_every_random_state_round_trips(tmp_path):
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     state = {"model": {"w": torch.arange(4.0)}, "rows": [{"epoch": 1, "test_acc": 50.0}], "config": {"name": None},
-             "rng": checkpoint.rng_state()}
+             "rng": checkpoint.rng_state(torch.device("cpu"))}
     expected = (random.random(), np.random.rand(), torch.rand(1))
     checkpoint.save(state, tmp_path / "last.pt")
     loaded = checkpoint.load(tmp_path / "last.pt")
     assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["rows"] == state["rows"]
-    checkpoint.set_rng_state(loaded["rng"])
+    checkpoint.set_rng_state(loaded["rng"], torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 

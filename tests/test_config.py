@@ -16,7 +16,7 @@ def test_every_preset_loads_and_records_its_setup():
     dvs = config_io.load_preset("dvs-vgg")
     assert (dvs.T, dvs.model.name, dvs.data.name, dvs.paper.accuracy) == (10, "vggsnn", "cifar10dvs", 83.97)
     # the release's lr scaling: 0.05 * 64 / 1024
-    assert dvs.lr == pytest.approx(3.125e-3)
+    assert dvs.lr(world_size=1) == pytest.approx(3.125e-3)
     assert dvs.model.neuron.mask_p == 0.5 and dvs.two.enabled and dvs.two.rule == "release"
 
 
@@ -78,14 +78,16 @@ def test_overrides_are_typed_and_saved_config_round_trips(tmp_path):
 
 def test_lr_follows_the_batch_of_one_process_or_of_all(monkeypatch):
     """The release's main.py: base_lr * batch per process / 1024 whatever the processes (its world_size
-    stays 1); lr_batch=global multiplies by torchrun's WORLD_SIZE; an explicit lr is kept as given."""
+    stays 1); lr_batch=global multiplies by the job's world size, which the caller passes in (the
+    environment is not read); an explicit lr is kept as given."""
     dvs = config_io.load_preset("dvs-vgg")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert dvs.lr == pytest.approx(0.05 * 64 / 1024)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert dvs.lr == pytest.approx(0.05 * 64 / 1024)
-    assert config_io.apply_overrides(dvs, {"optim.lr_batch": "global"}).lr == pytest.approx(0.05 * 64 * 4 / 1024)
-    assert config_io.apply_overrides(dvs, {"optim.lr": 0.01}).lr == 0.01
+    assert dvs.lr(1) == pytest.approx(0.05 * 64 / 1024)
+    assert dvs.lr(4) == pytest.approx(0.05 * 64 / 1024)
+    global_batch = config_io.apply_overrides(dvs, {"optim.lr_batch": "global"})
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun's variable changes nothing
+    assert global_batch.lr(4) == pytest.approx(0.05 * 64 * 4 / 1024)
+    assert global_batch.lr(1) == pytest.approx(0.05 * 64 / 1024)
+    assert config_io.apply_overrides(dvs, {"optim.lr": 0.01}).lr(4) == 0.01
 
 
 def test_the_papers_ablation_numbers_are_typed_fields_of_the_presets():

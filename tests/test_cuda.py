@@ -268,6 +268,30 @@ def test_training_step_on_cuda(amp):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@cuda
+def test_a_training_step_on_cuda_synchronises_the_host_at_most_once(tmp_path):
+    """torch's sync debug mode warns at each host synchronisation: 4 more steps an epoch over 2 epochs may
+    cost at most 8 more (agree()'s one a step; data read by a worker process, pinned, copied asynchronously)."""
+    import warnings
+
+    from msgcli.engine.train import train
+    from tests.conftest import tiny_config
+
+    def syncs(batches: int) -> int:
+        cfg = tiny_config(tmp_path / str(batches), train__device="cuda", train__epochs=2, train__limit_batches=batches,
+                          data__num_workers=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(cfg, tmp_path / str(batches), progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(6) - syncs(2) <= 2 * 4
+
+
 # --- no GPU needed ----------------------------------------------------------------------------
 
 

@@ -7,7 +7,6 @@ import csv
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,7 @@ from msgcli.errors import UserError
 from msgcli.engine.seeding import seed_rank
 from msgcli.snn.layers import TemporalBatchNorm, sync_batchnorm
 from tests.conftest import tiny_cli_args, tiny_config
-
-NONDETERMINISTIC_COLUMNS = ["epoch_seconds"]
-FAULTY_CLI = str(Path(__file__).with_name("faulty_cli.py"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.launch import FAULTY_CLI, finish, free_port, same_metrics
 
 def join_group(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -201,38 +191,6 @@ def _torchrun(tmp_path, *args, script: list[str] | None = None, fault: str | Non
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts each rank in a session of its own, so killing
-    torchrun's process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found.extend(kids := children.get(todo.pop(), []))
-        todo.extend(kids)
-    return found
-
-
-def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    """The exit code and output of a torchrun launch; past ``timeout`` the launch and all its ranks are killed
-    (no rank is left behind to slow the rest of the suite) and the test fails with the output so far."""
-    try:
-        output = process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        for pid in [*_descendants(process.pid), process.pid]:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        pytest.fail(f"torchrun did not finish within {timeout} s; output so far:\n{process.communicate()[0]}")
-    return process.returncode, output
-
-
 @pytest.mark.slow
 def test_under_torchrun_a_missing_dataset_stops_every_rank_with_one_line(tmp_path):
     """Rank 0 finds the data missing; the other rank must not wait at a barrier or print a second error."""
@@ -252,7 +210,7 @@ def test_a_nan_on_one_rank_stops_both_ranks_with_one_line_and_the_last_good_chec
     """Rank 1's loss turns NaN at its 10th step (epoch 2); rank 0's stays finite. Both must stop there,
     before backward, where a lone raising rank would leave the other waiting in the gradient all-reduce."""
     started = time.time()
-    code, output = _finish(_torchrun(tmp_path, "--set", "train.epochs=3", "--set", "train.limit_batches=0",
+    code, output = finish(_torchrun(tmp_path, "--set", "train.epochs=3", "--set", "train.limit_batches=0",
                                      script=[FAULTY_CLI], fault="nan@1:10"), timeout=240)
     assert code != 0
     errors = [line for line in output.splitlines() if "error:" in line]
@@ -269,21 +227,15 @@ def test_a_nan_on_one_rank_stops_both_ranks_with_one_line_and_the_last_good_chec
 def _stopped_in_epoch_2_then_resumed(launch, run: Path) -> None:
     """A run stopped by SIGTERM in epoch 2 with 2 DataLoader workers a rank, saves, says so once and exits;
     ``--resume`` then finishes it."""
-    code, output = _finish(launch(fault=True), timeout=300)
+    code, output = finish(launch(fault=True), timeout=300)
     assert code != 0
     assert "exited unexpectedly" not in output and "internal error" not in output, output  # (torchrun adds its own traceback)
     stops = [line for line in output.splitlines() if "error: interrupted at epoch 2, batch" in line]
     assert len(stops) == 1, output  # mid-epoch, said once
     assert checkpoint.load(run / "checkpoints" / "last.pt")["batch"] > 0
     assert len(pd.read_csv(run / "metrics.csv")) == 1
-    code, output = _finish(launch("--resume"), timeout=300)
+    code, output = finish(launch("--resume"), timeout=300)
     assert code == 0, output
-
-
-def _same_metrics(a: Path, b: Path) -> None:
-    """metrics.csv of two runs, every column but timings."""
-    pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv").drop(columns=NONDETERMINISTIC_COLUMNS),
-                                  pd.read_csv(b / "metrics.csv").drop(columns=NONDETERMINISTIC_COLUMNS))
 
 
 @pytest.mark.slow
@@ -297,7 +249,7 @@ def test_two_ranks_sigterm_with_workers_then_resume_give_the_uninterrupted_metri
                          fault="sigterm@0:9" if fault else None)
 
     _stopped_in_epoch_2_then_resumed(launch, two_ranks / "out" / "killed")
-    _same_metrics(two_ranks / "out" / "straight", two_ranks / "out" / "killed")
+    same_metrics(two_ranks / "out" / "straight", two_ranks / "out" / "killed")
     assert sorted(row["name"] for row in csv.DictReader(open(two_ranks / "out" / "runs.csv"))) == ["killed", "straight"]
 
 
@@ -318,7 +270,7 @@ def test_one_process_sigterm_with_workers_then_resume_give_the_uninterrupted_met
     _stopped_in_epoch_2_then_resumed(launch, tmp_path / "out" / "killed")
     cfg = tiny_config(tmp_path, name="straight", **{k.replace(".", "__"): v for k, v in overrides.items()})
     train_module.train(cfg, tmp_path / "out", progress=False)
-    _same_metrics(tmp_path / "out" / "straight", tmp_path / "out" / "killed")
+    same_metrics(tmp_path / "out" / "straight", tmp_path / "out" / "killed")
 
 
 def test_resume_refuses_a_checkpoint_of_another_world_size_or_without_rank_states(tmp_path):

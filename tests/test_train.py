@@ -62,19 +62,19 @@ def test_a_run_writes_config_metrics_checkpoints_and_summary(tmp_path):
 def test_release_lr_schedule_is_cosine_to_1e5_of_the_scaled_lr(tmp_path):
     cfg = tiny_config(tmp_path, train__epochs=10, train__batch_size=64)
     base = 0.05 * 64 / 1024
-    assert lr_at(0, cfg) == pytest.approx(base)
-    assert lr_at(5, cfg) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)
-    assert lr_at(10, cfg) == pytest.approx(base * 1e-5)
+    assert lr_at(0, cfg, 1) == pytest.approx(base)
+    assert lr_at(5, cfg, 1) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)
+    assert lr_at(10, cfg, 1) == pytest.approx(base * 1e-5)
 
 
 def test_release_warmup_starts_near_zero_and_reaches_the_lr_at_its_end(tmp_path):
     """The release's warm-up: lr * (epoch / W * (1 - 1e-6) + 1e-6) below epoch W, then the cosine from the full lr."""
     cfg = tiny_config(tmp_path, train__epochs=10, train__batch_size=64, optim__warmup_epochs=4)
     base = 0.05 * 64 / 1024
-    assert lr_at(0, cfg) == pytest.approx(base * 1e-6)
-    assert lr_at(1, cfg) == pytest.approx(base * (0.25 * (1 - 1e-6) + 1e-6))
-    assert lr_at(4, cfg) == pytest.approx(base)
-    assert lr_at(7, cfg) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)  # cosine over the 6 epochs after it
+    assert lr_at(0, cfg, 1) == pytest.approx(base * 1e-6)
+    assert lr_at(1, cfg, 1) == pytest.approx(base * (0.25 * (1 - 1e-6) + 1e-6))
+    assert lr_at(4, cfg, 1) == pytest.approx(base)
+    assert lr_at(7, cfg, 1) == pytest.approx(base * 1e-5 + (base - base * 1e-5) * 0.5)  # cosine over the 6 epochs after it
 
 
 def test_training_drops_the_last_partial_batch(tmp_path, monkeypatch):

@@ -8,6 +8,9 @@ bodies, so ``msgsnn --help`` answers at once.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
 
 from msgcli.cli import analyze, export, reproduce, sweep, train
@@ -25,5 +28,19 @@ app.command("sweep")(sweep.sweep_command)
 app.command("reproduce")(reproduce.reproduce_command)
 
 
+def configure_process() -> None:
+    """What the command sets up in its own process, and the library leaves to its host (docs/environment.md).
+
+    OpenMP threads that wait sleep instead of spinning (read when torch loads OpenMP, so set before
+    any command imports torch; kept if the user set it, or tuned GOMP_SPINCOUNT): on a machine busy
+    with other work a spinning thread takes the core its peer in a static-schedule loop needs
+    (``benchmarks/busy.py``). The ``msgcli`` logger passes INFO, which a run's ``train.log`` records.
+    """
+    if "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("msgcli").setLevel(logging.INFO)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
+    configure_process()
     app(prog_name="msgsnn")

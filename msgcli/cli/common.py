@@ -20,7 +20,7 @@ from rich.markup import escape
 from msgcli import config as config_io
 from msgcli import plugins as plugin_io
 from msgcli.config import RunConfig
-from msgcli.errors import ConfigError, MsgsnnError, PeerFailed
+from msgcli.errors import ConfigError, MsgsnnError, PeerFailed, traceback_file
 from msgcli.snn import surrogate
 
 console = Console()
@@ -49,7 +49,10 @@ def exit_on_user_errors(fn: Callable) -> Callable:
         except Exception as err:
             if os.environ.get("MSGSNN_DEBUG"):
                 traceback.print_exc()
-            raise fail("internal error", f"{type(err).__name__}: {err} (set MSGSNN_DEBUG=1 for the traceback)", 1) from None
+            kept = traceback_file(err)
+            where = f"full traceback in {kept}" if kept else "set MSGSNN_DEBUG=1 for the traceback"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise fail("internal error", f"{type(err).__name__}: {first} ({where})", 1) from None
 
     return wrapper
 
@@ -70,6 +73,8 @@ Seed = Annotated[Optional[int], typer.Option(help="Random seed (of a sweep: its 
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")]
 Amp = Annotated[Optional[str], typer.Option(help="Mixed precision: none, bf16 or fp16.")]
 LimitBatches = Annotated[Optional[int], typer.Option(help="Cap train and test batches per epoch (smoke runs).")]
+Workers = Annotated[Optional[int], typer.Option(
+    min=0, help="DataLoader worker processes (data.num_workers; default: the CPUs this process may use, less one, at most 16).")]
 SkipBadSamples = Annotated[bool, typer.Option(
     "--skip-bad-samples", help="Skip and count unusable recordings (empty, unreadable, from another sensor) instead of stopping.")]
 Sets = Annotated[list[str], typer.Option(
@@ -90,6 +95,7 @@ FLAG_KEYS = {  # flag -> the config key it sets
     "two": "two.enabled", "surrogate": "model.neuron.surrogate", "seed": "train.seed", "device": "train.device",
     "amp": "train.amp", "limit_batches": "train.limit_batches", "data_root": "data.root", "name": "name",
     "loggers": "train.loggers", "skip_bad_samples": "data.skip_bad_samples", "lr": "optim.lr",
+    "workers": "data.num_workers", "auto_resume": "train.auto_resume",
 }
 
 

@@ -64,14 +64,16 @@ def reproduce_command(
 
     if report_only:
         return report()
-    measured = reproduce.measured_epochs()
+    times = reproduce.epoch_times(out)
+    measured = reproduce.measured_epochs(times)
     runs = [(s.directory / point.name) for s in plan.sweeps for point in s.points]
     console.print(rich_table(pd.DataFrame(reproduce.plan_table(plan, measured)), f"the plan of msgsnn reproduce {plan.name}"))
     echo(f"{len(runs)} runs, {len(plan.sweeps)} presets, {seeds} seeds each, under {plan.directory}")
     devices = ", ".join(dict.fromkeys(str(row.get("device", "an unnamed device")) for row in measured))
     echo(f"GPU time per run: the training steps of an epoch as benchmarks/epoch.py measured them on {devices} "
-         f"({reproduce.EPOCH_TIMES}/epoch*.json), times the epochs" if measured else
-         f"GPU time per run: not measured (no {reproduce.EPOCH_TIMES}/epoch*.json; bash benchmarks/gpu.sh writes them on a GPU)")
+         f"({times}/epoch*.json), times the epochs" if measured else
+         f"GPU time per run: not measured (no {times}/epoch*.json; on a GPU, "
+         f"OUT={times.resolve()} bash benchmarks/gpu.sh puts them there)")
     try:
         sweep.run_sweeps(plan.sweeps, jobs=jobs, backend=backend, ray_address=ray_address, overwrite=overwrite,
                          echo=echo, on_result=lambda: reproduction_report(plan, rebuild))

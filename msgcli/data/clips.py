@@ -26,7 +26,7 @@ from .cache import CLIP_DTYPE, Clips, build_clips, load_clips, open_frames
 from .frames import FRAME_FORMAT_VERSION, FrameSpec, Recordings, render
 from msgcli.errors import BadSample
 
-from .registry import DataBundle, DatasetInfo, resolve_root
+from .registry import SPLITS, DataBundle, DatasetInfo, resolve_root, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _split_clips(
         return clips
 
     def fill(out: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        workers = data.num_workers if directory is not None else 0  # in-memory sets are too small to share out
+        workers = resolve_workers(data.num_workers) if directory is not None else 0  # in-memory sets are too small to share out
         recordings = part.open_recordings()
         kept, skipped = render(recordings, spec, out, data.skip_bad_samples, workers, progress, f"{name} {split} frames")
         return part.labels[kept], skipped
@@ -132,16 +132,18 @@ def event_bundle(
     spec: FrameSpec,
     splits: dict[str, EventSplit],
     progress: bool,
+    wanted: tuple[str, ...] = SPLITS,
     cached: bool = True,
 ) -> DataBundle:
-    """Render (or load) the ``train`` and ``test`` splits and wrap them as datasets.
+    """Render (or load) the ``train`` and ``test`` splits that are ``wanted`` and wrap them as datasets.
 
     Only the train split is augmented. ``cached=False`` keeps the clips in memory
     (for tiny generated sets that are faster to make than to read).
     """
     name = cfg.data.name
     directory = cache_dir(cfg.data) if cached else None
-    clips = {split: _split_clips(name, split, part, spec, cfg.data, directory, progress) for split, part in splits.items()}
+    clips = {split: _split_clips(name, split, part, spec, cfg.data, directory, progress)
+             for split, part in splits.items() if split in wanted}
     skipped = sum(len(c.skipped) for c in clips.values())
     if skipped:
         log.warning("%s: %d bad recordings skipped (data.skip_bad_samples)", name, skipped)
@@ -153,9 +155,11 @@ def event_bundle(
         in_channels=channels,
         sensor_size=spec.sensor_size,
         input_shape=(spec.T, channels, spec.size, spec.size),
-        n_train=len(clips["train"].labels),
-        n_test=len(clips["test"].labels),
+        n_train=len(clips["train"].labels) if "train" in clips else None,
+        n_test=len(clips["test"].labels) if "test" in clips else None,
         skipped=skipped,
     )
-    return DataBundle(FrameClips(clips["train"], clip_augment(cfg.data.augment)), FrameClips(clips["test"]), info,
-                      train_plain=FrameClips(clips["train"]))
+    if "train" not in clips:
+        return DataBundle(None, FrameClips(clips["test"]) if "test" in clips else None, info)
+    return DataBundle(FrameClips(clips["train"], clip_augment(cfg.data.augment)),
+                      FrameClips(clips["test"]) if "test" in clips else None, info, train_plain=FrameClips(clips["train"]))

@@ -24,7 +24,7 @@ from msgcli.errors import BadSample, UserError
 
 from .clips import EventSplit, cache_dir, event_bundle, frame_spec
 from .events import fingerprint
-from .registry import Check, DataBundle, register
+from .registry import SPLITS, Check, DataBundle, register
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ def recordings_extent(name: str, files: EventFiles, cfg: RunConfig, progress: bo
     return sensor_size
 
 
-def files_bundle(name: str, files: EventFiles, cfg: RunConfig, progress: bool) -> DataBundle:
-    """Frame, cache and augment ``files`` as the built-in event datasets (the cache keyed by every file's path, size
-    and modification time)."""
+def files_bundle(name: str, files: EventFiles, cfg: RunConfig, progress: bool, wanted: tuple[str, ...] = SPLITS) -> DataBundle:
+    """Frame, cache and augment the ``wanted`` splits of ``files`` as the built-in event datasets (the cache keyed by
+    every file's path, size and modification time)."""
     configured = cfg.data.sensor_size
     if configured:
         sensor_size = (*configured, POLARITIES)[:3]
@@ -123,7 +123,8 @@ def files_bundle(name: str, files: EventFiles, cfg: RunConfig, progress: bool) -
         labels = np.array([label for _, label in pairs], dtype=np.int64)
         splits[split] = EventSplit(lambda paths=paths: FileRecordings(paths, files.read), labels,
                                    fingerprint(paths, _root(paths)))
-    return event_bundle(cfg, list(files.classes), frame_spec(cfg, tuple(int(n) for n in sensor_size)), splits, progress)
+    return event_bundle(cfg, list(files.classes), frame_spec(cfg, tuple(int(n) for n in sensor_size)), splits, progress,
+                        wanted)
 
 
 def register_dataset(name: str, build: Callable[[RunConfig], EventFiles | DataBundle],
@@ -141,10 +142,10 @@ def register_dataset(name: str, build: Callable[[RunConfig], EventFiles | DataBu
     before its first run.
     """
 
-    def builder(cfg: RunConfig, progress: bool) -> DataBundle:
+    def builder(cfg: RunConfig, progress: bool, splits: tuple[str, ...]) -> DataBundle:
         built = build(cfg)
         if isinstance(built, EventFiles):
-            return files_bundle(name, built, cfg, progress)
+            return files_bundle(name, built, cfg, progress, splits)
         if isinstance(built, DataBundle):
             return built
         raise UserError(f"dataset {name}: its build function returned {type(built).__name__}; "

@@ -21,7 +21,7 @@ from msgcli.config import RunConfig
 from .clips import EventSplit, event_bundle, frame_spec
 from .emulator import EMULATOR_VERSION, SaccadeDVS
 from .frames import EventList
-from .registry import DataBundle, register
+from .registry import SPLITS, DataBundle, register
 from .split import split_per_class
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ VARIANTS = [
 ]
 
 
-def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool) -> DataBundle:
+def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     """Split the digits per class in index order, emulate the recordings only if not cached."""
     from sklearn.datasets import load_digits  # slow to import, and only needed here
 
@@ -71,7 +71,7 @@ def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool) -> Data
         return EventSplit(lambda: EventList(record_all(), indices, variant.name), labels[indices], source)
 
     spec = frame_spec(cfg, variant.sensor.sensor_size)
-    return event_bundle(cfg, [str(d) for d in range(10)], spec, {"train": split(train), "test": split(test)}, progress)
+    return event_bundle(cfg, [str(d) for d in range(10)], spec, {"train": split(train), "test": split(test)}, progress, splits)
 
 
 for _variant in VARIANTS:

@@ -23,7 +23,7 @@ from msgcli.config import RunConfig
 from .clips import EventSplit, event_bundle, frame_spec
 from msgcli.errors import BadSample, DatasetMissing
 
-from .registry import DataBundle, register, resolve_root
+from .registry import SPLITS, DataBundle, register, resolve_root
 from .split import split_per_class
 
 
@@ -188,7 +188,7 @@ def _event_split(dataset: tonic.Dataset, indices: np.ndarray, labels: np.ndarray
     return EventSplit(lambda: TonicRecordings(dataset, indices), labels[indices], fingerprint(paths, root))
 
 
-def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBundle:
+def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool, wanted: tuple[str, ...] = SPLITS) -> DataBundle:
     """Check the layout, list the files through tonic, split them and render the frames."""
     root = resolve_root(cfg.data.root)
     check_tonic(source, cfg)
@@ -208,7 +208,7 @@ def build_tonic(source: TonicDataset, cfg: RunConfig, progress: bool) -> DataBun
         else:
             in_path_order = np.array(sorted(range(len(dataset.data)), key=dataset.data.__getitem__), dtype=np.int64)
             splits[split] = _event_split(dataset, in_path_order, labels, root)
-    return event_bundle(cfg, classes, frame_spec(cfg, source.sensor_size, source.fit_extent), splits, progress)
+    return event_bundle(cfg, classes, frame_spec(cfg, source.sensor_size, source.fit_extent), splits, progress, wanted)
 
 
 for _source in SOURCES:

@@ -23,7 +23,7 @@ from msgcli.errors import BadSample, ConfigError, DatasetMissing
 
 from .custom import EventFiles, register_dataset
 from .images import IMAGENET_MEAN_STD, train_transform
-from .registry import DataBundle, DatasetInfo, LabelledSubset, register, resolve_root
+from .registry import SPLITS, DataBundle, DatasetInfo, LabelledSubset, register, resolve_root
 from .split import split_per_class
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,10 @@ def check_image_folder(cfg: RunConfig) -> None:
     folder_layout("image-folder", cfg, "*.png|jpg")
 
 
-def build_image_folder(cfg: RunConfig, progress: bool = False) -> DataBundle:
+def build_image_folder(cfg: RunConfig, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     """Images resized to ``data.size`` and normalised with ImageNet's mean and std; training adds crop (with
-    padding), flip and Cutout as ``data.augment`` says (AutoAugment and ColorJitter off unless asked)."""
+    padding), flip and Cutout as ``data.augment`` says (AutoAugment and ColorJitter off unless asked). The
+    folders are listed whole (nothing is rendered); a split not in ``splits`` is left out."""
     augment, size = cfg.data.augment, cfg.data.size
     if augment.normalize != "release":
         raise ConfigError("data.augment.normalize: image-folder normalises with ImageNet's mean and std; "
@@ -185,7 +186,9 @@ def build_image_folder(cfg: RunConfig, progress: bool = False) -> DataBundle:
                                  f"({', '.join(train.classes)} / {', '.join(test.classes)})")
         names = train.classes
     info = DatasetInfo("image-folder", "images", list(names), 3, (size, size, 3), (3, size, size), len(train), len(test))
-    return DataBundle(train, test, info, train_plain=train_plain)
+    if "train" not in splits:
+        train = train_plain = None
+    return DataBundle(train, test if "test" in splits else None, info, train_plain=train_plain)
 
 
 register_dataset("event-folder", event_folder_files, check_event_folder)  # the contract a plugin's dataset uses

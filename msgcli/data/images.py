@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.utils.data import Dataset
 from torchvision import transforms as tv
 
 from msgcli.config import AugmentConfig, RunConfig
@@ -23,7 +24,7 @@ from msgcli.config import AugmentConfig, RunConfig
 from .cifar_policy import ReleaseCIFAR10Policy
 from msgcli.errors import DatasetMissing
 
-from .registry import DataBundle, DatasetInfo, register, resolve_root
+from .registry import SPLITS, DataBundle, DatasetInfo, register, resolve_root
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RELEASE_COLOR_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
@@ -115,6 +116,10 @@ CIFARS = [
 ]
 
 
+def _length(split: Dataset | None) -> int | None:
+    return None if split is None else len(split)
+
+
 def _image_info(name: str, classes: list[str], image_size: int, sensor_size, n_train: int, n_test: int) -> DatasetInfo:
     return DatasetInfo(name, "images", classes, 3, sensor_size, (3, image_size, image_size), n_train, n_test)
 
@@ -136,21 +141,22 @@ def check_cifar(source: CifarSource, cfg: RunConfig) -> None:
         )
 
 
-def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False) -> DataBundle:
+def build_cifar(source: CifarSource, cfg: RunConfig, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     """CIFAR10/100 from torchvision's pickled batches under ``<root>/cifar-10(0)-...``."""
     check_cifar(source, cfg)
     root, folder, expected = _cifar_expected(source, cfg)
     cls = source.torchvision_class
     train_tf, test_tf = cifar_transforms(cfg.data.augment, *source.normalize[cfg.data.augment.normalize])
     try:
-        train = cls(str(root), train=True, transform=train_tf, download=False)
-        test = cls(str(root), train=False, transform=test_tf, download=False)
+        train = cls(str(root), train=True, transform=train_tf, download=False) if "train" in splits else None
+        test = cls(str(root), train=False, transform=test_tf, download=False) if "test" in splits else None
     except RuntimeError as err:
         raise DatasetMissing(
             f"{source.name}: torchvision rejects the files in {folder} ({err}); expected {expected}; get it from {cls.url}"
         ) from None
-    plain = cls(str(root), train=True, transform=test_tf, download=False) if cfg.data.val_fraction else None
-    return DataBundle(train, test, _image_info(source.name, list(train.classes), 32, (32, 32, 3), len(train), len(test)),
+    plain = cls(str(root), train=True, transform=test_tf, download=False) if cfg.data.val_fraction and train else None
+    classes = list((train or test).classes)
+    return DataBundle(train, test, _image_info(source.name, classes, 32, (32, 32, 3), _length(train), _length(test)),
                       train_plain=plain)
 
 
@@ -170,18 +176,19 @@ def check_imagenet(cfg: RunConfig) -> None:
             raise _imagenet_missing(cfg, f"{root / split} not found")
 
 
-def build_imagenet(cfg: RunConfig, progress: bool = False) -> DataBundle:
+def build_imagenet(cfg: RunConfig, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     """ImageNet as two torchvision ImageFolders, ``<root>/imagenet/{train,val}/<wnid>/*.JPEG``."""
     check_imagenet(cfg)
     root = resolve_root(cfg.data.root) / "imagenet"
     train_tf, test_tf = imagenet_transforms(cfg.data.augment)
     try:
-        train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
-        test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
+        train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf) if "train" in splits else None
+        test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf) if "test" in splits else None
     except OSError as err:
         raise _imagenet_missing(cfg, str(err)) from None
-    plain = torchvision.datasets.ImageFolder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction else None
-    return DataBundle(train, test, _image_info("imagenet", list(train.classes), 224, None, len(train), len(test)),
+    plain = torchvision.datasets.ImageFolder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction and train else None
+    classes = list((train or test).classes)
+    return DataBundle(train, test, _image_info("imagenet", classes, 224, None, _length(train), _length(test)),
                       train_plain=plain)
 
 

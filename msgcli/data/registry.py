@@ -38,8 +38,8 @@ class DatasetInfo:
     in_channels: int
     sensor_size: tuple[int, int, int] | None
     input_shape: tuple[int, ...]
-    n_train: int
-    n_test: int
+    n_train: int | None  # None when that split was not built
+    n_test: int | None
     skipped: int = 0
     n_val: int = 0
     num_classes: int = field(init=False)
@@ -52,15 +52,16 @@ class DatasetInfo:
 class DataBundle:
     """Train and test sets of ``(frames, label)`` plus optional class-balancing weights and a validation set.
 
-    Each set has ``targets``, the label of every sample ``[N]``. ``sample_weights`` is ``None`` or a float tensor
+    Each set has ``targets``, the label of every sample ``[N]``; a split that was not asked for
+    (:func:`build_datasets`' ``splits``) is ``None``. ``sample_weights`` is ``None`` or a float tensor
     ``[n_train]`` for a ``WeightedRandomSampler``; the engine builds the samplers and loaders. ``train_plain`` is
     the training set without augmentation (as the test set is transformed), from which :func:`build_datasets`
     holds out ``val`` when ``data.val_fraction`` > 0; a builder that gives none has its validation samples
     drawn from ``train`` as it is.
     """
 
-    train: Dataset
-    test: Dataset
+    train: Dataset | None
+    test: Dataset | None
     info: DatasetInfo
     sample_weights: torch.Tensor | None = None
     val: Dataset | None = None
@@ -75,15 +76,17 @@ class LabelledSubset(Subset):
         self.targets = np.asarray(dataset.targets)[indices]
 
 
-Builder = Callable[[RunConfig, bool], DataBundle]
+SPLITS = ("train", "test")
+Builder = Callable[[RunConfig, bool, tuple[str, ...]], DataBundle]
 Check = Callable[[RunConfig], None]
 _BUILDERS: dict[str, Builder] = {}
 _CHECKS: dict[str, Check] = {}
 
 
 def register(name: str, builder: Builder, check: Check | None = None) -> None:
-    """Make ``builder(cfg, progress) -> DataBundle`` available as dataset ``name``; a second dataset of the
-    same name replaces the first, with a warning.
+    """Make ``builder(cfg, progress, splits) -> DataBundle`` available as dataset ``name``; it builds (and
+    renders) only the ``splits`` named, leaving the others ``None``. A second dataset of the same name
+    replaces the first, with a warning.
 
     ``check(cfg)``, for data read from disk, raises :class:`DatasetMissing` from file tests
     alone, so a sweep can stop before it starts a single run.
@@ -107,17 +110,48 @@ def resolve_root(root: str) -> Path:
     return Path(chosen).expanduser()
 
 
-def build_datasets(cfg: RunConfig, progress: bool = True) -> DataBundle:
-    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events.
+MAX_WORKERS = 16  # past this, more loader processes add memory, not throughput, at the paper's batch sizes
+
+
+def _count(name: str) -> int:
+    """A positive count from the environment (``SLURM_NTASKS_PER_NODE`` may read ``4(x2)``), else 0."""
+    value = os.environ.get(name, "").split("(")[0]
+    return int(value) if value.isdigit() else 0
+
+
+def available_cpus() -> int:
+    """The CPUs one training process may use: its SLURM task's ``--cpus-per-task``, else its CPU affinity;
+    shared by the ranks torchrun started there (``LOCAL_WORLD_SIZE``), or by the node's srun tasks when
+    they are not bound to CPUs of their own (the affinity is the whole machine)."""
+    per_task = _count("SLURM_CPUS_PER_TASK")
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = per_task or affinity
+    sharing = _count("LOCAL_WORLD_SIZE")
+    if not sharing and not per_task and affinity == os.cpu_count():
+        sharing = _count("SLURM_NTASKS_PER_NODE")
+    return max(1, cpus // max(sharing, 1))
+
+
+def resolve_workers(num_workers: int | None) -> int:
+    """``data.num_workers``, or when it is null (the default) one loader process per CPU this process may
+    use, less one for the training loop itself, at most ``MAX_WORKERS``."""
+    if num_workers is not None:
+        return num_workers
+    return min(max(available_cpus() - 1, 0), MAX_WORKERS)
+
+
+def build_datasets(cfg: RunConfig, progress: bool = True, splits: tuple[str, ...] = SPLITS) -> DataBundle:
+    """Build the train and test sets that ``cfg.data`` names, at ``cfg.T`` steps for events; only those in
+    ``splits`` (``msgsnn eval`` builds ``("test",)`` and never renders the training frames).
 
     Raises :class:`DatasetMissing` when the files are not there (nothing is ever
     downloaded) and :class:`BadSample` for an unusable recording unless
     ``cfg.data.skip_bad_samples`` is set.
     """
-    bundle = _builder(cfg.data.name)(cfg, progress)
-    if cfg.data.val_fraction > 0:
+    bundle = _builder(cfg.data.name)(cfg, progress, splits)
+    if cfg.data.val_fraction > 0 and bundle.train is not None:
         bundle = hold_out_validation(bundle, cfg.data.val_fraction)
-    if cfg.data.balanced_sampler:
+    if cfg.data.balanced_sampler and bundle.train is not None:
         bundle.sample_weights = class_balanced_weights(bundle.train.targets)
     return bundle
 

@@ -14,7 +14,7 @@ from msgcli.config import RunConfig
 
 from .clips import EventSplit, event_bundle, frame_spec
 from .frames import EventList
-from .registry import DataBundle, register
+from .registry import SPLITS, DataBundle, register
 from .split import split_per_class
 
 CLASSES = ["top-left", "top-right", "bottom-left", "bottom-right"]
@@ -45,7 +45,7 @@ def synthetic_recordings(size: int) -> tuple[list[np.ndarray], np.ndarray]:
     return recordings, labels
 
 
-def build_synthetic(cfg: RunConfig, progress: bool = False) -> DataBundle:
+def build_synthetic(cfg: RunConfig, progress: bool = False, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     size = cfg.data.size
     recordings, labels = synthetic_recordings(size)
     train, test = split_per_class([f"{i:04d}" for i in range(len(labels))], labels, cfg.data.train_fraction)
@@ -55,7 +55,7 @@ def build_synthetic(cfg: RunConfig, progress: bool = False) -> DataBundle:
         return EventSplit(lambda: EventList(recordings, indices, "synthetic"), labels[indices], source)
 
     spec = frame_spec(cfg, (size, size, 2))
-    return event_bundle(cfg, CLASSES, spec, {"train": split(train), "test": split(test)}, progress, cached=False)
+    return event_bundle(cfg, CLASSES, spec, {"train": split(train), "test": split(test)}, progress, splits, cached=False)
 
 
 register("synthetic", build_synthetic)

@@ -80,11 +80,13 @@ def spiking_layers(model: nn.Module) -> dict[str, LIF]:
     return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}
 
 
-def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum as ``cfg.optim`` says, at the configured lr (the schedule sets it per epoch)."""
+def build_optimizer(cfg: RunConfig, params, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum as ``cfg.optim`` says, at the configured lr for a job of ``world_size``
+    processes (the schedule sets it per epoch)."""
+    lr = cfg.lr(world_size)
     if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:

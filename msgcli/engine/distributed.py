@@ -1,25 +1,42 @@
-"""Process-group setup for ``torchrun``: gloo on CPU, NCCL on CUDA; a no-op for one process."""
+"""Process groups under ``torchrun`` or ``srun``: gloo on CPU, NCCL on CUDA; a no-op for one process.
+
+Who this process is in its job comes from the launcher's environment (:func:`msgcli.engine.launch.detect_launch`).
+
+No collective ever waits on slow preparation (building a dataset, rendering a frame cache, listing a
+network filesystem): while rank 0 prepares, the other ranks poll a key of the group's store, without a
+time limit (:func:`on_main`, :func:`main_first`). ``train.dist_timeout`` therefore bounds only the
+collectives of training, where every rank does the same work.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from msgcli.engine.launch import detect_launch
 from msgcli.errors import PeerFailed, UserError
 
 Result = TypeVar("Result")
 
-
+JOIN_SECONDS = 600.0  # at least this long for every process of a job to start and meet (nodes start apart)
+POLL_SECONDS = 0.2
 @dataclass
 class DistContext:
     rank: int
     world_size: int
     device: torch.device
     owns_group: bool = False  # setup() created the process group, so teardown() destroys it
+    store: Any = None  # the group's key-value store: where ranks wait for rank 0 outside any collective
+    launcher: str = ""
+    namespace: str = "msgsnn"  # this attempt's keys in the store (torchrun may restart a job on the same store)
+    meetings: int = 0  # on_main / main_first calls so far: the same sequence on every rank names their keys
 
     @property
     def is_main(self) -> bool:
@@ -30,21 +47,52 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup(device_name: str) -> DistContext:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def setup(device_name: str, timeout_s: float = 1800.0) -> DistContext:
+    """Join the job's process group (torchrun or srun, see :func:`detect_launch`) and pick this rank's device.
+
+    ``timeout_s`` (``train.dist_timeout``) bounds every collective; the processes get at least
+    ``JOIN_SECONDS`` to start and meet.
+    """
+    launch = detect_launch()
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # a task that sees only its own GPU (srun --gpus-per-task) uses device 0; one that sees the node's, its local rank's
+    device = torch.device(f"cuda:{launch.local_rank % torch.cuda.device_count()}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DistContext(rank, world, device, owns_group)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    ctx = DistContext(launch.rank, launch.world_size, device, launcher=launch.launcher, namespace=f"msgsnn/{attempt}")
+    if not ctx.enabled:
+        return ctx
+    if dist.is_initialized():  # the caller's group: use it, leave it to its owner
+        ctx.store = dist.distributed_c10d._get_default_store()
+        return ctx
+    url = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.address}:{launch.port}"
+    join_s = max(timeout_s, JOIN_SECONDS)
+    try:
+        store, _, _ = next(dist.rendezvous(url, rank=launch.rank, world_size=launch.world_size,
+                                           timeout=timedelta(seconds=join_s)))
+        ctx.store = store
+        _join(ctx, join_s)
+    except (RuntimeError, ValueError) as err:  # DistStoreError, a refused or unresolvable address
+        raise UserError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) could not meet the others at "
+                        f"{url}: {str(err).splitlines()[0]}; did every task start (srun -n {launch.world_size})?") from None
+    store.set_timeout(timedelta(seconds=timeout_s))
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
+    ctx.owns_group = True
+    return ctx
+
+
+def _join(ctx: DistContext, seconds: float) -> None:
+    """Wait until every process has reached the store, so that the group's timed set-up starts together."""
+    key, deadline = f"{ctx.namespace}/joined", time.monotonic() + seconds
+    ctx.store.add(key, 1)
+    while (joined := ctx.store.add(key, 0)) < ctx.world_size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{joined} of {ctx.world_size} processes arrived within {seconds:.0f} s")
+        time.sleep(POLL_SECONDS)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -63,34 +111,81 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
     return gathered if ctx.is_main else None
 
 
-def stop_everywhere(ctx: DistContext, error: UserError) -> UserError:
-    """The error to raise when every rank stops together: ``error`` on rank 0, which prints it, and on
-    the other ranks a :class:`PeerFailed` with its exit code, so that one line is printed."""
+def error_for_rank(ctx: DistContext, error: UserError) -> UserError:
+    """The error this rank raises when every rank stops together: ``error`` on rank 0, which prints it, and
+    on the other ranks a :class:`PeerFailed` with its exit code, so that one line is printed."""
     return error if ctx.is_main else PeerFailed(str(error), error.exit_code)
 
 
-def main_first(ctx: DistContext, fn: Callable[[], Result], *, others: bool = True) -> Result | None:
-    """Run ``fn`` on rank 0, then (``others``) on the other ranks, e.g. so rank 0 alone fills a cache.
+def _outcome(fn: Callable[[], Result]) -> tuple[tuple, BaseException | None]:
+    """``("ok", value)`` or ``("failed", message, exit code)`` for the store, and the exception to re-raise."""
+    try:
+        return ("ok", fn()), None
+    except BaseException as err:
+        return ("failed", f"{type(err).__name__}: {err}", getattr(err, "exit_code", 1)), err
 
-    If rank 0 fails, it raises as usual and every other rank raises :class:`PeerFailed`
-    with the same exit code instead of waiting at a barrier for a peer that is gone.
+
+def _post(ctx: DistContext, key: str, outcome: tuple) -> None:
+    ctx.store.set(key, pickle.dumps(outcome))
+
+
+def _await(ctx: DistContext, key: str, waiting_for: str) -> tuple:
+    """The outcome posted under ``key``, polled without a time limit (no collective, no watchdog)."""
+    try:
+        while not ctx.store.check([key]):
+            time.sleep(POLL_SECONDS)
+        return pickle.loads(ctx.store.get(key))
+    except RuntimeError as err:  # the store went away with the rank that hosted it
+        raise UserError(f"rank {ctx.rank} lost the job's store while it waited for {waiting_for}: "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+def _raise_failed(outcome: tuple, who: str) -> None:
+    if outcome[0] == "failed":
+        raise PeerFailed(f"{who} stopped: {outcome[1]}", outcome[2])
+
+
+def on_main(ctx: DistContext, fn: Callable[[], Result]) -> Result:
+    """Run ``fn`` on rank 0 alone; every rank returns its (picklable) result, or raises when it failed.
+
+    The other ranks wait outside any collective; if rank 0 fails, it raises as usual and every other rank
+    raises :class:`PeerFailed` with the same exit code, so one line is printed.
     """
     if not ctx.enabled:
         return fn()
+    ctx.meetings += 1
+    key = f"{ctx.namespace}/{ctx.meetings}/0"
     if ctx.is_main:
-        try:
-            result = fn()
-        except BaseException as err:
-            dist.broadcast_object_list([(f"{type(err).__name__}: {err}", getattr(err, "exit_code", 1))], src=0)
-            raise
-        dist.broadcast_object_list([None], src=0)
-        return result
-    outcome = [None]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        message, code = outcome[0]
-        raise PeerFailed(f"rank 0 stopped: {message}", code)
-    return fn() if others else None
+        outcome, error = _outcome(fn)
+        _post(ctx, key, outcome)
+        if error is not None:
+            raise error
+        return outcome[1]
+    outcome = _await(ctx, key, "rank 0")
+    _raise_failed(outcome, "rank 0")
+    return outcome[1]
+
+
+def main_first(ctx: DistContext, fn: Callable[[], Result]) -> Result:
+    """Run ``fn`` on rank 0, then on the other ranks (so that rank 0 alone fills a cache that they then read);
+    returns when every rank has finished it. A rank that fails raises its error, the others :class:`PeerFailed`."""
+    if not ctx.enabled:
+        return fn()
+    ctx.meetings += 1
+    prefix = f"{ctx.namespace}/{ctx.meetings}"
+    if ctx.is_main:
+        outcome, error = _outcome(fn)
+    else:
+        first = _await(ctx, f"{prefix}/0", "rank 0")
+        _raise_failed(first, "rank 0")
+        outcome, error = _outcome(fn)
+    _post(ctx, f"{prefix}/{ctx.rank}", outcome)
+    if error is not None:
+        raise error
+    for rank in range(ctx.world_size):
+        if rank != ctx.rank:
+            _raise_failed(_await(ctx, f"{prefix}/{rank}", f"rank {rank}"), f"rank {rank}")
+    return outcome[1]
 
 
 def teardown(ctx: DistContext) -> None:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from msgcli.config import RunConfig
 from msgcli.engine import distributed
 from msgcli.engine.build import spiking_layers
+from msgcli.data import resolve_workers
 from msgcli.engine.sampling import ignore_stop_signals
 from msgcli.snn import TWO
 
@@ -35,10 +36,13 @@ class EvalResult:
 
 
 def test_loader(dataset: Dataset, cfg: RunConfig, ctx: distributed.DistContext, pin: bool) -> DataLoader:
-    """This rank's share of the test set (every world_size-th sample, no padding: counts stay exact)."""
+    """This rank's share of the test set (every world_size-th sample, no padding: counts stay exact); its
+    workers persist from one evaluation to the next."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                      pin_memory=pin, worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.train.seed))
+    workers = resolve_workers(cfg.data.num_workers)
+    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 @torch.no_grad()
@@ -88,8 +92,9 @@ def evaluate(
     )
 
 
-def run_evaluation(run_dir: Path, which: str, overrides: dict, T: int | None = None) -> tuple[EvalResult, Path]:
-    """Evaluate ``run_dir``'s best or last checkpoint on its test set; returns the result and the report path.
+def run_evaluation(run_dir: Path, which: str, overrides: dict, T: int | None = None) -> tuple[EvalResult, Path | None]:
+    """Evaluate ``run_dir``'s best or last checkpoint on its test set (the only split it builds); returns the result
+    and the report path (``None`` on every rank but rank 0 of an ``srun``/``torchrun`` job: one process writes it).
 
     ``T`` other than the run's evaluates the same weights at ``T`` timesteps: event data is framed
     at ``T`` bins (and cached so), images are repeated ``T`` times, and the output is decoded by
@@ -110,10 +115,13 @@ def run_evaluation(run_dir: Path, which: str, overrides: dict, T: int | None = N
         raise ConfigError(f"--T: must be at least 1, got {T}")
     other_T = T is not None and T != trained.T
     cfg = config_io.apply_overrides(trained, {"T": T}) if other_T else trained
-    ctx = distributed.setup(cfg.train.device)
-    model, two = trained_model(run.best if which == "best" else run.last, trained, T=cfg.T)
-    model, two = model.to(ctx.device), two.to(ctx.device)
-    bundle = build_datasets(cfg, progress=True)
-    loader = test_loader(bundle.test, cfg, ctx, pin=ctx.device.type == "cuda")
-    report = run.path / (f"eval-{which}-T{cfg.T}.json" if other_T else f"eval-{which}.json")
-    return evaluate(model, two, loader, cfg, ctx), report
+    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    try:
+        model, two = trained_model(run.best if which == "best" else run.last, trained, T=cfg.T)
+        model, two = model.to(ctx.device), two.to(ctx.device)
+        bundle = distributed.main_first(ctx, lambda: build_datasets(cfg, progress=ctx.is_main, splits=("test",)))
+        loader = test_loader(bundle.test, cfg, ctx, pin=ctx.device.type == "cuda")
+        report = run.path / (f"eval-{which}-T{cfg.T}.json" if other_T else f"eval-{which}.json")
+        return evaluate(model, two, loader, cfg, ctx), report if ctx.is_main else None
+    finally:
+        distributed.teardown(ctx)

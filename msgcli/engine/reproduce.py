@@ -28,9 +28,15 @@ TABLES = ("main", "ablation", "fig5")
 FIG5_PRESET = "dvs-vgg"
 FIG5_SETTINGS = {"model.neuron.surrogate": "arctan"}
 FIG5_MASK_P = "0:1:0.1"
-# What benchmarks/epoch.py measured (its --json files), where benchmarks/gpu.sh writes them: epoch.json in each
-# preset's own precision, epoch-bf16.json under bf16 autocast.
-EPOCH_TIMES = Path("results/gpu")
+# What benchmarks/epoch.py measured (its --json files), in the output folder's gpu/ (reproduce's --out; gpu.sh
+# writes results/gpu, the default --out's): epoch.json in each preset's own precision, epoch-bf16.json under bf16.
+EPOCH_TIMES = "gpu"
+
+
+def epoch_times(out: Path) -> Path:
+    """Where the GPU epoch times of a reproduction writing to ``out`` are read: ``<out>/gpu/``, whatever the
+    working directory."""
+    return Path(out) / EPOCH_TIMES
 
 
 @dataclass
@@ -142,7 +148,7 @@ def point_states(row: Row) -> list[tuple[str, str]]:
     return states
 
 
-def measured_epochs(folder: Path = EPOCH_TIMES) -> list[dict[str, Any]]:
+def measured_epochs(folder: Path) -> list[dict[str, Any]]:
     """benchmarks/epoch.py's rows (one per preset and precision timed) from ``folder/epoch*.json``; [] if none."""
     rows = []
     for path in sorted(Path(folder).glob("epoch*.json")):

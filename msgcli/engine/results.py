@@ -3,23 +3,29 @@
 Every file is replaced atomically (temporary file + rename), so a crash leaves
 either the previous complete file or the new complete file, never half of one.
 ``<out>/runs.csv`` gets one appended row per finished run, under a file lock so
-that parallel runs cannot interleave.
+that parallel runs cannot interleave. One process at a time trains in a run
+directory: it holds ``<run>/.lock`` (:meth:`RunDirectory.hold`) for the run's life.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from msgcli import config as config_io
 from msgcli.config import RunConfig
-from msgcli.errors import RunExists, UserError
+from msgcli.errors import RunExists, RunInUse, UserError
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -69,6 +75,7 @@ class RunDirectory:
     """The layout of one run, ``<out>/<name>/``: its paths, readers and writers, spelled out only here."""
 
     SUMMARY = "summary.json"  # written when the run finishes
+    LOCK = ".lock"  # held by the process that trains in the directory; names it
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -101,7 +108,53 @@ class RunDirectory:
             return "finished"
         if self.last.exists():
             return "interrupted"
-        return "broken" if self.path.exists() and any(self.path.iterdir()) else "new"
+        return "broken" if self.path.exists() and any(p.name != self.LOCK for p in self.path.iterdir()) else "new"
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the directory for one process, or raise :class:`RunInUse` at once naming the one that holds it.
+
+        An exclusive POSIX lock (``lockf``) on ``.lock``: the kernel releases it however the holder ends
+        (``kill -9`` included), so a crashed run never blocks the next; unlike ``flock`` it is not shared
+        with forked DataLoader workers, which may outlive a killed holder by seconds, and it works on NFS.
+        The file stays, and says who holds it.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
+        try:
+            self._lock_or_refuse(fd)
+            os.ftruncate(fd, 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.pwrite(fd, f"msgsnn train (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def refuse_if_held(self) -> None:
+        """Raise :class:`RunInUse` now if a process holds the directory: a quick look, before a command imports
+        anything heavy. :meth:`hold` is the guard; this process must not hold the directory itself (closing
+        the look's file would release a POSIX lock of this process)."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDWR)
+        except OSError:  # no lock file (a new run), or one this user cannot open: hold() will say
+            return
+        try:
+            self._lock_or_refuse(fd)
+        finally:
+            os.close(fd)
+
+    def _lock_or_refuse(self, fd: int) -> None:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise RunInUse(f"run directory {self.path} is in use by {holder}; wait for it to end, "
+                           "or write this run elsewhere (--name or --out)") from None
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the folder, refusing to clobber a run that recorded an epoch unless asked to.
@@ -112,7 +165,7 @@ class RunDirectory:
         """
         if self.has_progress():
             if overwrite:
-                shutil.rmtree(self.path)
+                self.clear()
             elif not resume:
                 raise RunExists(f"run directory {self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         elif resume:
@@ -125,9 +178,20 @@ class RunDirectory:
         except OSError as err:
             raise UserError(f"cannot write to output directory {self.path}: {err.strerror}") from None
 
+    def clear(self) -> None:
+        """Remove everything the run wrote (``--overwrite``), but the lock this process holds."""
+        for entry in self.path.iterdir():
+            if entry.name == self.LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def has_progress(self) -> bool:
-        """True once an epoch is on record (metrics or a checkpoint)."""
-        return self.metrics.exists() or self.summary.exists() or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+        """True once an epoch is on record (metrics or a checkpoint; not a checkpoint's unfinished ``.tmp``)."""
+        saved = self.checkpoints.is_dir() and any(p.suffix != ".tmp" for p in self.checkpoints.iterdir())
+        return self.metrics.exists() or self.summary.exists() or saved
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         write_atomic(self.metrics, csv_text(rows))

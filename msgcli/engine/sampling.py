@@ -27,6 +27,8 @@ class EpochSampler(Sampler):
     Like DistributedSampler: each of ``world_size`` ranks takes every
     ``world_size``-th index of one shared permutation, padded to equal length.
     ``skip`` drops the first samples of this rank (a resume in mid-epoch).
+    One sampler serves every epoch of a loader whose workers persist: :meth:`set_epoch`
+    before each pass.
     """
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
@@ -34,6 +36,9 @@ class EpochSampler(Sampler):
         self.n, self.seed, self.epoch, self.rank, self.world_size = n, seed, epoch, rank, world_size
         self.weights, self.skip = weights, skip
         self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return max(self.per_rank - self.skip, 0)
@@ -79,9 +84,12 @@ class SeededDataset(Dataset):
             torch.default_generator.set_state(saved[2])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
+
+
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process
-    group) and keep serving batches while the main process finishes its step and saves; they exit
-    when it closes the loader, or when it is gone."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals (a Ctrl-C, or SLURM's signal, reaches
+    every process of the group or job step) and keep serving batches while the main process finishes
+    its step and saves; they exit when it closes the loader, or when it is gone."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

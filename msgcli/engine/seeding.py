@@ -9,7 +9,10 @@ does not draw from these streams.
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,13 +21,30 @@ _MT_WORDS = 624  # MT19937 state words
 _TORCH_MT_OFFSET = 24  # torch.get_rng_state(): u64 seed, i32 left, i32 seeded, u64 next, then u64 state[624]
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``train.deterministic``: torch uses only deterministic algorithms while the run lasts, raising on an
+    operator that has none, and cuBLAS a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS
+    starts; a value already set is kept). torch's previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def seed_rank(seed: int, rank: int) -> None:

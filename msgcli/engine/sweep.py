@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 from msgcli import config as config_io
 from msgcli.config import ConfigError, RunConfig
 from msgcli.errors import Interrupted, UserError
+from msgcli.engine.launch import LAUNCH_VARIABLES
 from msgcli.engine.results import RunDirectory, csv_text, write_atomic
 
 DEFAULT_STEP = 0.1
@@ -35,7 +36,8 @@ SWEEP_CSV = "sweep.csv"
 BASE_CONFIG = "base-config.yaml"
 RESULT_COLUMNS = ("best_test_acc", "final_test_acc", "epochs", "seconds")
 # Keys that say where or how a run executes, not what it computes.
-PLACEMENT_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "train.device", "train.threads", "train.loggers")
+PLACEMENT_KEYS = ("data.root", "data.cache_dir", "data.num_workers", "train.device", "train.threads", "train.loggers",
+                  "train.dist_timeout", "train.auto_resume", "train.checkpoint_minutes")
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -140,12 +142,18 @@ class Outcome:
     error: str = ""
 
 
+def point_environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus ``env``, without what would make the point a rank of this process's
+    job: a sweep inside an ``srun`` task or a SLURM job of several tasks runs each point as a job of its own."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}, **env}
+
+
 def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, str]) -> Outcome:
     """Run one point's train process to its end; its output goes to ``log_path``. Runs locally or in a Ray task."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env={**os.environ, **env}).returncode
+                              env=point_environment(env)).returncode
     summary = RunDirectory(run_dir).read_summary()
     if code == 0 and summary and summary.get("status") == "finished":
         return Outcome("finished", summary)
@@ -155,7 +163,9 @@ def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, st
 
 
 @dataclass
-class Job:
+class PointProcess:
+    """How one point runs: its ``python -m msgcli train`` command, run directory, log and environment."""
+
     point: Point
     command: list[str]
     run_dir: str
@@ -172,35 +182,35 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local(jobs: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
+def run_local(processes: list[PointProcess], workers: int) -> Iterator[tuple[PointProcess, Outcome]]:
     """``workers`` processes at once; each holds a slot, and slot i gets GPU i mod #GPUs (or its share of the cores)."""
     gpus = visible_gpus()
     slots: queue.SimpleQueue[int] = queue.SimpleQueue()
     for slot in range(workers):
         slots.put(slot)
 
-    def work(job: Job) -> Outcome:
+    def work(process: PointProcess) -> Outcome:
         slot = slots.get()
-        env = dict(job.env)
+        env = dict(process.env)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
         elif workers > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
         try:
-            return run_point(job.command, job.run_dir, job.log, env)
+            return run_point(process.command, process.run_dir, process.log, env)
         finally:
             slots.put(slot)
 
     pool = ThreadPoolExecutor(workers)
     try:
-        futures = {pool.submit(work, job): job for job in jobs}
+        futures = {pool.submit(work, process): process for process in processes}
         for future in as_completed(futures):
             yield futures[future], future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_ray(jobs: list[Job], address: str | None) -> Iterator[tuple[Job, Outcome]]:
+def run_ray(processes: list[PointProcess], address: str | None) -> Iterator[tuple[PointProcess, Outcome]]:
     """Each point a Ray task (one GPU each when the cluster has GPUs) on the cluster at ``address``.
 
     An already initialised Ray is used as it is. Workers import msgcli from the
@@ -220,20 +230,20 @@ def run_ray(jobs: list[Job], address: str | None) -> Iterator[tuple[Job, Outcome
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot reach a Ray cluster at {address or 'RAY_ADDRESS / local'}: {err}") from None
-    pending: dict[Any, Job] = {}
+    pending: dict[Any, PointProcess] = {}
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_point)
-        pending = {task.options(runtime_env={"env_vars": job.env}).remote(job.command, job.run_dir, job.log, job.env): job
-                   for job in jobs}
+        pending = {task.options(runtime_env={"env_vars": process.env}).remote(
+            process.command, process.run_dir, process.log, process.env): process for process in processes}
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ref)
+            process = pending.pop(ref)
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as err:
                 outcome = Outcome("failed", None, f"Ray task failed: {str(err).strip().splitlines()[-1]}")
-            yield job, outcome
+            yield process, outcome
     finally:
         for ref in pending:
             ray.cancel(ref)
@@ -260,7 +270,7 @@ def sweep_lock(directory: Path) -> Iterator[None]:
         yield
 
 
-def point_job(sweep: Sweep, point: Point, state: str, overwrite: bool) -> Job:
+def point_process(sweep: Sweep, point: Point, state: str, overwrite: bool) -> PointProcess:
     run_dir = sweep.directory / point.name
     command = [sys.executable, "-m", "msgcli", "train", "--config", str(sweep.directory / BASE_CONFIG),
                "--out", str(sweep.directory), "--name", point.name, "--quiet"]
@@ -270,7 +280,7 @@ def point_job(sweep: Sweep, point: Point, state: str, overwrite: bool) -> Job:
     elif state == "interrupted":
         command.append("--resume")
     python_path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
-    return Job(point, command, str(run_dir), str(sweep.directory / "logs" / f"{point.name}.log"), {"PYTHONPATH": python_path})
+    return PointProcess(point, command, str(run_dir), str(sweep.directory / "logs" / f"{point.name}.log"), {"PYTHONPATH": python_path})
 
 
 def check_data(plans: list[Sweep], overwrite: bool) -> None:
@@ -327,12 +337,12 @@ def run_sweeps(plans: list[Sweep], *, jobs: int = 1, backend: str = "local", ray
         write_atomic(directory / SWEEP_CSV, csv_text(list(rows[directory].values())))
 
     with contextlib.ExitStack() as locks:
-        todo: list[Job] = []
+        todo: list[PointProcess] = []
         for plan in plans:
             plan.directory.mkdir(parents=True, exist_ok=True)
             locks.enter_context(sweep_lock(plan.directory))
             config_io.save(plan.base, plan.directory / BASE_CONFIG)
-            jobs_before = len(todo)
+            queued_before = len(todo)
             for point in plan.points:
                 run = RunDirectory(plan.directory / point.name)
                 state = "new" if overwrite else run.status()
@@ -341,30 +351,30 @@ def run_sweeps(plans: list[Sweep], *, jobs: int = 1, backend: str = "local", ray
                 rows[plan.directory][point.name] = sweep_row(point, "pending" if state in ("new", "broken") else state,
                                                              run.read_summary())
                 if state != "finished":
-                    todo.append(point_job(plan, point, state, overwrite))
+                    todo.append(point_process(plan, point, state, overwrite))
             write(plan.directory)
             planned = len(plan.points)
             resumed = sum(row["status"] == "interrupted" for row in rows[plan.directory].values())
-            echo(f"sweep {plan.directory}: {planned} runs, {planned - (len(todo) - jobs_before)} finished already, "
-                 f"{resumed} to resume, {len(todo) - jobs_before - resumed} to start")
+            echo(f"sweep {plan.directory}: {planned} runs, {planned - (len(todo) - queued_before)} finished already, "
+                 f"{resumed} to resume, {len(todo) - queued_before - resumed} to start")
         if not todo:
             return [list(rows[plan.directory].values()) for plan in plans]
         outcomes = run_ray(todo, ray_address) if backend == "ray" else run_local(todo, min(jobs, len(todo)))
         try:
-            for done, (job, outcome) in enumerate(outcomes, start=1):
-                directory = Path(job.run_dir).parent
-                rows[directory][job.point.name] = sweep_row(job.point, outcome.status, outcome.summary, outcome.error)
+            for done, (process, outcome) in enumerate(outcomes, start=1):
+                directory = Path(process.run_dir).parent
+                rows[directory][process.point.name] = sweep_row(process.point, outcome.status, outcome.summary, outcome.error)
                 write(directory)
                 result = (f"best {outcome.summary['best_test_acc']:.2f}%" if outcome.status == "finished"
-                          else f"{outcome.error} (log: {job.log})")
-                label = job.point.name if len(plans) == 1 else f"{directory.name}/{job.point.name}"
+                          else f"{outcome.error} (log: {process.log})")
+                label = process.point.name if len(plans) == 1 else f"{directory.name}/{process.point.name}"
                 echo(f"[{done}/{len(todo)}] {label}: {outcome.status}, {result}")
                 on_result()
         finally:
-            for job in todo:
-                row = rows[Path(job.run_dir).parent][job.point.name]
+            for process in todo:
+                row = rows[Path(process.run_dir).parent][process.point.name]
                 if row["status"] in ("pending", "interrupted"):
-                    row["status"] = "interrupted" if RunDirectory(job.run_dir).status() == "interrupted" else "pending"
+                    row["status"] = "interrupted" if RunDirectory(process.run_dir).status() == "interrupted" else "pending"
             for directory in rows:
                 write(directory)
     return [list(rows[plan.directory].values()) for plan in plans]

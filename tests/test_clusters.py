@@ -55,15 +55,17 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_torchrun_wins_then_srun_then_one_process():
     slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-             "SLURM_NODELIST": "gpu[07-08]"}
+             "SLURM_NODELIST": "gpu[07-08]", "SLURM_STEP_ID": "0"}
     assert detect_launch(slurm) == Launch(3, 4, 1, "gpu07", 15000 + 123456 % 20000, "srun")
     assert detect_launch(dict(slurm, MASTER_ADDR="head", MASTER_PORT="29400")) == Launch(3, 4, 1, "head", 29400, "srun")
     torchrun_env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
     assert detect_launch(dict(slurm, **torchrun_env)) == Launch(1, 2, 1, "a", 1, "torchrun")  # torchrun inside srun
     assert detect_launch(dict(slurm, SLURM_NTASKS="1")) == Launch()  # one task: a plain process
     assert detect_launch({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"}) == Launch()  # a batch script, not an srun task
+    batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}  # sbatch --ntasks 4, the script's own shell
+    assert detect_launch(dict(batch_shell, SLURM_PROCID="0")) == Launch()
     with pytest.raises(UserError, match="MASTER_ADDR:MASTER_PORT"):
-        detect_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+        detect_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
     assert [first_host(n) for n in ("node5", "gpu[07-09,12],cpu1", "rack[1-2]-n[03-04]")] == ["node5", "gpu07", "rack1-n03"]
 
 

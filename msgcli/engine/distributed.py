@@ -26,7 +26,9 @@ from msgcli.errors import PeerFailed, UserError
 Result = TypeVar("Result")
 
 JOIN_SECONDS = 600.0  # at least this long for every process of a job to start and meet (nodes start apart)
+DEPART_SECONDS = 30.0  # at most this long rank 0 keeps the store up for ranks still reading their last outcome
 POLL_SECONDS = 0.2
+
 @dataclass
 class DistContext:
     rank: int
@@ -189,6 +191,27 @@ def main_first(ctx: DistContext, fn: Callable[[], Result]) -> Result:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group that :func:`setup` created (one it found is left to its owner)."""
-    if ctx.owns_group and dist.is_initialized():
+    """Destroy the process group that :func:`setup` created (one it found is left to its owner).
+
+    Under ``srun`` rank 0 hosts the store: it waits (at most ``DEPART_SECONDS``) until the other ranks
+    have left, so that none loses the store while it still reads rank 0's last outcome (for example
+    "finished already", which rank 0 posts and then returns from at once).
+    """
+    if not ctx.owns_group:
+        return
+    _depart(ctx)
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _depart(ctx: DistContext) -> None:
+    key = f"{ctx.namespace}/departed"
+    try:
+        if not ctx.is_main:
+            ctx.store.add(key, 1)
+            return
+        deadline = time.monotonic() + DEPART_SECONDS
+        while ctx.store.add(key, 0) < ctx.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+    except RuntimeError:  # the store is gone already (its host stopped): nothing left to wait for
+        pass

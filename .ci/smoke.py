@@ -1,8 +1,10 @@
-"""Run every command of the README, so the docs cannot drift from the code.
+"""Run every command of the documentation, so the docs cannot drift from the code.
 
-Every shell line of every ``bash`` block and every inline code span that starts with
+The documentation is ``README.md``, then every ``docs/*.md``, then ``benchmarks/README.md``
+(``documents()``). Every shell line of every ``bash`` block and every inline code span that starts with
 ``msgsnn``, ``python``, ``torchrun``, ``pip`` or ``bash`` is a command (spans with ``<placeholders>`` are
-syntax, not commands). Each runs in README order with one of these expectations:
+syntax, not commands; ``sh`` blocks are shown, not run: they need a cluster, a GPU image or the
+network). Each runs once, in that order, with one of these expectations:
 
 * ``ok``: exit 0. Commands that name files under ``examples/`` run in CI's scratch folder with
   those paths made absolute, as a user runs them from a folder of their own. The main job runs exactly as written, and its final test accuracy in
@@ -10,7 +12,7 @@ syntax, not commands). Each runs in README order with one of these expectations:
   across CPU models; the output says whether it matched exactly); the other ``train``/``sweep``
   commands get ``--limit-batches 3`` and the benchmarks tiny sizes, so the step stays within
   minutes. GPU commands are ``ok`` commands where CUDA is present.
-* ``offline``: the commands of "Clusters" and "Reproducing the paper" need the real datasets,
+* ``offline``: the commands of the sections "Clusters..." and "Reproducing the paper..." need the real datasets,
   which CI does not have: each must stop with a non-zero exit and the one ``error:`` line its
   own missing data calls for, planned here from the command itself: msgsnn's check of the
   dataset its preset names under its data root (the exact message; for ``reproduce``, the one
@@ -38,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 OFFLINE_SECTIONS = ("Clusters", "Reproducing the paper")
 PROGRAMS = ("msgsnn", "python", "torchrun", "pip", "bash")
 GPU_SCRIPTS = ("benchmarks/gpu.sh",)  # need CUDA whatever their flags
-EXAMPLES = "examples/"  # files of the repository that README commands name from the user's own folder
+EXAMPLES = "examples/"  # files of the repository that documented commands name from the user's own folder
 MAIN_JOB = "msgsnn train --preset digits-dvs"
 TEST_COMMAND = "python -m pytest -q"
 TOLERANCE = 1.0  # points of test accuracy between the main job here and the README's figure
@@ -53,7 +55,7 @@ TINY = {
 
 @dataclass
 class Step:
-    """One README command, what CI actually runs for it and what it must do."""
+    """One documented command, what CI actually runs for it and what it must do."""
 
     section: str
     command: str
@@ -64,8 +66,25 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)  # added to CI's environment
 
 
+def documents() -> list[Path]:
+    """The files whose commands run: the README first (its main job makes the runs the others read)."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
+
+
+def documented_commands() -> list[tuple[str, str, str]]:
+    """``(document, section, command)`` for every command of the documentation, in order, each once."""
+    found: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for path in documents():
+        for section, command in readme_commands(path.read_text()):
+            if command not in seen:
+                seen.add(command)
+                found.append((str(path.relative_to(REPO)), section, command))
+    return found
+
+
 def readme_commands(text: str) -> list[tuple[str, str]]:
-    """``(section, command)`` for every command in the README, in order, each once."""
+    """``(section, command)`` for every command in one Markdown document, in order, each once."""
     found: list[tuple[str, str]] = []
     section, prose, in_fence, fence_lang = "", [], False, ""
 
@@ -218,10 +237,11 @@ def main() -> int:
 
     cuda = torch.cuda.is_available()
     readme = (REPO / "README.md").read_text()
-    steps = [s for s in (plan(sec, cmd, cuda) for sec, cmd in readme_commands(readme)) if s]
+    steps = [(doc, s) for doc, s in ((doc, plan(sec, cmd, cuda)) for doc, sec, cmd in documented_commands()) if s]
     failures = 0
-    for step in steps:
-        print(f"\n[{step.section}] $ {step.command}\n  runs: {shlex.join(step.args)}  (expect {step.expect})", flush=True)
+    for doc, step in steps:
+        print(f"\n[{doc}: {step.section}] $ {step.command}\n  runs: {shlex.join(step.args)}  (expect {step.expect})",
+              flush=True)
         start = time.time()
         done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd, env={**os.environ, **step.env})
         ok, why = passed(step, done)
@@ -233,7 +253,7 @@ def main() -> int:
             ok, why = compare_with_readme(json.loads(summary), readme_accuracy(readme))
             print(f"  main job summary: {summary}  -> {'ok' if ok else 'FAILED'}: {why}", flush=True)
         failures += not ok
-    print(f"\nsmoke: {len(steps) - failures} of {len(steps)} README commands behaved as documented")
+    print(f"\nsmoke: {len(steps) - failures} of {len(steps)} documented commands behaved as documented")
     return 1 if failures else 0
 
 

@@ -1,9 +1,12 @@
-"""The README's reproduction commands name real presets and stop, offline, with the layout to place."""
+"""The README's reproduction commands name real presets and stop, offline, with the layout to place; CI's smoke
+run plans every command of the documentation (README.md, docs/*.md, benchmarks/README.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
+import typing
 import subprocess
 from pathlib import Path
 
@@ -15,7 +18,8 @@ from msgcli import config as config_io
 from msgcli.cli import app
 from tests.conftest import load_script
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
 REPRODUCTION = README.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
 COMMANDS = re.findall(r"`(msgsnn train --preset [\w-]+)`", REPRODUCTION)
 
@@ -57,17 +61,22 @@ GPU_ONLY = ("python benchmarks/step.py --device cuda --batch 64", "python benchm
 def test_ci_smoke_plans_every_readme_command(cuda, tmp_path, monkeypatch):
     monkeypatch.setenv("MSGSNN_DATA", str(tmp_path / "datasets"))  # CI's empty data root
     smoke = load_script(".ci/smoke.py")
-    commands = smoke.readme_commands(README)
+    commands = [(section, command) for _, section, command in smoke.documented_commands()]
     planned = {command: smoke.plan(section, command, cuda=cuda) for section, command in commands}
-    # every shell line and inline command in the README has a plan, none is silently dropped
+    # every shell line and inline command of every document has a plan, none is silently dropped
+    texts = [path.read_text() for path in smoke.documents()]
     shell_lines = [
-        line for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines() if line.strip()
+        line for text in texts for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines() if line.strip()
     ]
-    assert len(commands) >= len(shell_lines) + 5
+    assert len(commands) == len(planned) and len(commands) >= len(shell_lines) + 5
+    for text in texts:  # each document's own commands, inline ones included, are among them
+        assert {command for _, command in smoke.readme_commands(text)} <= set(planned)
     for line in shell_lines:
         for part in smoke.strip_comment(line).split("&&"):
             assert part.strip() in planned, part
-    for inline in ('pip install -e ".[ray]"', "python benchmarks/step.py --amp bf16", "python benchmarks/data.py"):
+    for inline in ('pip install -e ".[ray]"', "python benchmarks/step.py --amp bf16", "python benchmarks/data.py",
+                   "bash results/reference/seeds.sh", 'pip install -e ".[tensorboard]"', "python benchmarks/busy.py"):
         assert planned[inline].expect == "ok", inline
     for gpu_only in GPU_ONLY:  # run where CUDA is, a one-line stop elsewhere
         assert planned[gpu_only].expect == ("ok" if cuda else "no-cuda"), gpu_only
@@ -145,3 +154,32 @@ def test_the_method_is_in_the_repository_and_every_citation_points_to_it():
     citing = [p for p in files if "METHOD" + ".md" in p.read_text()]
     assert not citing, citing
     assert "docs/method.md" in README
+
+
+def test_every_document_ci_runs_is_linked_from_the_readme():
+    smoke = load_script(".ci/smoke.py")
+    paths = [path.relative_to(REPO).as_posix() for path in smoke.documents()]
+    assert paths[0] == "README.md" and "benchmarks/README.md" in paths
+    assert {"docs/ci.md", "docs/clusters.md", "docs/differences.md", "docs/extending.md"} <= set(paths)
+    for path in paths[1:]:  # what moved out of the README is one link away
+        assert f"`{path}`" in README, path
+    for text in [path.read_text() for path in smoke.documents()]:  # shown only: needs the network
+        assert not any(command.startswith("pip download") for _, command in smoke.readme_commands(text))
+
+
+def _schema_defaults(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from _schema_defaults(hints[field.name], f"{prefix}{field.name}.")
+        else:
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            yield f"{prefix}{field.name}", ("(empty)" if default == "" else f"`{default}`" if isinstance(default, str)
+                                            else f"`{default!r}`")
+
+
+def test_the_configuration_page_lists_every_key_with_its_default():
+    text = (REPO / "docs" / "configuration.md").read_text()
+    documented = dict(re.findall(r"^\| `([\w.]+)` \| (.+?) \|$", text, re.M))
+    assert documented == dict(_schema_defaults(config_io.RunConfig))
+

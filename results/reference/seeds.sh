@@ -3,7 +3,7 @@
 # accuracy for seeds 42, 43 and 44, not only for the seed the README quotes. Runs the three seeds
 # (as the README's command: the preset, default threads) into $1 (default: results), prints best
 # and final accuracy per seed and exits non-zero if any final accuracy is below 95%.
-# Rerunning skips finished runs. About 3 minutes on a quiet 2-core CPU; CI runs it (a README command).
+# Rerunning skips finished runs. About 3 minutes on a quiet 2-core CPU; CI runs it (a command of docs/ci.md).
 set -euo pipefail
 out="${1:-results}"
 msgsnn sweep --preset digits-dvs --seeds 3 --name digits-dvs-seeds --out "$out"

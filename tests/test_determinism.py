@@ -55,7 +55,7 @@ def test_msgsnn_kernels_and_mkl_give_the_same_training_step_at_one_and_two_threa
     thread count). oneDNN's convolution
     weight gradient, torch's default on x86, splits the batch by thread on some CPUs (an AMD
     EPYC here: the first two layers differ in the 7th digit), so it is switched off for this
-    check; the README says runs are identical at a given thread count, not across them.
+    check; docs/determinism.md says runs are identical at a given thread count, not across them.
     """
     cfg = config_io.load_preset("digits-dvs")
     x = torch.rand(32, cfg.T, 2, cfg.data.size, cfg.data.size, generator=torch.Generator().manual_seed(1)) * 3

@@ -12,7 +12,7 @@ against counts binned here by hand with the tail in the last bin.
 N-Caltech101 is framed at each recording's own extent, as the release does (tonic's
 ``NCALTECH101.sensor_size`` is None, so ``ToFrame`` sizes every recording by its events).
 N-MNIST is framed at its own 34x34 sensor; the release's ``get_nmnist_data`` names
-``tonic.datasets.NCARS.sensor_size`` instead (README: "Where msgsnn differs").
+``tonic.datasets.NCARS.sensor_size`` instead (docs/differences.md).
 """
 
 from __future__ import annotations

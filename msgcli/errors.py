@@ -2,12 +2,13 @@
 
 Every such error derives from :class:`MsgsnnError`; the CLI prints its message as one
 ``error: ...`` line and exits with its ``exit_code``. This module imports nothing from
-msgsnn, so every layer (``snn`` included) may raise these errors.
+msgcli, so every layer (``snn`` included) may raise these errors.
 """
 
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 
 
@@ -51,6 +52,9 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
 
 
 class Interrupted(UserError):

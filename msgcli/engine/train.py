@@ -42,9 +42,9 @@ from msgcli.engine import checkpoint, distributed, loggers
 from msgcli.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, model_args, spiking_layers
 from msgcli.engine.evaluate import autocast, evaluate, test_loader
 from msgcli.engine.results import RunDirectory, append_row_locked
-from msgcli.engine.sampling import STOP_SIGNALS, EpochSampler, SeededDataset, ignore_stop_signals
+from msgcli.engine.sampling import EpochSampler, SeededDataset, ignore_stop_signals
 from msgcli.engine.seeding import deterministic_algorithms, seed_everything, seed_rank
-from msgcli.errors import Interrupted, MsgsnnError, NonFiniteLoss, UserError, note_traceback_file
+from msgcli.errors import STOP_SIGNALS, Interrupted, MsgsnnError, NonFiniteLoss, UserError, note_traceback_file
 from msgcli.snn import TWO
 from msgcli.snn.layers import sync_batchnorm
 

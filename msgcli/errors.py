@@ -8,7 +8,6 @@ msgcli, so every layer (``snn`` included) may raise these errors.
 from __future__ import annotations
 
 import difflib
-import signal
 from collections.abc import Iterable
 
 
@@ -52,9 +51,6 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 3
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
 
 
 class Interrupted(UserError):

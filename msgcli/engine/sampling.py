@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from msgcli.errors import STOP_SIGNALS
+from msgcli.engine.stops import STOP_SIGNALS
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

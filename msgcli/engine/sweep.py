@@ -24,7 +24,6 @@ import queue
 import signal
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import Any, Callable, Iterator
 
 from msgcli import config as config_io
 from msgcli.config import ConfigError, RunConfig
-from msgcli.errors import STOP_SIGNALS, Interrupted, UserError
+from msgcli.errors import Interrupted, UserError
 from msgcli.engine.launch import LAUNCH_VARIABLES
+from msgcli.engine.stops import OnStopSignals
 from msgcli.engine.results import RunDirectory, csv_text, write_atomic
 
 DEFAULT_STEP = 0.1
@@ -175,33 +175,21 @@ def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, st
 RUNNING: set[subprocess.Popen] = set()  # this process's running points, to pass stop signals on to
 
 
-class ForwardedStops:
+class ForwardedStops(OnStopSignals):
     """While the coordinator waits, a stop signal goes on to every running point (each saves a checkpoint and
     exits 130); the first also raises :class:`Interrupted` here, so that the coordinator waits for them, writes
     ``sweep.csv`` and stops with one line."""
 
-    def __init__(self) -> None:
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
+    stopped = False
 
-    def __enter__(self) -> "ForwardedStops":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
+    def on_stop(self, signum: int) -> None:
         for process in list(RUNNING):
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
-        if not self.signal_name:
-            self.signal_name = signal.Signals(signum).name
-            raise Interrupted(f"{self.signal_name}: the running points saved their checkpoints; "
+        if not self.stopped:
+            self.stopped = True
+            raise Interrupted(f"{signal.Signals(signum).name}: the running points saved their checkpoints; "
                               "the same command resumes them")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

@@ -94,6 +94,7 @@ def _(grad_spikes, membrane, seed, kernels_key, tau, v_threshold, reset_mode, de
 def _save_lif(ctx, inputs, output) -> None:
     """What the LIF keeps for backward: the pre-spike membrane ``H`` alone (the spikes are ``H >= V_th``)."""
     _spikes, membrane = output
+    ctx.set_materialize_grads(False)  # the membrane output has no gradient: no zeros for it
     ctx.save_for_backward(membrane)
     ctx.options = inputs[1:12]  # kernels_key .. rescale
 
@@ -197,6 +198,7 @@ def _(grad_y, x, weight, mean, invstd, count, sync, kernels_key):
 def _save_batch_norm(ctx, inputs, output) -> None:
     x, weight, _bias, _eps, sync, kernels_key = inputs
     _y, mean, _var, invstd, count = output
+    ctx.set_materialize_grads(False)  # the statistics have no gradient: no zeros for them
     ctx.save_for_backward(x, weight, mean, invstd, count)
     ctx.options = sync, kernels_key, weight is not None
 

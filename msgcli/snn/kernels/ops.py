@@ -149,7 +149,7 @@ def batch_norm_per_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
         mean, var, total = all_reduce_stats(mean, var, count)
     else:
-        total = torch.tensor(float(count), dtype=stat, device=x.device)
+        total = mean.new_full((), float(count))  # a fill on the device, no host copy (capturable in a CUDA graph)
     invstd = torch.rsqrt(var + eps)
     w, b = _affine(weight, bias, x.shape[2], mean)
     scale = w * invstd

@@ -153,3 +153,32 @@ def test_a_compiled_run_writes_the_metrics_of_an_uncompiled_one(tmp_path, monkey
     model, _ = trained_model(last, cfg)
     assert not any(key.startswith("_orig_mod") for key in torch.load(last, weights_only=False)["model"])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
+
+
+def test_a_compiled_evaluation_runs_the_last_smaller_batch_eagerly(tmp_path):
+    """Shapes stay static for CUDA graphs: the compiled model sees only full batches, the last one runs eagerly,
+    and the result is the uncompiled model's."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from msgcli.engine.distributed import DistContext
+    from msgcli.engine.evaluate import evaluate
+    from msgcli.snn import TWO
+
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=4, T=cfg.T, input_size=16)
+    seen = []
+
+    def recording(graph, inputs):
+        seen.append(next(i.shape[0] for i in inputs if isinstance(i, torch.Tensor) and i.dim() == 5))
+        return graph.forward
+
+    data = TensorDataset(torch.rand(11, cfg.T, 2, 16, 16), torch.randint(0, 4, (11,)))
+    loader = DataLoader(data, batch_size=4)
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+    two = TWO(cfg.T)
+    compiled = evaluate(torch.compile(model, backend=recording), two, loader, cfg, ctx)
+    eager = evaluate(model, two, loader, cfg, ctx)
+    assert set(seen) == {4} and compiled.samples == eager.samples == 11
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-6) and compiled.accuracy == eager.accuracy
+    assert compiled.firing_rates == pytest.approx(eager.firing_rates, rel=1e-6)

@@ -21,7 +21,6 @@ from msgcli.engine import build as engine_build
 from msgcli.engine.build import build_optimizer, trained_model
 from msgcli.engine.train import train
 from msgcli.snn import LIF, build_model, list_models
-from msgcli.snn.kernels import ops
 from msgcli.snn.layers import Folded, TemporalBatchNorm
 from tests.conftest import tiny_config
 
@@ -182,3 +181,16 @@ def test_a_compiled_evaluation_runs_the_last_smaller_batch_eagerly(tmp_path):
     assert set(seen) == {4} and compiled.samples == eager.samples == 11
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-6) and compiled.accuracy == eager.accuracy
     assert compiled.firing_rates == pytest.approx(eager.firing_rates, rel=1e-6)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from msgcli.errors import UserError
+
+    def missing():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(UserError, match="train.compile: .*C\\+\\+ compiler"):
+        engine_build.compile_model(nn.Linear(2, 2), torch.device("cpu"))

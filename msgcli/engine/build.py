@@ -102,7 +102,14 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     numbers an uncompiled one does. The state dict stays the module's own: save ``model``'s original.
     """
     import torch._inductor.config as inductor_config
+    from torch._inductor import cpp_builder
 
+    if device.type == "cpu":
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as err:  # noqa: BLE001 - whatever stops inductor finding one
+            raise UserError(f"train.compile: torch.compile on the CPU needs a C++ compiler ({err}); install g++ "
+                            "(or set CXX), or train without --compile") from None
     inductor_config.fallback_random = True
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 

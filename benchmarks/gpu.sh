@@ -7,11 +7,12 @@
 #                    reference, a training step
 #   step.log/.json   one training step at B = 64, fp32 and bf16, beside the floor, SpikingJelly, snnTorch; msgsnn's
 #                    per-step BatchNorm both ways: torch's batch_norm (msg, the default) and its Triton kernels
-#                    (msg_triton_bn, MSGSNN_TRITON_BN=1)
+#                    (msg_triton_bn, MSGSNN_TRITON_BN=1); then ResNet18 (the launch-bound network) eager against
+#                    --compile (torch.compile, CUDA graphs), msg and msg+compile, appended to step.log
 #   epoch.log/.json  expected time per epoch of the nine paper presets (their own precision)
 #   epoch-bf16.json  the same under bf16 autocast (its table is in epoch.log)
 # in ${OUT:-results/gpu} (8 files: what the device tool brings back). Each stage has a time limit and
-# the whole check a budget (BUDGET seconds, default 450), so it ends within 8 minutes; a stage stopped
+# the whole check a budget (BUDGET seconds, default 540), so it ends within 9.5 minutes; a stage stopped
 # at its limit keeps its partial log and makes the exit status 1. Needs torch, triton, typer, rich,
 # pyyaml, pandas and pytest, not tonic (no dataset is read). For the peers, carry the wheels of
 # spikingjelly 2.0, snntorch 1.0 and loguru in .whl/ (see benchmarks/README.md).
@@ -35,12 +36,14 @@ if [ "$mode" = cuda ]; then
         exit 2
     fi
     step_args=(--device cuda --batch 64 --amp bf16 --threads 16 --rounds 1 --steps 10 --warmup 3)
+    compile_args=(--device cuda --network resnet18 --batch 64 --threads 16 --rounds 1 --steps 10 --warmup 3)
     epoch_args=(--device cuda)
     model_args=()
     slack=1
 elif [ "$mode" = cpu ]; then
     step_args=(--device cpu --network vggsnn_tiny --batch 2 --T 2 --size 16 --amp bf16 --rounds 1 --steps 1 --warmup 0
         --cases msg,floor,msg_triton_bn)
+    compile_args=(--device cpu --network vggsnn_tiny --batch 2 --T 2 --size 16 --rounds 1 --steps 1 --warmup 1)
     epoch_args=(--device cpu --presets cifar100-resnet18 --batch 2 --steps 1 --warmup 0)
     model_args=(--presets dvs-vgg)
     slack=4
@@ -49,7 +52,7 @@ else
     exit 2
 fi
 
-budget=$((${BUDGET:-450} * slack))
+budget=$((${BUDGET:-540} * slack))
 mkdir -p "$out"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
@@ -89,6 +92,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 stage 60 gpu_model.txt "$python" benchmarks/gpu_model.py "${model_args[@]}"
 stage 120 test_cuda.log "$python" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not interpreter"
 stage 210 step.log "$python" benchmarks/step.py "${step_args[@]}" --json "$out/step.json"
+stage 150 step.log "$python" benchmarks/step.py "${compile_args[@]}" --cases msg --compile
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --json "$out/epoch.json"
 stage 90 epoch.log "$python" benchmarks/epoch.py "${epoch_args[@]}" --amp bf16 --json "$out/epoch-bf16.json"
 echo "gpu.sh: $((SECONDS))s, exit status $status; results in $out"

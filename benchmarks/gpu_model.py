@@ -20,7 +20,13 @@ the same network with ReLU in place of the LIF (the ``floor`` of ``benchmarks/st
 the Triton kernels' launch grids and tiles imply for each layer shape. A measured step on an H200 is
 compared with this: the bound is what no implementation can beat.
 
-    python benchmarks/gpu_model.py                                # dvs-vgg and dvs-resnet18, bf16
+Launches: one training step's GPU launches are counted on meta (Triton kernels, and torch operators
+less views and metadata-only ones; msgsnn's ``torch.ops.msgcli`` operators count the launches of
+their implementation), and priced at an assumed host cost each: eager, and under CUDA graphs
+(``--compile``), where the model's forward and backward are one replay each and only the loss and
+fused AdamW launch on their own.
+
+    python benchmarks/gpu_model.py                                # every paper preset, bf16
     python benchmarks/gpu_model.py --presets dvs-vgg --precision fp32 --layers
 """
 
@@ -46,8 +52,9 @@ from epoch import DATASETS  # noqa: E402
 
 from msgcli import config as config_io  # noqa: E402
 from msgcli.engine.build import build_model_from_config  # noqa: E402
+from msgcli.engine.reproduce import table_presets  # noqa: E402
 from msgcli.snn import LIF, Folded, TemporalBatchNorm, kernels  # noqa: E402
-from msgcli.snn.kernels import cuda  # noqa: E402
+from msgcli.snn.kernels import cuda, ops  # noqa: E402
 
 # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s; BF16 Tensor Core 1,979 TFLOPS
 # and TF32 Tensor Core 989 TFLOPS, both "with sparsity", i.e. 989 and 494.5 dense. 132 SMs: the H100 SXM5
@@ -69,12 +76,12 @@ KERNEL_ACCESSES = {
 MINIMUM_ACCESSES = {"LIF forward": (1, 2), "LIF backward": (2, 1), "BN forward": (1, 1), "BN backward": (2, 1)}
 RELU_ACCESSES = {"forward": (1, 1), "backward": (2, 1)}  # in place; backward reads dy and the output
 ADAMW_BYTES_PER_PARAM = 7 * 4  # reads parameter, gradient, both moments; writes parameter and moments (fp32)
+FUSED_ADAMW_LAUNCHES = 2  # torch's fused AdamW: one _foreach_add_ of the step counts, one _fused_adamw_
 LAUNCH_US = 5.0  # assumed cost of one eager launch (CPU dispatch), an order of magnitude to be measured on the GPU
-# aten operators that launch no GPU work (views, allocations, host-side draws)
+# aten operators that launch no GPU work (views, allocations, metadata, host reads)
 NOT_LAUNCHES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view",
                 "reshape", "_reshape_alias", "permute", "as_strided", "expand", "t", "transpose", "unsqueeze",
-                "squeeze", "select", "slice", "detach", "alias", "lift_fresh", "unbind", "split", "chunk",
-                "randint", "item", "_local_scalar_dense", "is_same_size", "_record_function_enter_new",
+                "squeeze", "select", "slice", "detach", "detach_", "alias", "lift_fresh", "unbind", "split", "chunk", "item", "_local_scalar_dense", "is_same_size", "_record_function_enter_new",
                 "_record_function_exit"}
 
 
@@ -236,11 +243,20 @@ def launch_rows(layers: list[Layer], precision: str) -> list[dict]:
 
 
 class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
+    """Counts the GPU launches of the operators dispatched under it: views and metadata-only operators are not
+    launches, and msgsnn's own operators (``torch.ops.msgcli.*``) run their implementation, whose launches count."""
+
+    def __init__(self, counter: collections.Counter) -> None:
         super().__init__()
-        self.ops: collections.Counter = collections.Counter()
+        self.ops = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "msgcli":  # on meta the fake would run: run the implementation instead, counted
+            with _CountOps(self.ops):
+                return getattr(ops, func._opname)._init_fn(*args, **(kwargs or {}))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with _CountOps(self.ops):  # what it decomposes into (``to`` of a tensor already so: nothing)
+                return func.decompose(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
         if name not in NOT_LAUNCHES:
             self.ops[name] += 1
@@ -261,25 +277,38 @@ def _triton_on_meta(launches: collections.Counter):
 
 
 def count_launches(model: nn.Module, shape: tuple, classes: int) -> dict:
-    """GPU launches of one steady-state training step (forward, loss, backward, foreach AdamW), counted on meta."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    """GPU launches of one steady-state training step, counted on meta: the model's forward and backward
+    (``model``), the loss on its output and that loss's backward (``loss``), and fused AdamW (``optimizer``:
+    :data:`FUSED_ADAMW_LAUNCHES`, as ``train`` runs it on CUDA; fused AdamW has no meta kernel)."""
     x = torch.empty(shape, device="meta")
     y = torch.zeros(shape[0], dtype=torch.long, device="meta")
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x).float().mean(0), y)
-        loss.backward()
-        optimizer.step()
+    def loss_of(logits):
+        return nn.functional.cross_entropy(logits.float().mean(0), y)
 
     launches: collections.Counter = collections.Counter()
+    step_ops: collections.Counter = collections.Counter()
+    loss_ops: collections.Counter = collections.Counter()
     with _triton_on_meta(launches):
-        step()  # the first step creates the optimizer state
-        launches.clear()
-        with _CountOps() as counter:
-            step()
-    return {"triton": sum(launches.values()), "torch": sum(counter.ops.values()),
-            "torch_ops": dict(counter.ops.most_common())}
+        with _CountOps(step_ops):
+            loss_of(model(x)).backward()
+    logits = torch.empty((shape[1] if len(shape) == 5 else model.T, shape[0], classes), device="meta",
+                         requires_grad=True)
+    with _CountOps(loss_ops):
+        loss_of(logits).backward()
+    torch_model = sum(step_ops.values()) - sum(loss_ops.values())
+    return {"triton": sum(launches.values()), "torch": torch_model, "loss": sum(loss_ops.values()),
+            "optimizer": FUSED_ADAMW_LAUNCHES, "torch_ops": dict(step_ops.most_common())}
+
+
+def dispatch_ms(launch_count: dict) -> dict:
+    """The step's launch time on the host, eager and under CUDA graphs (``train.compile`` on CUDA: the model's
+    forward and backward are one graph replay each; the loss and the optimizer stay eager), at
+    :data:`LAUNCH_US` a launch or replay."""
+    eager = sum(launch_count[k] for k in ("triton", "torch", "loss", "optimizer"))
+    graphs = 2 + launch_count["loss"] + launch_count["optimizer"]
+    return {"eager_launches": eager, "graph_launches": graphs,
+            "eager_ms": eager * LAUNCH_US / 1e3, "graphs_ms": graphs * LAUNCH_US / 1e3}
 
 
 def model_preset(name: str, batch: int | None, precision: str) -> dict:
@@ -309,7 +338,7 @@ def model_preset(name: str, batch: int | None, precision: str) -> dict:
         "lif_share_kernels": sum(parts[p].seconds_kernels for p in lif) / total_kernels,
         "floor_ms": floor * 1e3, "msgsnn_over_floor": total_kernels / floor,
         "launches": launch_rows(layers, precision),
-        "launch_count": launches, "launch_ms": (launches["triton"] + launches["torch"]) * LAUNCH_US / 1e3,
+        "launch_count": launches, "dispatch": dispatch_ms(launches),
     }
 
 
@@ -332,9 +361,12 @@ def print_report(r: dict, show_layers: bool) -> None:
           f"{r['lif_share_kernels']:.0%}")
     print(f"floor (in-place ReLU for the LIF, same BatchNorm): {r['floor_ms']:.3f} ms at the bound; msgsnn / floor "
           f"= {r['msgsnn_over_floor']:.2f} at the bound")
-    n = r["launch_count"]
-    print(f"launches per step: {n['triton']} Triton + {n['torch']} torch operators; at an assumed {LAUNCH_US:.0f} us "
-          f"each (eager dispatch) {r['launch_ms']:.2f} ms, {r['launch_ms'] / total:.1f}x the bound above")
+    n, d = r["launch_count"], r["dispatch"]
+    print(f"launches per step: {n['triton']} Triton + {n['torch']} torch kernels in the model, {n['loss']} for the loss, "
+          f"{n['optimizer']} for fused AdamW (views and metadata-only operators not counted)")
+    print(f"dispatch at an assumed {LAUNCH_US:.0f} us a launch: eager {d['eager_launches']} launches, "
+          f"{d['eager_ms']:.2f} ms = {d['eager_ms'] / total:.2f}x the bound; under CUDA graphs (--compile) "
+          f"{d['graph_launches']} launches, {d['graphs_ms']:.3f} ms = {d['graphs_ms'] / total:.3f}x the bound")
     print(f"Triton launches per layer shape (LIF: {cuda.LIF_BLOCK} neurons per program, {cuda.LIF_WARPS} "
           f"warps; BN: {cuda.BN_ROWS}-row tiles, {cuda.BN_WARPS} warps, programs of the elementwise "
           f"kernel; {H200_SMS} SMs)")
@@ -352,7 +384,8 @@ def print_report(r: dict, show_layers: bool) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="dvs-vgg,dvs-resnet18", help="comma-separated preset names")
+    p.add_argument("--presets", default=None,
+                   help="comma-separated preset names (default: every preset with the paper's number)")
     p.add_argument("--batch", type=int, default=None, help="default: each preset's own (64 for both defaults)")
     p.add_argument("--precision", default="bf16", choices=tuple(BYTES),
                    help="activation dtype: bf16 (autocast, as benchmarks/gpu.sh measures) or fp32")
@@ -363,7 +396,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    presets = ([p.strip() for p in args.presets.split(",") if p.strip()] if args.presets
+               else table_presets("main"))
     try:
         reports = [model_preset(name, args.batch, args.precision) for name in presets]
     except config_io.ConfigError as err:

@@ -24,6 +24,11 @@ It therefore includes gradients and the optimizer state, the same for every case
     python benchmarks/step.py                      # VGGSNN, B=8, T=10, 2x48x48, CPU, 2 threads
     python benchmarks/step.py --amp bf16           # adds a bf16-autocast run of every case
     python benchmarks/step.py --device cuda --batch 64     # adds msg_triton_bn
+    python benchmarks/step.py --compile --cases msg,sg,floor   # adds each case under torch.compile
+
+``--compile`` adds a ``<case>+compile`` run of every case: the model under ``torch.compile`` (the CPU's
+default mode; ``reduce-overhead``, CUDA graphs, on CUDA), as ``train.compile`` runs it; its warm-up
+steps include the compilation, which is not timed. The notes give each case's compiled speed-up.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ CASES = ("msg", "sg", "floor", "spikingjelly", "snntorch", "msg_triton_bn")
 CUDA_ONLY = ("msg_triton_bn",)
 MSGSNN_CASES = ("msg", "sg", "msg_triton_bn")
 RESULT_TAG = "STEP-RESULT "
+COMPILED = "+compile"  # the suffix of a case run under torch.compile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", default=None,
                    help=f"comma-separated subset of {','.join(CASES)} (default: all; {','.join(CUDA_ONLY)} on CUDA only)")
     p.add_argument("--backend", default="auto", help="msgsnn LIF backend for the msg/sg cases")
+    p.add_argument("--compile", action="store_true", help="also run every case under torch.compile (<case>+compile)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -189,9 +196,12 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model, after_step = build_case(args.worker, args)
+    case = args.worker.removesuffix(COMPILED)
+    model, after_step = build_case(case, args)
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if args.worker.endswith(COMPILED):
+        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
     g = torch.Generator().manual_seed(1)
     x = torch.poisson(torch.full((args.batch, args.T, args.channels, args.size, args.size), 0.3), generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
@@ -199,6 +209,7 @@ def worker(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float().mean(0), y)
@@ -234,7 +245,7 @@ def worker(args) -> dict:
     else:
         peak = _rss_kib("VmHWM") * 1024 - base if peak_reset else float("nan")
     return {"case": args.worker, "precision": args.precision, "times": times, "cpu_times": cpu_times, "peak_bytes": peak,
-            "backend": backend_used(args.worker, device)}
+            "backend": backend_used(case, device)}
 
 
 def backend_used(case: str, device) -> str:
@@ -343,6 +354,18 @@ def print_table(summary: dict, cases: list[str], precisions: list[str], notes: l
         print("note:", note)
 
 
+def compile_speedups(summary: dict, cases: list[str], precisions: list[str]) -> list[str]:
+    """One note per compiled case: its step time against the same case's eager one."""
+    notes = []
+    for prec in precisions:
+        for case in cases:
+            compiled, eager = summary.get((case, prec), {}), summary.get((case.removesuffix(COMPILED), prec), {})
+            if case.endswith(COMPILED) and "time" in compiled and "time" in eager:
+                notes.append(f"{case} {prec}: {compiled['time']:.3f} s a step against {eager['time']:.3f} s eager, "
+                             f"{eager['time'] / compiled['time']:.2f}x (cpu s {eager['cpu'] / compiled['cpu']:.2f}x)")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -364,6 +387,8 @@ def main(argv=None) -> int:
             notes.append(f"{case} skipped: {why}")
         else:
             runnable.append(case)
+    if args.compile:
+        runnable += [case + COMPILED for case in runnable]
     precisions = ["fp32"] + (["bf16"] if args.amp == "bf16" else [])
     import torch
 
@@ -392,6 +417,7 @@ def main(argv=None) -> int:
     notes.append("peers use joint (T*B) BatchNorm statistics, msgsnn its default per-step statistics; "
                  "peak = growth of peak memory during the steps (includes grads and AdamW state); "
                  "cpu s = process CPU time per step (user + system), steadier than wall time on a busy machine")
+    notes.extend(compile_speedups(summary, runnable, precisions))
     print_table(summary, runnable, precisions, notes)
     if args.json:
         with open(args.json, "w") as f:

@@ -54,6 +54,13 @@ def test_gpu_model_counts_the_bytes_and_flops_of_vggsnn(tmp_path, capsys):
     assert r["parts"]["BN backward"]["bytes_kernels"] == 5 * 2 * lif_elements
     assert r["parts"]["BN backward"]["bytes_min"] == 3 * 2 * lif_elements
     assert r["launch_count"]["triton"] == 8 * 2 + 8 * 4  # per step: LIF forward + backward, BN two each way
+    counted = r["launch_count"]["torch_ops"]
+    assert counted["convolution"] == 8 and counted["randint"] == 8  # every conv once; a mask key per LIF backward
+    assert not {"view", "permute", "expand", "empty_like", "detach", "lif", "lif_backward"} & set(counted)
+    n, d = r["launch_count"], r["dispatch"]
+    assert d["eager_launches"] == n["triton"] + n["torch"] + n["loss"] + n["optimizer"]
+    assert d["graph_launches"] == 2 + n["loss"] + n["optimizer"] < d["eager_launches"] / 10
+    assert d["eager_ms"] == pytest.approx(d["eager_launches"] * gpu_model.LAUNCH_US / 1e3)
     assert 0 < r["spiking_share_min"] < r["spiking_share_kernels"] < 1
     assert r["step_ms_kernels"] == pytest.approx(sum(p["seconds_kernels"] for p in r["parts"].values()) * 1e3)
     lif_rows = [row for row in r["launches"] if row["kernel"] == "LIF"]

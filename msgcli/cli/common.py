@@ -95,7 +95,7 @@ FLAG_KEYS = {  # flag -> the config key it sets
     "two": "two.enabled", "surrogate": "model.neuron.surrogate", "seed": "train.seed", "device": "train.device",
     "amp": "train.amp", "limit_batches": "train.limit_batches", "data_root": "data.root", "name": "name",
     "loggers": "train.loggers", "skip_bad_samples": "data.skip_bad_samples", "lr": "optim.lr",
-    "workers": "data.num_workers", "auto_resume": "train.auto_resume",
+    "workers": "data.num_workers", "auto_resume": "train.auto_resume", "compile": "train.compile",
 }
 
 

@@ -37,6 +37,8 @@ def train_command(
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write the metrics as TensorBoard scalars under "
                                      "<run>/tb/ (train.loggers: [csv, tensorboard]; needs the tensorboard package)."),
     skip_bad_samples: SkipBadSamples = False,
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (train.compile): CUDA graphs on "
+                                 "CUDA, the default mode on the CPU; same metrics, faster steps after the first."),
     plugins: Plugins = [],  # noqa: B006 - typer's repeatable option
     sets: Sets = [],  # noqa: B006 - typer's repeatable option
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly where it stopped."),
@@ -52,7 +54,8 @@ def train_command(
     overrides = flag_overrides(epochs=epochs, batch_size=batch_size, lr=lr, mask_p=mask_p, two=two, surrogate=surrogate, seed=seed,
                                device=device, amp=amp, limit_batches=limit_batches, data_root=data_root, name=name,
                                loggers=["csv", "tensorboard"] if tensorboard else None,
-                               skip_bad_samples=skip_bad_samples or None, workers=workers, auto_resume=auto_resume or None)
+                               skip_bad_samples=skip_bad_samples or None, workers=workers, auto_resume=auto_resume or None,
+                               compile=compile or None)
     cfg = resolve_config(preset, config_file, overrides, sets, plugins)
     run = RunDirectory(out / (cfg.name or cfg.preset or "run"))
     if detect_launch().rank == 0:  # at once, before torch loads (the engine holds the directory itself)

@@ -76,17 +76,42 @@ def build_two(cfg: RunConfig) -> TWO:
 
 def spiking_layers(model: nn.Module) -> dict[str, LIF]:
     """Every LIF layer by module path (``features.0.2``), DDP/compile wrappers stripped."""
-    inner = getattr(model, "module", model)
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
     return {name: m for name, m in inner.named_modules() if isinstance(m, LIF)}
 
 
 def build_optimizer(cfg: RunConfig, params, world_size: int = 1) -> torch.optim.Optimizer:
     """AdamW or SGD with momentum as ``cfg.optim`` says, at the configured lr for a job of ``world_size``
-    processes (the schedule sets it per epoch)."""
+    processes (the schedule sets it per epoch). AdamW on CUDA parameters is the fused one: one kernel a step
+    for all of them instead of several per tensor."""
     lr = cfg.lr(world_size)
+    params = list(params)
     if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``train.compile``: ``model`` under ``torch.compile``, with CUDA graphs on CUDA (``reduce-overhead``: the
+    step's hundreds of launches become one replay) and the default mode on the CPU.
+
+    The spiking layers are single graph nodes (:mod:`msgcli.snn.kernels.ops`). Random operators in the graph
+    (the Triton mask's key) run as torch's own (inductor's ``fallback_random``), so a compiled run draws the
+    numbers an uncompiled one does. The state dict stays the module's own: save ``model``'s original.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpp_builder
+
+    if device.type == "cpu":
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as err:  # noqa: BLE001 - whatever stops inductor finding one
+            raise UserError(f"train.compile: torch.compile on the CPU needs a C++ compiler ({err}); install g++ "
+                            "(or set CXX), or train without --compile") from None
+    inductor_config.fallback_random = True
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, two: TWO, cfg: RunConfig) -> torch.Tensor:

@@ -50,6 +50,7 @@ def evaluate(
     model: nn.Module, two: TWO, loader: DataLoader, cfg: RunConfig, ctx: distributed.DistContext, limit: int = 0
 ) -> EvalResult:
     was_training = model.training
+    eager = getattr(model, "_orig_mod", model)  # a compiled model's last, smaller batch runs eagerly: shapes stay static
     model.eval()
     two.eval()
     layers = spiking_layers(model)
@@ -70,7 +71,7 @@ def evaluate(
                 break
             inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)
             with autocast(ctx.device, cfg.train.amp):
-                logits = model(inputs)
+                logits = (model if inputs.shape[0] == loader.batch_size else eager)(inputs)
             logits = logits.float()
             decoded = two(logits)
             totals[0] += F.cross_entropy(decoded, targets, reduction="sum")

@@ -37,7 +37,8 @@ from msgcli import config as config_io
 from msgcli.config import RunConfig
 from msgcli.data import DataBundle, build_datasets, resolve_workers
 from msgcli.engine import checkpoint, distributed, loggers
-from msgcli.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, model_args, spiking_layers
+from msgcli.engine.build import (build_model_from_config, build_optimizer, build_two, compile_model, compute_loss, model_args,
+                                 spiking_layers)
 from msgcli.engine.evaluate import autocast, evaluate, test_loader
 from msgcli.engine.results import RunDirectory, append_row_locked
 from msgcli.engine.sampling import EpochSampler, SeededDataset, ignore_stop_signals
@@ -334,6 +335,8 @@ def _train(
     if ctx.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None)
     optimizer = build_optimizer(cfg, model.parameters(), ctx.world_size)
+    if cfg.train.compile:
+        model = compile_model(model, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.train.amp == "fp16")
     state = TrainState(raw_model, two, optimizer, scaler)
 
@@ -437,6 +440,8 @@ def train_epoch(trainer: Trainer, epoch: int, stop: StopSignals, bar: Progress, 
             break
         inputs = inputs.to(ctx.device, non_blocking=trainer.pin)
         targets = targets.to(ctx.device, non_blocking=trainer.pin)
+        if cfg.train.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs may reuse the last one's outputs
         with autocast(ctx.device, cfg.train.amp):
             logits = trainer.model(inputs)
         loss = compute_loss(logits.float(), targets, two, cfg)

@@ -75,3 +75,9 @@ class SpikeSpec:
             grad = grad / (1.0 - self.mask_p)
         fill = 0.0 if self.mask_fill == surrogate.ZERO_FILL else surrogate.get_surrogate(self.mask_fill)(x, self.alpha)
         return torch.where(keep, grad, fill)
+
+
+def mask_seed(device: torch.device) -> torch.Tensor:
+    """A fresh 62-bit key ``[1]`` (int64) for the Triton kernel's Philox mask, on ``device`` from its generator: no
+    host sync, and drawn afresh at every replay of a CUDA graph that captured it."""
+    return torch.randint(2**32, 2**62, (1,), dtype=torch.int64, device=device)

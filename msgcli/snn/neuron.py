@@ -9,11 +9,11 @@ A neuron step is three named parts, as in docs/method.md:
 
 The membrane starts at 0 on every call: the module keeps no state between calls.
 Two implementations sit behind :class:`LIF`: a plain-autograd reference written
-for reading, and a fused autograd Function that runs the time loop itself and
-saves only ``H`` (one tensor of activation size per timestep) for backward. The
-fused Function's loops are the device's operations of :mod:`msgcli.snn.kernels`
-(C kernels on CPU, Triton kernels on CUDA, torch operators wherever those do not
-run). Spikes leave the module marked as such (:func:`mark_levels`), so the next
+for reading, and a fused torch operator (``torch.ops.msgcli.lif``, with its own
+autograd, so ``torch.compile`` sees one node) that runs the time loop itself and
+saves only ``H`` (one tensor of activation size per timestep) for backward. Its
+loops are the device's operations of :mod:`msgcli.snn.kernels` (C kernels on CPU,
+Triton kernels on CUDA, torch operators wherever those do not run). Spikes leave the module marked as such (:func:`mark_levels`), so the next
 convolution may keep them as bytes.
 """
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from msgcli.snn import kernels, options
+from msgcli.snn.kernels.ops import spec_args
 from msgcli.snn.msg import SpikeSpec
 
 
@@ -67,36 +68,13 @@ def lif_reference(
     return torch.stack(spikes)
 
 
-class _FusedLIF(torch.autograd.Function):
-    """The whole time loop as one autograd node, over the ``lif_forward``/``lif_backward`` of a
-    :class:`msgcli.snn.kernels.Kernels`.
-
-    Saves the pre-spike membrane ``H`` ([T, B, ...], input dtype) and nothing
-    else: spikes are recomputed as ``H >= V_th`` and the MSG mask is drawn in
-    backward, timestep T-1 first, exactly as the reference's autograd does
-    (on CPU the C kernel draws torch's own random stream, see ``kernels/cpu.py``).
-    """
-
-    @staticmethod
-    def forward(ctx, current, ops, tau, v_threshold, spec, reset_mode, detach_reset):
-        spikes, membrane = ops.lif_forward(current, tau, v_threshold, reset_mode, True)
-        ctx.save_for_backward(membrane)
-        ctx.ops, ctx.params = ops, (tau, v_threshold, spec, reset_mode, detach_reset)
-        return spikes
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_spikes):
-        (membrane,) = ctx.saved_tensors
-        return (ctx.ops.lif_backward(grad_spikes, membrane, *ctx.params),) + (None,) * 6
-
-
 def fused_lif(current, ops: kernels.Kernels, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
-    """Spikes through :class:`_FusedLIF` on ``ops`` when a gradient is wanted, else the forward loop alone
-    (nothing saved)."""
-    if torch.is_grad_enabled() and current.requires_grad:
-        return _FusedLIF.apply(current, ops, tau, v_threshold, spec, reset_mode, detach_reset)
-    return ops.lif_forward(current, tau, v_threshold, reset_mode, False)[0]
+    """Spikes of the whole time loop on ``ops``, as one torch operator (``torch.ops.msgcli.lif``, see
+    :mod:`msgcli.snn.kernels.ops`) whose gradient runs the loop backward from the saved pre-spike membrane ``H``;
+    ``H`` is kept only when a gradient is wanted. The MSG mask is drawn in backward, timestep T-1 first, as the
+    reference's autograd draws it (on CPU the C kernel draws torch's own random stream, see ``kernels/cpu.py``)."""
+    keep = torch.is_grad_enabled() and current.requires_grad
+    return torch.ops.msgcli.lif(current, ops.key, tau, v_threshold, reset_mode, detach_reset, *spec_args(spec), keep)[0]
 
 
 _LEVELS = "_msgsnn_levels"
@@ -107,12 +85,16 @@ def mark_levels(x: torch.Tensor, levels: int) -> torch.Tensor:
 
     Consumers (``Folded`` convolutions) may then save ``x`` for backward as uint8 codes
     instead of floats; an in-place change of ``x`` bumps its version and voids the note.
+    Not under ``torch.compile``, which decides itself what a graph saves.
     """
-    setattr(x, _LEVELS, (int(levels), x._version))
+    if not torch.compiler.is_compiling():
+        setattr(x, _LEVELS, (int(levels), x._version))
     return x
 
 
 def levels_of(x: torch.Tensor) -> int | None:
+    if torch.compiler.is_compiling():
+        return None
     note = getattr(x, _LEVELS, None)
     return note[0] if note is not None and note[1] == x._version else None
 

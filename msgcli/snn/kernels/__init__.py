@@ -22,6 +22,11 @@ warning naming the kernel and the error; torch operators then run, with the same
 call the fused kernels do not take (a dtype, a layout, a registered surrogate) runs on torch
 operators too. An error while running a kernel (a CUDA out-of-memory, say) propagates.
 ``MSGSNN_CPU_KERNELS=0`` switches the C kernels off.
+
+The layers do not call these methods directly but the torch operators of :mod:`.ops`
+(``torch.ops.msgcli.*``), which name their :class:`Kernels` by :attr:`Kernels.key`: to
+``torch.compile`` each operation is then one opaque node, and the lock, the ctypes calls and
+the generator reads of this module run inside it, never in traced code.
 """
 
 from __future__ import annotations
@@ -99,6 +104,14 @@ TRITON_KERNELS = Family("Triton kernels", _load_triton_kernels,
                         "versions; backend='fused' chooses torch operators from the start.")
 
 
+_BY_KEY: dict[str, "Kernels"] = {}
+
+
+def by_key(key: str) -> "Kernels":
+    """The :class:`Kernels` whose :attr:`Kernels.key` is ``key`` (how the torch operators of :mod:`.ops` name them)."""
+    return _BY_KEY[key]
+
+
 class Kernels:
     """The operations on one kind of device: on the ``fused`` family's kernels where they take the call, else on
     torch operators (the rule of this module's docstring).
@@ -109,6 +122,8 @@ class Kernels:
 
     def __init__(self, name: str, fused: Family | None = None, strict: bool = False) -> None:
         self.name, self.fused, self.strict = name, fused, strict
+        self.key = name if name not in _BY_KEY else f"{name}#{len(_BY_KEY)}"
+        _BY_KEY[self.key] = self
 
     def __repr__(self) -> str:
         return f"Kernels({self.name!r})"
@@ -138,9 +153,11 @@ class Kernels:
         return self._run("lif_forward", current, tau, v_threshold, reset_mode, keep_membrane)
 
     def lif_backward(self, grad_spikes: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec,
-                     reset_mode: str, detach_reset: bool) -> torch.Tensor:
-        """The time loop's input gradient from the saved ``H``, the MSG mask of ``spec`` drawn afresh."""
-        return self._run("lif_backward", grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)
+                     reset_mode: str, detach_reset: bool, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """The time loop's input gradient from the saved ``H``, the MSG mask of ``spec`` drawn afresh: the Triton
+        kernel from ``seed`` (an int64 tensor on the device, drawn afresh when None), the C kernel and torch
+        operators from torch's generator, continuing its stream as ``torch.rand`` would."""
+        return self._run("lif_backward", grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, seed)
 
     def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""

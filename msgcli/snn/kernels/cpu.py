@@ -309,7 +309,8 @@ class CpuKernels:
         return bits, rowbytes
 
     def lif_backward(self, grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float,
-                     spec, reset_mode: str, detach_reset: bool) -> torch.Tensor:
+                     spec, reset_mode: str, detach_reset: bool, seed=None) -> torch.Tensor:
+        """The mask from torch's generator, as the reference draws it (``seed``, the Triton kernel's key, is not used)."""
         T, N = membrane.shape[0], membrane[0].numel()
         grad = _laid_like(membrane, grad)
         out = pool.empty_like(membrane)

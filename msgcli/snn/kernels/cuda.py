@@ -6,9 +6,11 @@ membrane ``H`` (saved for backward, input dtype); the backward reads the upstrea
 gradient and ``H`` once and writes the input gradient. The MSG keep-mask is drawn
 inside the backward kernel from a seed (Philox, ``tl.randint4x``: one call gives
 the draws of four timesteps), so no mask exists in memory at any time. The seed
-comes from torch's CPU generator at every backward call, so ``torch.manual_seed``
-makes runs repeatable and every backward draws a fresh mask; the stream differs
-from torch's, so ``p > 0`` matches the reference only in distribution.
+is an int64 tensor on the GPU, drawn from the device's generator at every backward
+call (:func:`msgcli.snn.msg.mask_seed`; in a compiled graph, by the graph itself), so
+``torch.manual_seed`` makes runs repeatable, every backward draws a fresh mask and
+a CUDA graph's replays draw fresh masks too; the stream differs from torch's, so
+``p > 0`` matches the reference only in distribution.
 
 Inputs may be float32, float16 or bfloat16 (arithmetic in float32; ``H`` is
 rounded to the input dtype before the spike test, so the spikes recomputed in
@@ -41,6 +43,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 from msgcli.snn import options, surrogate
 from msgcli.snn.memory import step_layout
+from msgcli.snn.msg import mask_seed
 
 AVAILABLE = triton is not None and torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -218,8 +221,8 @@ if triton is not None:
         tl.store(o_ptrs, (gh / tau).to(o_ptrs.dtype.element_ty), mask=inb)
         return gh * leak
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+    @triton.jit
+    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed_ptr, tau, leak, vth, alpha, p, keep_scale, fill_kind,
                              HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr,
                              NLC: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
@@ -237,6 +240,7 @@ if triton is not None:
             ridx = offs
         gv = tl.zeros([BLOCK], dtype=tl.float32)
         zero = tl.zeros([BLOCK], dtype=tl.int32)
+        seed = tl.load(seed_ptr)
         for gi in range(0, (T + 3) // 4):
             if MASK >= 0:
                 r0, r1, r2, r3 = tl.randint4x(seed + gi, ridx)
@@ -288,8 +292,9 @@ def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mod
 
 
 def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str,
-                 detach_reset: bool) -> torch.Tensor:
-    """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from a fresh seed (never stored)."""
+                 detach_reset: bool, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from ``seed`` (an int64 tensor on the
+    device; a fresh :func:`mask_seed` when None), never stored."""
     T, N = membrane.shape[0], membrane[0].numel()
     grad = _laid_like(membrane, grad)
     out = torch.empty_like(membrane)
@@ -298,8 +303,8 @@ def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_thres
     L = N // (B * C)
     switches = lif_backward_switches(spec, reset_mode, detach_reset,
                                      step_layout(membrane) == "nlc" and membrane.dim() == 5)
-    # a fresh 62-bit key per backward call from torch's CPU generator (no device sync), always an int64 argument
-    seed = int(torch.randint(2**32, 2**62, (1,)).item()) if switches["MASK"] != options.NO_MASK else 2**32
+    if seed is None:
+        seed = mask_seed(membrane.device) if switches["MASK"] != options.NO_MASK else membrane.new_zeros(1, dtype=torch.int64)
     keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
     fill_kind = spec.kernel_ids()[1]
     _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),

@@ -27,7 +27,8 @@ def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mod
     return spikes, membrane
 
 
-def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset) -> torch.Tensor:
+def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, seed=None) -> torch.Tensor:
+    """The mask from torch's generator (``seed``, the Triton kernel's key, is not used), as the reference draws it."""
     leak = 1.0 - 1.0 / tau
     grad_current = torch.empty_like(membrane)
     grad_v = torch.zeros_like(membrane[0])

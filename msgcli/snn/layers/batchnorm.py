@@ -6,8 +6,10 @@ Training-mode per-step statistics run on one of two paths. On CUDA, torch's own 
 channel) pairs, with the affine parameters repeated over T (:func:`_timesteps_as_channels`):
 fewer custom kernels to trust, until a GPU measures the Triton BatchNorm kernels faster.
 ``MSGSNN_TRITON_BN=1`` selects those instead (``benchmarks/gpu.sh`` measures both). Everywhere
-else, and under synchronisation, :class:`_PerStepBatchNorm` runs the device's ``bn_*``
-operations of :mod:`msgcli.snn.kernels` (C kernels on CPU). Either way the running statistics
+else, and under synchronisation, the operator ``torch.ops.msgcli.batch_norm_per_step``
+(:mod:`msgcli.snn.kernels.ops`, with its own autograd) runs the device's ``bn_*`` operations of
+:mod:`msgcli.snn.kernels` (C kernels on CPU); it saves only its input and ``[T, C]`` statistics,
+like the native BatchNorm, and takes two passes forward and two backward. Either way the running statistics
 receive T successive momentum updates per call.
 
 Under data parallelism, :func:`sync_batchnorm` makes every TemporalBatchNorm reduce its sums
@@ -21,8 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from msgcli.snn import kernels, options
-from msgcli.snn.layers.sync import all_reduce_stats, all_reduce_sums, synchronised
-from msgcli.snn.memory import step_layout
+from msgcli.snn.kernels import ops  # noqa: F401 - registers torch.ops.msgcli
+from msgcli.snn.layers.sync import synchronised
 
 
 def _check_count(x: torch.Tensor, sync: bool) -> int:
@@ -34,7 +36,7 @@ def _check_count(x: torch.Tensor, sync: bool) -> int:
 
 
 def _batchnorm_kernels(device: torch.device) -> kernels.Kernels:
-    """The ``bn_*`` operations of :class:`_PerStepBatchNorm`: the device's, but on CUDA torch operators unless
+    """The ``bn_*`` operations of per-step BatchNorm: the device's, but on CUDA torch operators unless
     ``MSGSNN_TRITON_BN=1`` selects the Triton kernels."""
     if device.type == "cuda" and not kernels.triton_batchnorm():
         return kernels.TORCH
@@ -68,64 +70,6 @@ def _timesteps_as_channels(x: torch.Tensor, weight: torch.Tensor | None, bias: t
     out = torch.empty_like(x)
     out.copy_(y.view(B, T, C, *x.shape[3:]).transpose(0, 1))
     return out, mean.view(T, C), var.view(T, C)
-
-
-class _PerStepBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``, on the ``bn_*``
-    operations of ``ops`` (a :class:`msgcli.snn.kernels.Kernels`).
-
-    Saves only its input (plus ``[T, C]`` statistics), like the native BatchNorm.
-    Returns ``(y, mean, var)``: the biased batch mean and the unbiased variance, for the
-    running-statistics update. The C kernels take two passes forward and two backward.
-    ``sync``: the statistics and the backward sums are all-reduced over the ranks (one
-    all-reduce each way); the weight and bias gradients stay this rank's, as DDP then
-    averages them.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, sync, ops):
-        if step_layout(x) is None:
-            x = x.contiguous()
-        C = x.shape[2]
-        count = _check_count(x, sync)
-        mean, var = ops.bn_stats(x)
-        if sync:
-            mean, var, count = all_reduce_stats(mean, var, count)
-        stat = mean.dtype
-        invstd = torch.rsqrt(var + eps)
-        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
-        b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
-        scale = w * invstd
-        shift = b - mean * scale
-        y = ops.bn_apply(x, scale, shift)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.ops, ctx.count, ctx.sync = ops, count, sync
-        unbiased = var * (count / (count - 1))
-        ctx.mark_non_differentiable(mean, unbiased)
-        return y, mean, unbiased
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, weight, mean, invstd = ctx.saved_tensors
-        ops, count = ctx.ops, ctx.count
-        C = x.shape[2]
-        stat = mean.dtype
-        sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
-        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
-        grad_x = grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sdy.sum(0).to(weight.dtype)
-        if ctx.sync:
-            sdy, sdyx = all_reduce_sums(sdy, sdyx)
-        if ctx.needs_input_grad[0]:
-            a = w * invstd
-            q = invstd * invstd * sdyx / count
-            r = a * sdy / count
-            grad_x = ops.bn_backward_input(grad_y, x, mean, q, a, r)
-        return grad_x, grad_w, grad_b, None, None, None
 
 
 class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -166,8 +110,9 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if _torch_batch_norm_applies(steps, sync):
             y, mean, var = _timesteps_as_channels(steps, self.weight, self.bias, self.eps)
         else:
-            ops = _batchnorm_kernels(steps.device)
-            y, mean, var = _PerStepBatchNorm.apply(steps, self.weight, self.bias, self.eps, sync, ops)
+            _check_count(steps, sync)
+            y, mean, var, _invstd, _count = torch.ops.msgcli.batch_norm_per_step(
+                steps, self.weight, self.bias, self.eps, sync, _batchnorm_kernels(steps.device).key)
         if self.track_running_stats and self.running_mean is not None:
             self._sequential_running_update(mean, var)
         return y.view_as(x)

@@ -15,7 +15,9 @@ from msgcli.snn.neuron import levels_of, mark_levels
 
 
 class Folded(nn.Module):
-    """Apply a stateless module to ``[T, B, ...]`` as one ``[T*B, ...]`` batch."""
+    """Apply a stateless module to ``[T, B, ...]`` as one ``[T*B, ...]`` batch; to the B frames alone when every
+    step holds the same frames (a ``[T, B, ...]`` view of stride 0 over T: direct encoding), whose result is then
+    repeated over T."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -24,6 +26,12 @@ class Folded(nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and x.stride(0) == 0:
+            once = self._folded(x[:1])
+            return torch.cat([once.flatten(0, 1)] * x.shape[0]).view(x.shape[0], *once.shape[1:])
+        return self._folded(x)
+
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
         levels = levels_of(x)
         flat = x.flatten(0, 1)
         module = self.module

@@ -15,7 +15,9 @@ class SpikingNet(nn.Module):
     """Base class: turns the input into ``[T, B, C, H, W]`` and returns ``[T, B, K]``.
 
     Event clips arrive as ``[B, T, C, H, W]``; static images as ``[B, C, H, W]``
-    are repeated T times (direct encoding: the first conv+BN+LIF is the encoder).
+    are repeated T times (direct encoding: the first conv+BN+LIF is the encoder), as
+    a view whose T steps share one image, so the first :class:`Folded` convolution runs
+    once on the B images instead of T*B times.
     Subclasses implement :meth:`forward_time` on ``[T, B, ...]``.
     """
 
@@ -28,14 +30,14 @@ class SpikingNet(nn.Module):
         if x.dim() == 5:
             if x.shape[1] != self.T:
                 raise ValueError(f"input T: the model was built for T={self.T}, got clips with T={x.shape[1]} (shape {tuple(x.shape)})")
-            seq = x.transpose(0, 1)
+            seq = x.transpose(0, 1).contiguous()
         elif x.dim() == 4:
             seq = x.unsqueeze(0).expand(self.T, *x.shape)
         else:
             raise ValueError(f"input: expected [B, T, C, H, W] events or [B, C, H, W] images, got shape {tuple(x.shape)}")
         if seq.shape[2] != self.in_channels:
             raise ValueError(f"input channels: the model expects {self.in_channels}, got {seq.shape[2]} (shape {tuple(x.shape)})")
-        return seq.contiguous()
+        return seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_time(self.encode(x))

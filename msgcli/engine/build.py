@@ -28,7 +28,7 @@ def model_args(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, 
     """
     m = cfg.model
     return dict(name=m.name, in_channels=in_channels, num_classes=num_classes, T=cfg.T, input_size=cfg.data.size,
-                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
+                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool, recompute=m.recompute)
 
 
 def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:

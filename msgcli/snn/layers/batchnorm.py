@@ -16,6 +16,8 @@ over the processes (:mod:`.sync`), in either mode.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -70,6 +72,51 @@ def _timesteps_as_channels(x: torch.Tensor, weight: torch.Tensor | None, bias: t
     return out, mean.view(T, C), var.view(T, C)
 
 
+def normalise(x, weight, bias, eps: float, sync: bool, ops: kernels.Kernels):
+    """Per-(timestep, channel) BatchNorm of a dense ``x [T, B, C, ...]`` on ``ops``, no autograd.
+
+    Returns ``y``, the batch mean and ``1/std`` ``[T, C]`` (what the backward needs), the unbiased variance (for
+    the running statistics) and the count of values per statistic.
+    """
+    count = _check_count(x, sync)
+    mean, var = ops.bn_stats(x)
+    if sync:
+        mean, var, count = all_reduce_stats(mean, var, count)
+    invstd = torch.rsqrt(var + eps)
+    y = ops.bn_apply(x, *affine(weight, bias, mean, invstd))
+    return y, mean, invstd, var * (count / (count - 1)), count
+
+
+def affine(weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale, shift`` ``[T, C]`` with ``y = x * scale + shift`` the normalised, weighted and shifted ``x``."""
+    stat, C = mean.dtype, mean.shape[-1]
+    w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=mean.device)
+    b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=mean.device)
+    scale = w * invstd
+    return scale, b - mean * scale
+
+
+def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: kernels.Kernels, needs_input_grad):
+    """Gradients of :func:`normalise` for its input, weight and bias (None where ``needs_input_grad`` says so)."""
+    C = x.shape[2]
+    stat = mean.dtype
+    sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
+    w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
+    grad_x = grad_w = grad_b = None
+    if weight is not None and needs_input_grad[1]:
+        grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
+    if weight is not None and needs_input_grad[2]:
+        grad_b = sdy.sum(0).to(weight.dtype)
+    if sync:
+        sdy, sdyx = all_reduce_sums(sdy, sdyx)
+    if needs_input_grad[0]:
+        a = w * invstd
+        q = invstd * invstd * sdyx / count
+        r = a * sdy / count
+        grad_x = ops.bn_backward_input(grad_y, x, mean, q, a, r)
+    return grad_x, grad_w, grad_b
+
+
 class _PerStepBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm with statistics per (timestep, channel) over ``B*H*W``, on the ``bn_*``
     operations of ``ops`` (a :class:`msgcli.snn.kernels.Kernels`).
@@ -86,21 +133,9 @@ class _PerStepBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, sync, ops):
         if step_layout(x) is None:
             x = x.contiguous()
-        C = x.shape[2]
-        count = _check_count(x, sync)
-        mean, var = ops.bn_stats(x)
-        if sync:
-            mean, var, count = all_reduce_stats(mean, var, count)
-        stat = mean.dtype
-        invstd = torch.rsqrt(var + eps)
-        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
-        b = bias.detach().to(stat) if bias is not None else torch.zeros(C, dtype=stat, device=x.device)
-        scale = w * invstd
-        shift = b - mean * scale
-        y = ops.bn_apply(x, scale, shift)
+        y, mean, invstd, unbiased, count = normalise(x, weight, bias, eps, sync, ops)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.ops, ctx.count, ctx.sync = ops, count, sync
-        unbiased = var * (count / (count - 1))
         ctx.mark_non_differentiable(mean, unbiased)
         return y, mean, unbiased
 
@@ -108,24 +143,8 @@ class _PerStepBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
-        ops, count = ctx.ops, ctx.count
-        C = x.shape[2]
-        stat = mean.dtype
-        sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
-        w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
-        grad_x = grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sdy.sum(0).to(weight.dtype)
-        if ctx.sync:
-            sdy, sdyx = all_reduce_sums(sdy, sdyx)
-        if ctx.needs_input_grad[0]:
-            a = w * invstd
-            q = invstd * invstd * sdyx / count
-            r = a * sdy / count
-            grad_x = ops.bn_backward_input(grad_y, x, mean, q, a, r)
-        return grad_x, grad_w, grad_b, None, None, None
+        grads = normalise_backward(grad_y, x, weight, mean, invstd, ctx.count, ctx.sync, ctx.ops, ctx.needs_input_grad)
+        return (*grads, None, None, None)
 
 
 class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -184,11 +203,17 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.mul_(1 - f).add_(var[t].to(self.running_var.dtype), alpha=f)
             return
         m = self.momentum
-        decay = (1.0 - m) ** torch.arange(T - 1, -1, -1, device=mean.device, dtype=torch.float64)
+        weights = _momentum_weights(T, m, self.running_mean.device, self.running_mean.dtype)
         for running, batch in ((self.running_mean, mean), (self.running_var, var)):
-            new = running.double() * (1.0 - m) ** T + m * (decay[:, None] * batch.double()).sum(0)
-            running.copy_(new)
+            running.mul_((1.0 - m) ** T).add_(weights @ batch.to(running.dtype))
         self.num_batches_tracked.add_(T)
+
+
+@functools.lru_cache(maxsize=64)
+def _momentum_weights(T: int, momentum: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``m (1 - m)^(T-1-t)``, t = 0..T-1: the weight of timestep t's statistic after T momentum updates (made once per
+    T, momentum, device and dtype, so the update is a matrix-vector product in the buffers' own type)."""
+    return (momentum * (1.0 - momentum) ** torch.arange(T - 1, -1, -1, dtype=torch.float64)).to(device, dtype)
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:

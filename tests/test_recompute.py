@@ -137,6 +137,14 @@ def test_packing_restores_spikes_and_their_averages_exactly(levels, channels_las
     assert torch.equal(packing.unpack(packed, torch.bfloat16), x.bfloat16())
 
 
+def test_packing_in_torch_operators_equals_numpys():
+    """The planes other devices pack with torch operators are the ones numpy packs on the CPU."""
+    codes = torch.randint(0, 5, (1003,), dtype=torch.uint8)
+    planes = packing._planes_numpy(codes, 3)
+    assert torch.equal(packing._planes_torch(codes, 3), planes)
+    assert torch.equal(packing._codes_torch(planes, 1003), codes) and torch.equal(packing._codes_numpy(planes, 1003), codes)
+
+
 @pytest.mark.parametrize("ops", [CPU, TORCH], ids=["c", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reset", ["hard", "soft"])

@@ -51,31 +51,40 @@ def pack(x: torch.Tensor, levels: int) -> Packed:
     if not _dense(x):
         x = x.contiguous()
     codes = _memory_order(kernels.for_device(x.device).encode(x.detach(), levels))
-    k = bits(levels)
-    if codes.device.type == "cpu":
-        array = codes.numpy()
-        planes = [np.packbits(array if levels == 1 else (array >> b) & 1, bitorder="little") for b in range(k)]
-        packed = torch.from_numpy(np.stack(planes))
-    else:
-        codes = torch.nn.functional.pad(codes, (0, -codes.numel() % 8)).view(-1, 8)
-        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=codes.device)
-        packed = torch.stack([(((codes >> b) & 1) * weights).sum(1, dtype=torch.uint8) for b in range(k)])
-    return Packed(packed, tuple(x.shape), tuple(x.stride()), levels)
+    planes = _planes_numpy if codes.device.type == "cpu" else _planes_torch
+    return Packed(planes(codes, bits(levels)), tuple(x.shape), tuple(x.stride()), levels)
 
 
 def unpack(packed: Packed, dtype: torch.dtype) -> torch.Tensor:
     """The tensor :func:`pack` was given, as ``dtype``, laid out as it was."""
     planes = packed.planes
     codes = torch.empty_strided(packed.shape, packed.stride, dtype=torch.uint8, device=planes.device)
-    n = codes.numel()
-    if planes.device.type == "cpu":
-        array = planes.numpy()
-        flat = np.unpackbits(array[0], count=n, bitorder="little")
-        for b in range(1, planes.shape[0]):
-            flat |= np.unpackbits(array[b], count=n, bitorder="little") << b
-        flat = torch.from_numpy(flat)
-    else:
-        shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
-        flat = sum((((planes[b, :, None] >> shifts) & 1) << b) for b in range(planes.shape[0])).flatten()[:n]
-    _memory_order(codes).copy_(flat)
+    read = _codes_numpy if planes.device.type == "cpu" else _codes_torch
+    _memory_order(codes).copy_(read(planes, codes.numel()))
     return kernels.for_device(codes.device).decode(codes, packed.levels, dtype)
+
+
+def _planes_numpy(codes: torch.Tensor, k: int) -> torch.Tensor:
+    array = codes.numpy()
+    return torch.from_numpy(np.stack([np.packbits((array >> b) & 1 if b else array & 1, bitorder="little")
+                                      for b in range(k)]))
+
+
+def _planes_torch(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`_planes_numpy` in torch operators, for any device."""
+    codes = torch.nn.functional.pad(codes, (0, -codes.numel() % 8)).view(-1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=codes.device)
+    return torch.stack([(((codes >> b) & 1) * weights).sum(1, dtype=torch.uint8) for b in range(k)])
+
+
+def _codes_numpy(planes: torch.Tensor, n: int) -> torch.Tensor:
+    array = planes.numpy()
+    codes = np.unpackbits(array[0], count=n, bitorder="little")
+    for b in range(1, planes.shape[0]):
+        codes |= np.unpackbits(array[b], count=n, bitorder="little") << b
+    return torch.from_numpy(codes)
+
+
+def _codes_torch(planes: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    return sum((((planes[b, :, None] >> shifts) & 1) << b) for b in range(planes.shape[0])).flatten()[:n]

@@ -174,9 +174,7 @@ def run_process(case: str, precision: str, batch: int, args) -> dict:
            "--warmup", str(args.warmup)]
     if args.release:
         cmd += ["--release", args.release]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_step_script().worker_env(args.threads))
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -196,23 +194,18 @@ def summarise(small: dict, large: dict, budget_bytes: float) -> dict:
 
 
 def print_table(summary: dict, cases: list[str], precisions: list[str], args, notes: list[str]) -> None:
-    small, large = (int(b) for b in args.batches.split(","))
+    large = int(args.batches.split(",")[1])
     print(f"| case | precision | activation MiB / sample | x floor | step at batch {large} (s) | x floor | "
           f"largest batch in {args.budget_gib:g} GiB |")
     print("|---|---|---|---|---|---|---|")
-    for prec in precisions:
-        floor = summary.get(("floor", prec), {})
-        for case in cases:
-            r = summary.get((case, prec))
-            if r is None:
-                continue
-            if "error" in r:
-                print(f"| {case} | {prec} | failed: {r['error']} | | | | |")
-                continue
-            mem = f"{r['per_sample'] / floor['per_sample']:.2f}" if floor.get("per_sample") else "-"
-            step = f"{r['step'] / floor['step']:.2f}" if floor.get("step") else "-"
-            print(f"| {case} | {prec} | {r['per_sample'] / 2**20:.1f} | {mem} | {r['step']:.2f} | {step} | "
-                  f"{r['max_batch'] if r['max_batch'] is not None else '-'} |")
+    for case, prec, r, floor in _step_script().table_rows(summary, cases, precisions):
+        if "error" in r:
+            print(f"| {case} | {prec} | failed: {r['error']} | | | | |")
+            continue
+        mem = f"{r['per_sample'] / floor['per_sample']:.2f}" if floor.get("per_sample") else "-"
+        step = f"{r['step'] / floor['step']:.2f}" if floor.get("step") else "-"
+        print(f"| {case} | {prec} | {r['per_sample'] / 2**20:.1f} | {mem} | {r['step']:.2f} | {step} | "
+              f"{r['max_batch'] if r['max_batch'] is not None else '-'} |")
     for note in notes:
         print("note:", note)
 

@@ -73,10 +73,7 @@ def test_the_lean_default_path_equals_the_layers_run_one_by_one(name, T, size, r
     logits_p, grads_p, buffers_p = _step(plain, x)
     assert torch.equal(logits, logits_p)
     for n, g in grads.items():
-        if ".module.weight" in n:  # convolutions see the very same input gradients
-            assert torch.equal(grads_p[n], g), n
-        # BatchNorm's weight and bias gradients: the chunks' sums added, float32 rounding
-        torch.testing.assert_close(grads_p[n], g, rtol=1e-6, atol=1e-6 * g.abs().max().item(), msg=n)
+        assert torch.equal(grads_p[n], g), n
     for n, b in buffers.items():
         assert torch.equal(buffers_p[n], b), n
 
@@ -100,8 +97,8 @@ def test_recompute_under_bf16_autocast_and_joint_statistics_matches_the_default_
     torch.testing.assert_close(logits_r, logits, rtol=2e-2, atol=2e-2)
     for n, g in grads.items():
         torch.testing.assert_close(grads_r[n], g, rtol=5e-2, atol=5e-2 * g.abs().max().item(), msg=n)
-    for n, b in buffers.items():
-        torch.testing.assert_close(buffers_r[n], b, rtol=1e-4, atol=1e-5, msg=n)
+    for n, b in buffers.items():  # torch's joint BatchNorm against the C statistics, over bf16 values
+        torch.testing.assert_close(buffers_r[n], b, rtol=1e-2, atol=1e-3, msg=n)
 
 
 def test_recompute_saves_the_input_spikes_as_bits_and_the_chunk_boundaries():

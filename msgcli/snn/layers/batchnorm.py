@@ -96,17 +96,22 @@ def affine(weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torc
     return scale, b - mean * scale
 
 
-def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: kernels.Kernels, needs_input_grad):
-    """Gradients of :func:`normalise` for its input, weight and bias (None where ``needs_input_grad`` says so)."""
+def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: kernels.Kernels, needs_input_grad,
+                       per_step: bool = False):
+    """Gradients of :func:`normalise` for its input, weight and bias (None where ``needs_input_grad`` says so).
+
+    ``per_step``: the weight and bias gradients as their ``[T, C]`` terms in the statistics' type, to be summed
+    over T by the caller (chunks of timesteps concatenated first give the very sums of one call).
+    """
     C = x.shape[2]
     stat = mean.dtype
     sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
     w = weight.detach().to(stat) if weight is not None else torch.ones(C, dtype=stat, device=x.device)
     grad_x = grad_w = grad_b = None
     if weight is not None and needs_input_grad[1]:
-        grad_w = (sdyx * invstd).sum(0).to(weight.dtype)
+        grad_w = sdyx * invstd if per_step else (sdyx * invstd).sum(0).to(weight.dtype)
     if weight is not None and needs_input_grad[2]:
-        grad_b = sdy.sum(0).to(weight.dtype)
+        grad_b = sdy if per_step else sdy.sum(0).to(weight.dtype)
     if sync:
         sdy, sdyx = all_reduce_sums(sdy, sdyx)
     if needs_input_grad[0]:

@@ -135,7 +135,8 @@ class RecomputedBlock(torch.autograd.Function):
         tau, v_threshold = block.lif_args()
         scale, shift = affine(bn_weight, bn_bias, mean, invstd)
         grad_x = torch.empty_strided(flat_shape, flat_stride, dtype=x_dtype, device=grad_spikes.device) if need_x else None
-        grads = [None, None, None, None]  # conv weight, conv bias, bn weight, bn bias
+        grads = [None, None]  # conv weight, conv bias
+        bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
         grad_state = None
         chunks = _chunks(T, block.chunk or T)
         for k in reversed(range(len(chunks))):
@@ -160,16 +161,16 @@ class RecomputedBlock(torch.autograd.Function):
             grad_y = block.lif_ops.lif_chunk_backward(grad_spikes[t0:t1], membrane, grad_state, tau, v_threshold,
                                                       lif.spec, lif.reset, lif.detach_reset)
             del membrane
-            grad_current, grad_bn_w, grad_bn_b = normalise_backward(
+            grad_current, *terms = normalise_backward(
                 block.statistics_view(grad_y), steps, bn_weight, mean[rows], invstd[rows], ctx.count, block.sync,
-                block.bn_ops, bn_needs)
+                block.bn_ops, bn_needs, per_step=True)
             del grad_y, steps
+            for kept, term in zip(bn_terms, terms):
+                if term is not None:
+                    kept.append(term)
             if conv is None:
                 if need_x:
                     grad_x[t0:t1] = grad_current.view_as(current)
-                for i, g in ((2, grad_bn_w), (3, grad_bn_b)):
-                    if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i] + g
                 continue
             dtype = current.dtype
             gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -178,13 +179,14 @@ class RecomputedBlock(torch.autograd.Function):
                 list(conv.dilation), False, [0, 0], conv.groups, [need_x, need_w, conv.bias is not None and need_b])
             if need_x:
                 grad_x[t0 * B: t1 * B] = gx
-            for i, g in enumerate((gw, gb, grad_bn_w, grad_bn_b)):
+            for i, g in enumerate((gw, gb)):
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i] + g
+        grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
         if conv is None:
-            return grad_x, None, None, grads[2], grads[3], None
+            return grad_x, None, None, *grad_bn, None
         grad_x = None if grad_x is None else grad_x.view(T, B, *flat_shape[1:])
-        return (grad_x, _cast(grads[0], conv_weight), _cast(grads[1], conv.bias), grads[2], grads[3], None)
+        return (grad_x, _cast(grads[0], conv_weight), _cast(grads[1], conv.bias), *grad_bn, None)
 
 
 def _cast(grad, like):

@@ -2,7 +2,7 @@
 
 Every such error derives from :class:`MsgsnnError`; the CLI prints its message as one
 ``error: ...`` line and exits with its ``exit_code``. This module imports nothing from
-msgsnn, so every layer (``snn`` included) may raise these errors.
+msgcli, so every layer (``snn`` included) may raise these errors.
 """
 
 from __future__ import annotations

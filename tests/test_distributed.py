@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msgcli import config as config_io
-from msgcli.engine import checkpoint
+from msgcli.engine import checkpoint, distributed
 from msgcli.engine import train as train_module
 from msgcli.errors import UserError
 from msgcli.engine.seeding import seed_rank
@@ -31,6 +31,34 @@ from tests.launch import FAULTY_CLI, finish, free_port, same_metrics
 def join_group(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# ---------------------------------------------------------------- srun: rank 0 hosts the store
+
+
+def _late_reader_worker(rank: int, world: int, port: int, results: str) -> None:
+    """srun's tasks: rank 0 answers at once and leaves; rank 1 reads the answer 2 s later."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_NTASKS=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = distributed.setup("cpu", timeout_s=30)
+    assert ctx.launcher == "srun" and ctx.world_size == world
+    try:
+        if rank == 1:
+            time.sleep(2)
+        answer = distributed.on_main(ctx, lambda: "finished already")
+    finally:
+        distributed.teardown(ctx)
+    Path(results, str(rank)).write_text(answer)
+
+
+@pytest.mark.slow
+def test_under_srun_rank_0_keeps_its_store_until_every_rank_has_read_its_last_answer(tmp_path):
+    """Rank 0 hosts srun's store: leaving right after its answer (as a finished --auto-resume run does)
+    must not take the store from a rank that has not read it yet."""
+    mp.spawn(_late_reader_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["finished already"] * 2
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm

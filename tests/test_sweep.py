@@ -5,7 +5,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 import types
 
 import pandas as pd
@@ -17,7 +21,9 @@ from msgcli.cli import app
 from msgcli.config import ConfigError
 from msgcli.engine import sweep as sweeps
 from msgcli.errors import UserError
+from msgcli.engine.results import RunDirectory
 from tests.conftest import tiny_cli_args, tiny_config
+from tests.launch import clean_environment
 from tests.test_data import write_cifar10dvs
 from tests.test_plugins import write_plugin
 
@@ -103,6 +109,38 @@ def test_sweep_runs_points_in_parallel_records_failures_skips_finished_and_resum
     # a changed setting is not silently mixed with the old runs
     result = invoke(*rerun, "--set", "model.neuron.alpha=4")
     assert result.exit_code != 0 and "model.neuron.alpha: 2.0 -> 4.0" in result.output, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1], ids=lambda sig: sig.name)
+def test_a_stop_signal_to_the_coordinator_alone_saves_the_running_point_and_the_same_command_resumes(tmp_path, stop):
+    """SLURM's SIGUSR1 or a SIGTERM that reaches only the coordinator (not its process group): the running point
+    saves and stops, sweep.csv says so, no point is left running, and the same command finishes the sweep."""
+    args = [sys.executable, "-m", "msgcli", "sweep", "--out", str(tmp_path), "--name", "stopped", "--mask-p", "0.3,0.6",
+            *tiny_cli_args(tmp_path), "--set", "train.epochs=30"]
+    sweep = tmp_path / "sweeps" / "stopped"
+    first = sweep / "mask_p=0.3_seed=42"
+    coordinator = subprocess.Popen(args, env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)  # the signal reaches the coordinator alone
+    try:
+        deadline = time.monotonic() + 120
+        while not (first / "checkpoints" / "last.pt").exists():
+            assert coordinator.poll() is None and time.monotonic() < deadline, coordinator.communicate()
+            time.sleep(0.1)
+        coordinator.send_signal(stop)
+        out, err = coordinator.communicate(timeout=120)
+    finally:
+        coordinator.kill()
+    assert coordinator.returncode == 130, out + err
+    assert err.strip().splitlines() == [f"error: {stop.name}: the running points saved their checkpoints; "
+                                        "the same command resumes them"], err
+    assert pd.read_csv(sweep / "sweep.csv")["status"].tolist() == ["interrupted", "pending"]
+    RunDirectory(first).refuse_if_held()  # its train process is gone: it would raise RunInUse
+    assert re.search(r"interrupted (at|after) epoch \d+", (sweep / "logs" / f"{first.name}.log").read_text())
+    done = subprocess.run(args, env=clean_environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 to resume, 1 to start" in done.stdout
+    assert pd.read_csv(sweep / "sweep.csv")["status"].tolist() == ["finished", "finished"]
 
 
 @pytest.mark.usefixtures("isolated_registries")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from msgcli.engine.stops import STOP_SIGNALS
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -82,9 +84,6 @@ class SeededDataset(Dataset):
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.default_generator.set_state(saved[2])
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -6,7 +6,10 @@ Each point is its own ``python -m msgcli train`` process: locally N at a time
 in one point is a ``failed`` row, never a dead sweep. Rerunning the same sweep
 skips finished points and resumes interrupted ones. Only the coordinating
 process writes ``sweep.csv``, whole and atomically after every point, and a
-lock keeps a second coordinator out of the same sweep directory.
+lock keeps a second coordinator out of the same sweep directory. A stop signal
+to the coordinator (Ctrl-C, SIGTERM, SLURM's SIGUSR1) reaches every running
+local point, which saves and stops; the coordinator then writes ``sweep.csv``
+and exits 130, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import itertools
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -29,6 +33,7 @@ from msgcli import config as config_io
 from msgcli.config import ConfigError, RunConfig
 from msgcli.errors import Interrupted, UserError
 from msgcli.engine.launch import LAUNCH_VARIABLES
+from msgcli.engine.stops import OnStopSignals
 from msgcli.engine.results import RunDirectory, csv_text, write_atomic
 
 DEFAULT_STEP = 0.1
@@ -152,14 +157,39 @@ def run_point(command: list[str], run_dir: str, log_path: str, env: dict[str, st
     """Run one point's train process to its end; its output goes to ``log_path``. Runs locally or in a Ray task."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=point_environment(env)).returncode
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=point_environment(env))
+        RUNNING.add(process)
+        try:
+            code = process.wait()
+        finally:
+            RUNNING.discard(process)
     summary = RunDirectory(run_dir).read_summary()
     if code == 0 and summary and summary.get("status") == "finished":
         return Outcome("finished", summary)
     lines = [line.strip() for line in Path(log_path).read_text().splitlines() if line.strip()]
     status = "interrupted" if code == Interrupted.exit_code else "failed"
     return Outcome(status, summary, lines[-1] if lines else f"exit code {code}")
+
+
+RUNNING: set[subprocess.Popen] = set()  # this process's running points, to pass stop signals on to
+
+
+class ForwardedStops(OnStopSignals):
+    """While the coordinator waits, a stop signal goes on to every running point (each saves a checkpoint and
+    exits 130); the first also raises :class:`Interrupted` here, so that the coordinator waits for them, writes
+    ``sweep.csv`` and stops with one line."""
+
+    stopped = False
+
+    def on_stop(self, signum: int) -> None:
+        for process in list(RUNNING):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+        if not self.stopped:
+            self.stopped = True
+            raise Interrupted(f"{signal.Signals(signum).name}: the running points saved their checkpoints; "
+                              "the same command resumes them")
 
 
 @dataclass
@@ -361,6 +391,7 @@ def run_sweeps(plans: list[Sweep], *, jobs: int = 1, backend: str = "local", ray
             return [list(rows[plan.directory].values()) for plan in plans]
         outcomes = run_ray(todo, ray_address) if backend == "ray" else run_local(todo, min(jobs, len(todo)))
         try:
+            locks.enter_context(ForwardedStops())
             for done, (process, outcome) in enumerate(outcomes, start=1):
                 directory = Path(process.run_dir).parent
                 rows[directory][process.point.name] = sweep_row(process.point, outcome.status, outcome.summary, outcome.error)
@@ -371,6 +402,7 @@ def run_sweeps(plans: list[Sweep], *, jobs: int = 1, backend: str = "local", ray
                 echo(f"[{done}/{len(todo)}] {label}: {outcome.status}, {result}")
                 on_result()
         finally:
+            outcomes.close()  # waits for the running points (a stop signal: until they have saved)
             for process in todo:
                 row = rows[Path(process.run_dir).parent][process.point.name]
                 if row["status"] in ("pending", "interrupted"):

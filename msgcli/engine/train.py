@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -42,8 +40,9 @@ from msgcli.engine import checkpoint, distributed, loggers
 from msgcli.engine.build import build_model_from_config, build_optimizer, build_two, compute_loss, model_args, spiking_layers
 from msgcli.engine.evaluate import autocast, evaluate, test_loader
 from msgcli.engine.results import RunDirectory, append_row_locked
-from msgcli.engine.sampling import STOP_SIGNALS, EpochSampler, SeededDataset, ignore_stop_signals
+from msgcli.engine.sampling import EpochSampler, SeededDataset, ignore_stop_signals
 from msgcli.engine.seeding import deterministic_algorithms, seed_everything, seed_rank
+from msgcli.engine.stops import OnStopSignals
 from msgcli.errors import Interrupted, MsgsnnError, NonFiniteLoss, UserError, note_traceback_file
 from msgcli.snn import TWO
 from msgcli.snn.layers import sync_batchnorm
@@ -127,26 +126,13 @@ def lr_at(epoch: int, cfg: RunConfig, world_size: int) -> float:
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class StopSignals:
-    """Notes SIGINT, SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@...`` before a time limit) while training;
-    the loop checks ``requested`` between batches and saves before it stops."""
+class StopSignals(OnStopSignals):
+    """Notes a stop signal while training; the loop checks ``requested`` between batches and saves before it stops."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
+    requested = False
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
+    def on_stop(self, signum: int) -> None:
         self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

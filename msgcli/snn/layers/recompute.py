@@ -50,7 +50,8 @@ class _Block:
         self.chunk = chunk if self.per_step else None
         self.bn_ops = _batchnorm_kernels(device)
         self.lif_ops = lif.kernels(device)
-        self.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        amp = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        self.autocast = (device.type, amp, torch.get_autocast_dtype(device.type) if amp else None)
 
     def current(self, x: torch.Tensor, weight, bias, steps: int) -> torch.Tensor:
         """The convolution of ``x [steps*B, C, H, W]`` as ``[steps, B, C', H', W']`` (``x`` itself without one)."""
@@ -209,8 +210,9 @@ def _leans(bn, lif) -> bool:
 
 def lean_applies(modules, x: torch.Tensor) -> bool:
     """``modules`` are a BatchNorm with per-step statistics and a LIF that :func:`lean_bn_lif` runs, on ``x``'s
-    device (on CUDA, torch's ``batch_norm`` runs the per-step statistics instead, see :mod:`.batchnorm`)."""
-    if len(modules) != 2 or not _leans(*modules) or x.dim() < 3:
+    device: the CPU, or CUDA where the Triton BatchNorm runs the per-step statistics (by default torch's
+    ``batch_norm`` does, see :mod:`.batchnorm`)."""
+    if len(modules) != 2 or not _leans(*modules) or x.dim() < 3 or x.device.type not in ("cpu", "cuda"):
         return False
     bn = modules[0]
     return bn.mode == "per_step" and not _torch_batch_norm_applies(x, bn.sync and synchronised())

@@ -292,10 +292,7 @@ def run_process(case: str, precision: str, args) -> dict:
            "--network", args.network, "--batch", str(args.batch), "--T", str(args.T), "--size", str(args.size),
            "--channels", str(args.channels), "--classes", str(args.classes), "--threads", str(args.threads),
            "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
-    # every case waits as msgsnn's processes do (sleeping OpenMP threads), peers included
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-               MSGSNN_TRITON_BN="1" if case == "msg_triton_bn" else "0")
+    env = worker_env(args.threads, MSGSNN_TRITON_BN="1" if case == "msg_triton_bn" else "0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -325,6 +322,22 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def table_rows(summary: dict, cases: list[str], precisions: list[str]):
+    """``(case, precision, result, floor's result)`` for every case measured, precision by precision."""
+    for prec in precisions:
+        floor = summary.get(("floor", prec), {})
+        for case in cases:
+            if (case, prec) in summary:
+                yield case, prec, summary[(case, prec)], floor
+
+
+def worker_env(threads: int, **extra: str) -> dict:
+    """The environment of a worker process: ``threads`` threads, waiting as msgsnn's processes do (sleeping OpenMP
+    threads), the peers included."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **extra)
+
+
 def print_table(summary: dict, cases: list[str], precisions: list[str], notes: list[str]) -> None:
     header = (f"{'case':<14}{'prec':<6}{'step s':>9}{'(min-max)':>16}{'x floor':>9}"
               f"{'cpu s':>8}{'x floor':>9}{'peak MB':>9}{'x floor':>9}")
@@ -332,24 +345,19 @@ def print_table(summary: dict, cases: list[str], precisions: list[str], notes: l
         header += f"{'bf16 speed-up':>15}"
     print(header)
     print("-" * len(header))
-    for prec in precisions:
-        floor = summary.get(("floor", prec), {})
-        for case in cases:
-            r = summary.get((case, prec))
-            if r is None:
-                continue
-            if "error" in r:
-                print(f"{case:<14}{prec:<6}  failed: {r['error']}")
-                continue
-            tr = f"{r['time'] / floor['time']:.2f}" if "time" in floor else "-"
-            cr = f"{r['cpu'] / floor['cpu']:.2f}" if "cpu" in floor else "-"
-            mr = f"{r['peak'] / floor['peak']:.2f}" if "peak" in floor else "-"
-            line = (f"{case:<14}{prec:<6}{r['time']:>9.3f}{'(' + format(r['min'], '.3f') + '-' + format(r['max'], '.3f') + ')':>16}"
-                    f"{tr:>9}{r['cpu']:>8.2f}{cr:>9}{r['peak'] / 2**20:>9.0f}{mr:>9}")
-            if prec == "bf16":
-                fp32 = summary.get((case, "fp32"), {})
-                line += f"{fp32['time'] / r['time']:>14.2f}x" if "time" in fp32 else f"{'-':>15}"
-            print(line)
+    for case, prec, r, floor in table_rows(summary, cases, precisions):
+        if "error" in r:
+            print(f"{case:<14}{prec:<6}  failed: {r['error']}")
+            continue
+        tr = f"{r['time'] / floor['time']:.2f}" if "time" in floor else "-"
+        cr = f"{r['cpu'] / floor['cpu']:.2f}" if "cpu" in floor else "-"
+        mr = f"{r['peak'] / floor['peak']:.2f}" if "peak" in floor else "-"
+        line = (f"{case:<14}{prec:<6}{r['time']:>9.3f}{'(' + format(r['min'], '.3f') + '-' + format(r['max'], '.3f') + ')':>16}"
+                f"{tr:>9}{r['cpu']:>8.2f}{cr:>9}{r['peak'] / 2**20:>9.0f}{mr:>9}")
+        if prec == "bf16":
+            fp32 = summary.get((case, "fp32"), {})
+            line += f"{fp32['time'] / r['time']:>14.2f}x" if "time" in fp32 else f"{'-':>15}"
+        print(line)
     for note in notes:
         print("note:", note)
 

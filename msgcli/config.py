@@ -78,13 +78,16 @@ class ModelConfig:
     """The backbone. ``init``: ``release`` (each backbone as the authors' code initialises it) or
     ``kaiming`` (Kaiming-normal convolutions). ``stem`` and ``stem_pool`` apply to the ResNets;
     unset (null), the backbone's default applies: the ImageNet stem, average-pooled for resnet18
-    (the release's ``ResNet18(pool='avg')``), max-pooled for the SEW-ResNets."""
+    (the release's ``ResNet18(pool='avg')``), max-pooled for the SEW-ResNets. ``recompute``: keep only each
+    conv-BN-LIF block's input spikes (as bits) for backward and recompute the block there: less memory, a
+    slower step, the same gradients."""
 
     name: str = "vggsnn"
     stem: str | None = _choice("imagenet", "cifar", default=None)
     stem_pool: str | None = _choice("avg", "max", default=None)
     init: str = _choice("release", "kaiming", default="release")
     bn_mode: str = _choice(*options.BN_MODES, default="per_step")
+    recompute: bool = False
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
 
 

@@ -108,3 +108,30 @@ def test_step_benchmark_names_the_implementation_each_case_ran_on():
     assert step.backend_used("msg", cpu) == ("C kernels" if kernels.C_KERNELS.get() is not None else "torch operators")
     pytest.importorskip("spikingjelly")
     assert step.backend_used("spikingjelly", cpu) == "torch-reference"  # SpikingJelly 2.0's own name for it
+
+
+def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budget():
+    memory = load_script("benchmarks/memory.py")
+    mib = 2**20
+    small = {"batch": 4, "peak_bytes": 1000 * mib, "times": [9.0]}
+    large = {"batch": 16, "peak_bytes": 1000 * mib + 12 * 50 * mib, "times": [3.0, 2.0, 4.0]}
+    r = memory.summarise(small, large, budget_bytes=2000 * mib)
+    assert r["per_sample"] == 50 * mib and r["fixed"] == 800 * mib and r["step"] == 3.0
+    assert r["max_batch"] == 24  # 800 MiB + 24 x 50 MiB = 2000 MiB
+    assert memory.summarise({"error": "boom"}, large, 1.0) == {"error": "boom"}
+    args = memory.parse_args(["--release", "/nonexistent"])
+    assert "no snn_model.py" in memory.available("release", args)
+    assert "--release" in memory.available("release", memory.parse_args([]))
+
+
+def test_memory_benchmark_quick_runs_recompute_in_fresh_processes(tmp_path, capsys):
+    memory = load_script("benchmarks/memory.py")
+    out = tmp_path / "memory.json"
+    assert memory.main(["--quick", "--cases", "recompute", "--json", str(out)]) == 0
+    assert "| recompute | fp32 |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [(r["case"], r["batch"]) for r in data["results"]] == [("recompute", 2), ("recompute", 6)]
+    summary = data["summary"]["recompute/fp32"]
+    assert summary["step"] > 0 and summary["per_sample"] == pytest.approx(
+        (data["results"][1]["peak_bytes"] - data["results"][0]["peak_bytes"]) / 4)
+    assert memory.main(["--cases", "nope"]) == 2

@@ -194,3 +194,13 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
     with pytest.raises(UserError, match="train.compile: .*C\\+\\+ compiler"):
         engine_build.compile_model(nn.Linear(2, 2), torch.device("cpu"))
+
+
+def test_compile_with_recompute_is_one_clear_error():
+    from msgcli.errors import UserError
+
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=2, input_size=16, recompute=True)
+    with pytest.raises(UserError, match="train.compile and model.recompute"):
+        engine_build.compile_model(model, torch.device("cpu"))
+    engine_build.compile_model(build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=2, input_size=16),
+                               torch.device("cpu"))  # without recompute it compiles (lazily)

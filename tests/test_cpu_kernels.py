@@ -410,14 +410,14 @@ def test_conv_on_spikes_equals_the_plain_convolution(pooled):
     torch.testing.assert_close(folded.module.bias.grad, plain.bias.grad, rtol=0, atol=1e-12)
 
 
-def test_conv_on_spikes_saves_one_byte_per_input_entry():
+def test_conv_on_spikes_saves_one_bit_per_input_entry():
     folded, _ = _conv_pair()
     x = (torch.rand(3, 2, 6, 8, 8, dtype=torch.float64) > 0.6).double().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         folded(neuron_module.mark_levels(x * 1.0, 1))
-    inputs = [t for t in saved if t.shape == (6, 6, 8, 8)]
-    assert inputs and all(t.dtype == torch.uint8 for t in inputs)
+    assert [t.shape for t in saved if t.dtype == torch.uint8] == [(1, 6 * 6 * 8 * 8 // 8)]
+    assert all(t.dtype == torch.uint8 or t is folded.module.weight for t in saved)
 
 
 def test_modified_spikes_and_hooked_convolutions_take_the_plain_path():

@@ -28,7 +28,7 @@ def model_args(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, 
     """
     m = cfg.model
     return dict(name=m.name, in_channels=in_channels, num_classes=num_classes, T=cfg.T, input_size=cfg.data.size,
-                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool)
+                **neuron_options(cfg), bn_mode=m.bn_mode, init=m.init, stem=m.stem, stem_pool=m.stem_pool, recompute=m.recompute)
 
 
 def build_model_from_config(cfg: RunConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -100,10 +100,14 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     The spiking layers are single graph nodes (:mod:`msgcli.snn.kernels.ops`). Random operators in the graph
     (the Triton mask's key) run as torch's own (inductor's ``fallback_random``), so a compiled run draws the
     numbers an uncompiled one does. The state dict stays the module's own: save ``model``'s original.
+    Compiled, the layers run one by one (inductor plans the memory), so ``model.recompute`` is refused.
     """
     import torch._inductor.config as inductor_config
     from torch._inductor import cpp_builder
 
+    if any(getattr(module, "recompute", False) is True for module in model.modules()):
+        raise UserError("train.compile and model.recompute: recomputation runs outside torch.compile's graph; "
+                        "choose one of them")
     if device.type == "cpu":
         try:
             cpp_builder.get_cpp_compiler()

@@ -157,14 +157,19 @@ class LIF(nn.Module):
             raise ValueError(f"LIF input: expected a tensor [T, B, ...] with at least 2 dims, got shape {tuple(current.shape)}")
         return mark_levels(self._spikes(current), 1)
 
+    def kernels(self, device: torch.device) -> kernels.Kernels | None:
+        """The operations this neuron's fused path runs on ``device``; None for the reference backend."""
+        if self.backend == "reference":
+            return None
+        if self.backend == "triton":
+            return kernels.TRITON
+        if self.backend == "fused" and device.type == "cuda":
+            return kernels.TORCH
+        return kernels.for_device(device)
+
     def _spikes(self, current: torch.Tensor) -> torch.Tensor:
         args = (self.tau, self.v_threshold, self.spec, self.reset, self.detach_reset)
-        if self.backend == "reference":
+        ops = self.kernels(current.device)
+        if ops is None:
             return lif_reference(current, *args)
-        if self.backend == "triton":
-            ops = kernels.TRITON
-        elif self.backend == "fused" and current.is_cuda:
-            ops = kernels.TORCH
-        else:
-            ops = kernels.for_device(current.device)
         return fused_lif(current, ops, *args)

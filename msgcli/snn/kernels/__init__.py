@@ -5,6 +5,9 @@ tensors; ``[T, C]`` statistics):
 
 * ``lif_forward(current, tau, v_threshold, reset_mode, keep_membrane)`` -> spikes, membrane ``H`` or None
 * ``lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset)`` -> input gradient
+* ``lif_chunk_forward(current, state, ...)`` -> spikes, ``H`` or None; ``lif_chunk_backward(grad_spikes, membrane,
+  grad_state, ...)`` -> input gradient: the same over a chunk of timesteps, the membrane (its gradient)
+  carried in and out of the chunk by ``state`` (``grad_state``), updated in place
 * ``bn_stats(x)`` -> mean, biased variance; ``bn_apply(x, scale, shift)`` -> ``x * scale + shift``
 * ``bn_backward_sums(dy, x, mean)`` -> sums of ``dy`` and ``dy * (x - mean)``;
   ``bn_backward_input(dy, x, mean, q, a, r)`` -> ``(dy - (x - mean) q) a - r``
@@ -159,6 +162,19 @@ class Kernels:
         operators from torch's generator, continuing its stream as ``torch.rand`` would."""
         return self._run("lif_backward", grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, seed)
 
+    def lif_chunk_forward(self, current: torch.Tensor, state: torch.Tensor, tau: float, v_threshold: float,
+                          reset_mode: str, keep_membrane: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`lif_forward` of a chunk of timesteps, starting from the membrane ``state`` (laid out like
+        ``current[0]``, in :func:`carry_dtype`) and leaving the chunk's last membrane there."""
+        return self._run("lif_chunk_forward", current, state, tau, v_threshold, reset_mode, keep_membrane)
+
+    def lif_chunk_backward(self, grad_spikes: torch.Tensor, membrane: torch.Tensor, grad_state: torch.Tensor,
+                           tau: float, v_threshold: float, spec, reset_mode: str, detach_reset: bool) -> torch.Tensor:
+        """:meth:`lif_backward` of a chunk of timesteps (later chunks first, so the MSG masks are the whole
+        sequence's), the membrane's gradient carried in and out by ``grad_state``."""
+        return self._run("lif_chunk_backward", grad_spikes, membrane, grad_state, tau, v_threshold, spec, reset_mode,
+                         detach_reset)
+
     def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""
         return self._run("bn_stats", x)
@@ -193,6 +209,11 @@ TORCH = Kernels("torch")
 def for_device(device: torch.device) -> Kernels:
     """The kernels of ``device``: C on the CPU, Triton on CUDA, torch operators elsewhere."""
     return CPU if device.type == "cpu" else CUDA if device.type == "cuda" else TORCH
+
+
+def carry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type of the carried membrane of a ``dtype`` sequence: what the LIF kernels compute in."""
+    return cpu.state_dtype(dtype)
 
 
 def triton_batchnorm() -> bool:

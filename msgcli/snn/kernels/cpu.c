@@ -168,9 +168,12 @@ static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, doubl
     }                                                                                         \
 }
 
+/* vc, gvc: the membrane V after the last timestep, and its gradient before the first, carried between
+   calls over consecutive chunks of timesteps (read at the start, written at the end), in the compute type;
+   NULL: V and its gradient start at 0 and are not kept. */
 #define DEF_LIF(S, st, ct, LD, ST)                                                            \
-void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, int64_t T, int64_t N,   \
-                 double tau_, double vth_, int hard, int nt) {                                \
+void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, ct* restrict vc,        \
+                 int64_t T, int64_t N, double tau_, double vth_, int hard, int nt) {          \
     const ct tau = (ct)tau_, vth = (ct)vth_;                                                  \
     const int64_t nb = (N + BLK - 1) / BLK;                                                   \
     _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
@@ -178,7 +181,7 @@ void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, int64_t T
         const int64_t p0 = b * BLK;                                                           \
         const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
         ct v[BLK];                                                                            \
-        for (int i = 0; i < n; i++) v[i] = 0;                                                 \
+        for (int i = 0; i < n; i++) v[i] = vc ? vc[p0 + i] : (ct)0;                           \
         for (int64_t t = 0; t < T; t++) {                                                     \
             const st* restrict xt = x + t * N + p0;                                           \
             st* restrict sp = s + t * N + p0;                                                 \
@@ -196,10 +199,11 @@ void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, int64_t T
                 ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); ct f = (ct)(hv >= vth);     \
                 sp[i] = ST(f); v[i] = LD(ST(hv - vth * f)); }                                 \
         }                                                                                     \
+        if (vc) for (int i = 0; i < n; i++) vc[p0 + i] = v[i];                                \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx,                \
+void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx, ct* restrict gvc, \
                  const uint8_t* restrict bits, int64_t rowbytes, int64_t T, int64_t N,         \
                  double tau_, double vth_, int hard, int detach, int sid, double alpha,        \
                  int fill, double keep_div, int nt) {                                         \
@@ -212,7 +216,7 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx,  
         const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
         ct gv[BLK], xa[BLK], ha[BLK], g[BLK], fl[BLK];                                        \
         uint8_t kb[BLK + 8];                                                                  \
-        for (int i = 0; i < n; i++) gv[i] = 0;                                                \
+        for (int i = 0; i < n; i++) gv[i] = gvc ? gvc[p0 + i] : (ct)0;                        \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
             const st* restrict hp = h + t * N + p0;                                           \
             const st* restrict gp = gs + t * N + p0;                                          \
@@ -244,6 +248,7 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx,  
                 ct gh = gv[i] + LD(gp[i]) * g[i];                                             \
                 op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
         }                                                                                     \
+        if (gvc) for (int i = 0; i < n; i++) gvc[p0 + i] = gv[i];                             \
     }                                                                                         \
 }
 

@@ -214,6 +214,18 @@ def _laid_like(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return pool.empty_like(x).copy_(other)
 
 
+def _carries(x: torch.Tensor, state: torch.Tensor) -> bool:
+    """``state`` is the carry the LIF kernel of ``x`` reads and writes: laid out like a timestep ``x[0]``, in the
+    kernel's compute type (float32 for bfloat16 and float32, float64 for float64)."""
+    return (state.dtype == state_dtype(x.dtype) and state.device.type == "cpu" and state.shape == x[0].shape
+            and state.stride() == x[0].stride())
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type in which the LIF kernels compute (and carry) the membrane of a ``dtype`` tensor."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _double(t: torch.Tensor) -> torch.Tensor:
     """A ``[T, C]`` coefficient as the kernels read it: contiguous float64."""
     return t.to(torch.float64).contiguous()
@@ -235,8 +247,8 @@ class CpuKernels:
         lib.msg_draw_mask.argtypes = [vp, vp, i64, i64, i64, i64, i64, i32, i32, u32, vp]
         lib.msg_draw_mask.restype = None
         for s in _DTYPES.values():
-            getattr(lib, f"lif_fwd_{s}").argtypes = [vp, vp, vp, i64, i64, dbl, dbl, i32, i32]
-            getattr(lib, f"lif_bwd_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32]
+            getattr(lib, f"lif_fwd_{s}").argtypes = [vp, vp, vp, vp, i64, i64, dbl, dbl, i32, i32]
+            getattr(lib, f"lif_bwd_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32]
             getattr(lib, f"bn_stats_{s}").argtypes = [vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bn_apply_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bn_bsums_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
@@ -254,6 +266,10 @@ class CpuKernels:
             return args[0].device.type == "cpu" and args[0].dtype in _DTYPES  # laid out densely if it is not
         if op == "lif_backward":
             return supports(args[1]) and args[4].kernel_ids() is not None
+        if op == "lif_chunk_forward":
+            return supports(args[0]) and _carries(args[0], args[1])
+        if op == "lif_chunk_backward":
+            return supports(args[1]) and _carries(args[1], args[2]) and args[5].kernel_ids() is not None
         if op in ("bn_stats", "bn_apply"):
             return supports(args[0])
         if op in ("bn_backward_sums", "bn_backward_input"):
@@ -275,7 +291,8 @@ class CpuKernels:
 
     # ---------------------------------------------------------------- LIF
 
-    def lif_forward(self, x: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
+    def lif_forward(self, x: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool,
+                    state: torch.Tensor | None = None):
         """Spikes and (if asked) the pre-spike membrane ``H``, both laid out like ``x`` (made dense if it is not)."""
         if step_layout(x) is None:
             x = x.contiguous()
@@ -284,9 +301,12 @@ class CpuKernels:
         membrane = pool.empty_like(x) if keep_membrane else None
         if x.numel():
             getattr(self.lib, f"lif_fwd_{_DTYPES[x.dtype]}")(
-                _ptr(x), _ptr(spikes), _ptr(membrane), T, N, tau, v_threshold, int(reset_mode == "hard"),
+                _ptr(x), _ptr(spikes), _ptr(membrane), _ptr(state), T, N, tau, v_threshold, int(reset_mode == "hard"),
                 torch.get_num_threads())
         return spikes, membrane
+
+    def lif_chunk_forward(self, x, state, tau, v_threshold, reset_mode, keep_membrane):
+        return self.lif_forward(x, tau, v_threshold, reset_mode, keep_membrane, state)
 
     def _scratch(self, nbytes: int) -> torch.Tensor:
         """A per-thread byte buffer of at least ``nbytes``, kept between calls."""
@@ -308,9 +328,14 @@ class CpuKernels:
         torch.set_rng_state(state)
         return bits, rowbytes
 
+    def lif_chunk_backward(self, grad, membrane, grad_state, tau, v_threshold, spec, reset_mode, detach_reset):
+        return self.lif_backward(grad, membrane, tau, v_threshold, spec, reset_mode, detach_reset, grad_state=grad_state)
+
     def lif_backward(self, grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float,
-                     spec, reset_mode: str, detach_reset: bool, seed=None) -> torch.Tensor:
-        """The mask from torch's generator, as the reference draws it (``seed``, the Triton kernel's key, is not used)."""
+                     spec, reset_mode: str, detach_reset: bool, seed=None,
+                     grad_state: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask from torch's generator, as the reference draws it (``seed``, the Triton kernel's key, is not used);
+        ``grad_state``, when given, is the membrane's gradient carried into the chunk and out of it (in place)."""
         T, N = membrane.shape[0], membrane[0].numel()
         grad = _laid_like(membrane, grad)
         out = pool.empty_like(membrane)
@@ -322,7 +347,7 @@ class CpuKernels:
         keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
         surrogate_id, fill_id = spec.kernel_ids()
         getattr(self.lib, f"lif_bwd_{_DTYPES[membrane.dtype]}")(
-            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(reset_mode == "hard"),
+            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(grad_state), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(reset_mode == "hard"),
             int(detach_reset), surrogate_id, spec.alpha, fill_id, keep_div, torch.get_num_threads())
         return out
 

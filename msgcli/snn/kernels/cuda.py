@@ -86,8 +86,8 @@ def takes(op: str, *args) -> bool:
         return bn_supports(args[0])
     if op in ("bn_backward_sums", "bn_backward_input"):
         return bn_supports(args[1])
-    if op in ("encode", "decode"):
-        return False  # spike codes are a CPU matter
+    if op in ("encode", "decode", "lif_chunk_forward", "lif_chunk_backward"):
+        return False  # spike codes are a CPU matter; the carried chunks of recompute run on torch operators
     raise ValueError(f"unknown operation {op!r}")
 
 

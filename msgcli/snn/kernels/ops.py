@@ -127,18 +127,23 @@ def stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
 
 
-def _affine(weight: torch.Tensor | None, bias: torch.Tensor | None, C: int, like: torch.Tensor):
+def _weight_bias(weight: torch.Tensor | None, bias: torch.Tensor | None, C: int, like: torch.Tensor):
     w = weight.detach().to(like.dtype) if weight is not None else torch.ones(C, dtype=like.dtype, device=like.device)
     b = bias.detach().to(like.dtype) if bias is not None else torch.zeros(C, dtype=like.dtype, device=like.device)
     return w, b
 
 
-@torch.library.custom_op("msgcli::batch_norm_per_step", mutates_args=())
-def batch_norm_per_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                        sync: bool, kernels_key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """Training-mode BatchNorm with statistics per (timestep, channel); see :mod:`msgcli.snn.layers.batchnorm`."""
-    ops = kernels.by_key(kernels_key)
+def affine(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor):
+    """``scale, shift`` ``[T, C]`` with ``y = x * scale + shift`` the normalised, weighted and shifted ``x``."""
+    w, b = _weight_bias(weight, bias, mean.shape[-1], mean)
+    scale = w * invstd
+    return scale, b - mean * scale
+
+
+def normalise(x: torch.Tensor, weight, bias, eps: float, sync: bool, ops: kernels.Kernels):
+    """Per-(timestep, channel) BatchNorm of ``x [T, B, C, ...]`` on ``ops``, no autograd: ``y``, the batch mean,
+    the unbiased variance (for the running statistics), ``1/std`` and the count of values per statistic (a
+    0-d tensor). The body of ``batch_norm_per_step``, and what :mod:`msgcli.snn.layers.recompute` runs."""
     x = _dense(x)
     count = x.numel() // (x.shape[0] * x.shape[2])
     mean, var = ops.bn_stats(x)
@@ -151,10 +156,42 @@ def batch_norm_per_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
     else:
         total = mean.new_full((), float(count))  # a fill on the device, no host copy (capturable in a CUDA graph)
     invstd = torch.rsqrt(var + eps)
-    w, b = _affine(weight, bias, x.shape[2], mean)
-    scale = w * invstd
-    y = _laid_like(x, ops.bn_apply(x, scale, b - mean * scale))
+    y = _laid_like(x, ops.bn_apply(x, *affine(weight, bias, mean, invstd)))
     return y, mean, var * (total / (total - 1)), invstd, total
+
+
+def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: kernels.Kernels,
+                       input_grad: bool = True, per_step: bool = False):
+    """The gradients of :func:`normalise` for x, weight and bias (the last two in the weight's dtype, zeros
+    ``[C]`` without a weight; ``grad_x`` None unless ``input_grad``). ``per_step``: the weight's and bias's
+    gradients as their ``[T, C]`` terms in the statistics' dtype, for the caller to sum over T (chunks of
+    timesteps concatenated first give the very sums of one call). Under ``sync`` the sums are all-reduced
+    for the input gradient; the weight and bias gradients stay this rank's, as DDP then averages them."""
+    x = _dense(x)
+    sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
+    sdy, sdyx = sdy.to(mean.dtype), sdyx.to(mean.dtype)
+    like = weight if weight is not None else mean
+    grad_w, grad_b = sdyx * invstd, sdy
+    if not per_step:
+        grad_w, grad_b = grad_w.sum(0).to(like.dtype), grad_b.sum(0).to(like.dtype)
+    if not input_grad:
+        return None, grad_w, grad_b
+    if sync:
+        from msgcli.snn.layers.sync import all_reduce_sums  # layers import this module
+
+        sdy, sdyx = all_reduce_sums(sdy, sdyx)
+    w, _ = _weight_bias(weight, None, x.shape[2], mean)
+    a = w * invstd
+    grad_x = ops.bn_backward_input(grad_y, x, mean, invstd * invstd * sdyx / count, a, a * sdy / count)
+    return _laid_like(x, grad_x), grad_w, grad_b
+
+
+@torch.library.custom_op("msgcli::batch_norm_per_step", mutates_args=())
+def batch_norm_per_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                        sync: bool, kernels_key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """Training-mode BatchNorm with statistics per (timestep, channel); see :mod:`msgcli.snn.layers.batchnorm`."""
+    return normalise(x, weight, bias, eps, sync, kernels.by_key(kernels_key))
 
 
 @batch_norm_per_step.register_fake
@@ -168,24 +205,8 @@ def _(x, weight, bias, eps, sync, kernels_key):
 def batch_norm_per_step_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                                  invstd: torch.Tensor, count: torch.Tensor, sync: bool,
                                  kernels_key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of x, weight and bias (the last two in the weight's dtype, zeros ``[C]`` without a weight).
-    Under ``sync`` the sums are all-reduced for the input gradient; the weight and bias gradients stay this
-    rank's, as DDP then averages them."""
-    ops = kernels.by_key(kernels_key)
-    x = _dense(x)
-    sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
-    sdy, sdyx = sdy.to(mean.dtype), sdyx.to(mean.dtype)
-    like = weight if weight is not None else mean
-    grad_w = (sdyx * invstd).sum(0).to(like.dtype)
-    grad_b = sdy.sum(0).to(like.dtype)
-    if sync:
-        from msgcli.snn.layers.sync import all_reduce_sums  # layers import this module
-
-        sdy, sdyx = all_reduce_sums(sdy, sdyx)
-    w, _ = _affine(weight, None, x.shape[2], mean)
-    a = w * invstd
-    grad_x = ops.bn_backward_input(grad_y, x, mean, invstd * invstd * sdyx / count, a, a * sdy / count)
-    return _laid_like(x, grad_x), grad_w, grad_b
+    """:func:`normalise_backward` as an operator."""
+    return normalise_backward(grad_y, x, weight, mean, invstd, count, sync, kernels.by_key(kernels_key))
 
 
 @batch_norm_per_step_backward.register_fake

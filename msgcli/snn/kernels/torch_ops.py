@@ -13,10 +13,11 @@ import torch
 from msgcli.snn.memory import step_layout
 
 
-def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool):
+def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str, keep_membrane: bool,
+                state: torch.Tensor | None = None):
     spikes = torch.empty_like(current)
     membrane = torch.empty_like(current) if keep_membrane else None
-    v = torch.zeros_like(current[0])
+    v = torch.zeros_like(current[0]) if state is None else state.to(current.dtype)
     for t in range(current.shape[0]):
         h = v + (current[t] - v) / tau  # charge (neuron.charge)
         fired = h >= v_threshold
@@ -24,14 +25,24 @@ def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mod
         v = h.masked_fill(fired, 0.0) if reset_mode == "hard" else h - v_threshold * spikes[t]
         if membrane is not None:
             membrane[t] = h
+    if state is not None:
+        state.copy_(v)
     return spikes, membrane
 
 
-def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, seed=None) -> torch.Tensor:
+def lif_chunk_forward(current, state, tau, v_threshold, reset_mode, keep_membrane):
+    return lif_forward(current, tau, v_threshold, reset_mode, keep_membrane, state)
+
+
+def lif_chunk_backward(grad_spikes, membrane, grad_state, tau, v_threshold, spec, reset_mode, detach_reset):
+    return lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, grad_state=grad_state)
+
+
+def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, detach_reset, seed=None, grad_state=None):
     """The mask from torch's generator (``seed``, the Triton kernel's key, is not used), as the reference draws it."""
     leak = 1.0 - 1.0 / tau
     grad_current = torch.empty_like(membrane)
-    grad_v = torch.zeros_like(membrane[0])
+    grad_v = torch.zeros_like(membrane[0]) if grad_state is None else grad_state.to(membrane.dtype)
     for t in reversed(range(membrane.shape[0])):
         h = membrane[t]
         x = h - v_threshold
@@ -47,6 +58,8 @@ def lif_backward(grad_spikes, membrane, tau, v_threshold, spec, reset_mode, deta
             grad_h = torch.addcmul(grad_v, grad_s, surrogate)
         torch.div(grad_h, tau, out=grad_current[t])
         grad_v = grad_h.mul_(leak)
+    if grad_state is not None:
+        grad_state.copy_(grad_v)
     return grad_current
 
 

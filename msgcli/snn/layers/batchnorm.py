@@ -18,6 +18,8 @@ over the processes (:mod:`.sync`), in either mode.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -129,11 +131,18 @@ class TemporalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.mul_(1 - f).add_(var[t].to(self.running_var.dtype), alpha=f)
             return
         m = self.momentum
-        decay = (1.0 - m) ** torch.arange(T - 1, -1, -1, device=mean.device, dtype=torch.float64)
+        weigh = _momentum_weights.__wrapped__ if torch.compiler.is_compiling() else _momentum_weights  # traced: no cache
+        weights = weigh(T, m, self.running_mean.device, self.running_mean.dtype)
         for running, batch in ((self.running_mean, mean), (self.running_var, var)):
-            new = running.double() * (1.0 - m) ** T + m * (decay[:, None] * batch.double()).sum(0)
-            running.copy_(new)
+            running.mul_((1.0 - m) ** T).add_(weights @ batch.to(running.dtype))
         self.num_batches_tracked.add_(T)
+
+
+@functools.lru_cache(maxsize=64)
+def _momentum_weights(T: int, momentum: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``m (1 - m)^(T-1-t)``, t = 0..T-1: the weight of timestep t's statistic after T momentum updates (made once per
+    T, momentum, device and dtype, so the update is a matrix-vector product in the buffers' own type)."""
+    return (momentum * (1.0 - momentum) ** torch.arange(T - 1, -1, -1, dtype=torch.float64)).to(device, dtype)
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 They have no temporal dynamics, so :class:`Folded` runs them in one call on the folded batch
 instead of looping over T. A convolution whose input is known to hold spikes (see
-:func:`msgcli.snn.neuron.mark_levels`) saves that input as bytes (:mod:`.spike_conv`).
+:func:`msgcli.snn.neuron.mark_levels`) saves that input as bits, and an average pool of spikes saves
+nothing (:mod:`.spike_conv`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn.layers.spike_conv import SpikeInputConv, pooled_levels, takes_spike_codes
+from msgcli.snn.layers.spike_conv import (SpikeInputConv, SpikeInputPool, pooled_levels, takes_spike_codes,
+                                          windows_apart)
 from msgcli.snn.neuron import levels_of, mark_levels
 
 
@@ -41,6 +43,8 @@ class Folded(nn.Module):
                 y = SpikeInputConv.apply(flat, module.weight, module.bias, module, levels)
             else:
                 y = module(flat)
+        elif levels is not None and isinstance(module, nn.AvgPool2d) and flat.dim() == 4 and windows_apart(module):
+            y = SpikeInputPool.apply(flat, module) if torch.is_grad_enabled() and flat.requires_grad else module(flat)
         else:
             y = module(flat)
         out = y.view(x.shape[0], x.shape[1], *y.shape[1:])

@@ -1,17 +1,19 @@
-"""The convolution of a spike input, which saves that input for backward as uint8 codes, not floats.
+"""Layers of spike inputs that save little for backward: the convolution keeps its input as bits, not floats,
+and the average pool keeps nothing.
 
 The weight gradient needs the input; spikes are 0/1 and their 2x2 averages multiples of 1/4,
-so one byte per entry restores them exactly (:func:`pooled_levels` says which averages stay
-exact). The codes are written and read by the device's ``encode``/``decode`` of
-:mod:`msgcli.snn.kernels`.
+so one bit per spike (three per average) restores them exactly (:func:`pooled_levels` says which
+averages stay exact; :mod:`msgcli.snn.packing` packs them).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from msgcli.snn import kernels
+from msgcli.snn import packing
 
 
 def takes_spike_codes(conv: nn.Conv2d) -> bool:
@@ -35,7 +37,7 @@ def pooled_levels(pool: nn.AvgPool2d, levels: int) -> int | None:
 
 
 class SpikeInputConv(torch.autograd.Function):
-    """``conv(x)`` for an input of spikes (or averaged spikes) ``[N, C, H, W]``: saves ``x`` as uint8 codes.
+    """``conv(x)`` for an input of spikes (or averaged spikes) ``[N, C, H, W]``: saves ``x`` as bits.
 
     Backward decodes them and calls the same ``convolution_backward`` that autograd would. Under
     autocast the forward's compute dtype is kept for backward.
@@ -44,21 +46,57 @@ class SpikeInputConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv, levels):
         y = conv._conv_forward(x, weight, bias)
-        ops = kernels.for_device(x.device)
-        ctx.save_for_backward(ops.encode(x, levels), weight)
-        ctx.conv, ctx.levels, ctx.dtype, ctx.x_dtype, ctx.ops = conv, levels, y.dtype, x.dtype, ops
+        packed = packing.pack(x, levels)
+        ctx.save_for_backward(packed.planes, weight)
+        ctx.conv, ctx.packed, ctx.dtype, ctx.x_dtype = conv, packed, y.dtype, x.dtype
+        packed.planes = None  # held by autograd's saved tensors
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        codes, weight = ctx.saved_tensors
+        planes, weight = ctx.saved_tensors
         conv, dtype = ctx.conv, ctx.dtype
-        x = ctx.ops.decode(codes, ctx.levels, dtype)
+        x = packing.unpack(dataclasses.replace(ctx.packed, planes=planes), dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad_y.to(dtype), x, weight.to(dtype), ctx.bias_shape, list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0, 0], conv.groups, mask)
         return (None if gx is None else gx.to(ctx.x_dtype), None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(weight.dtype), None, None)
+
+
+def windows_apart(pool: nn.AvgPool2d) -> bool:
+    """The pool's windows tile its input without overlap or padding: each input gets at most one window's
+    gradient, so :class:`SpikeInputPool` needs nothing of the input but its shape."""
+    k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size, pool.kernel_size)
+    stride = pool.stride if isinstance(pool.stride, tuple) else (pool.stride, pool.stride)
+    padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding, pool.padding)
+    return tuple(stride) == tuple(k) and padding == (0, 0) and not pool.ceil_mode and pool.divisor_override is None
+
+
+class SpikeInputPool(torch.autograd.Function):
+    """``avg_pool2d`` over windows apart (:func:`windows_apart`) of ``x [N, C, H, W]``, saving nothing: torch's
+    own backward keeps the whole input for its shape, a float tensor as large as the layer's spikes."""
+
+    @staticmethod
+    def forward(ctx, x, pool: nn.AvgPool2d):
+        y = pool(x)
+        ctx.shape, ctx.window = x.shape, y.shape[-2:]
+        ctx.k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size, pool.kernel_size)
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        (kh, kw), (ho, wo) = ctx.k, ctx.window
+        n, c = grad_y.shape[:2]
+        share = (grad_y / (kh * kw))[:, :, :, None, :, None].expand(n, c, ho, kh, wo, kw).reshape(n, c, ho * kh, wo * kw)
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        if (ho * kh, wo * kw) == tuple(ctx.shape[-2:]):
+            return share.contiguous(memory_format=fmt), None
+        grad_x = torch.zeros(ctx.shape, dtype=grad_y.dtype, device=grad_y.device).contiguous(memory_format=fmt)
+        grad_x[:, :, : ho * kh, : wo * kw] = share
+        return grad_x, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn.layers import Folded, TemporalBatchNorm
+from msgcli.snn.layers import Folded, SpikingSequential, TemporalBatchNorm
 from msgcli.snn.neuron import LIF
 
 INITS = ("release", "kaiming")
@@ -53,7 +53,8 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, bn_mode: 
 
 
 def conv_bn_lif(in_ch: int, out_ch: int, neuron: dict, kernel: int = 3, stride: int = 1, bn_mode: str = "per_step") -> nn.Sequential:
-    return nn.Sequential(*conv_bn(in_ch, out_ch, kernel, stride, bn_mode), LIF(**neuron))
+    """Conv, BatchNorm and LIF in a :class:`SpikingSequential`, so ``recompute`` can take them as one block."""
+    return SpikingSequential(*conv_bn(in_ch, out_ch, kernel, stride, bn_mode), LIF(**neuron))
 
 
 def init_weights(model: SpikingNet, init: str, release_kaiming: bool) -> SpikingNet:

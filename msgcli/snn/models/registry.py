@@ -9,6 +9,7 @@ from typing import Callable
 from torch import nn
 
 from msgcli.errors import did_you_mean
+from msgcli.snn.layers import set_recompute
 from msgcli.snn.neuron import LIF
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -50,13 +51,15 @@ def build_model(name: str, in_channels: int, num_classes: int, T: int, input_siz
     not a choice: it reaches the backbones whose layers depend on it (the VGGs' flatten head,
     CIFARNet's check of its pooling stages) and is not needed by the others.
     The model maps ``[B, T, C, H, W]`` events or ``[B, C, H, W]`` images to
-    per-timestep logits ``[T, B, num_classes]``.
+    per-timestep logits ``[T, B, num_classes]``. ``recompute=True`` keeps only each conv-BN-LIF block's input
+    spikes (as bits) for backward and recomputes the block there (:mod:`msgcli.snn.layers.recompute`).
     """
     if name not in _MODELS:
         raise ValueError(f"model name: unknown '{name}'{did_you_mean(name, _MODELS)}; choose one of {', '.join(list_models())}")
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("T", T)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+    recompute = options.pop("recompute", None)
     options = {k: v for k, v in options.items() if v is not None}
     neuron = {k: v for k, v in options.items() if k in NEURON_OPTIONS}
     model_options = {k: v for k, v in options.items() if k not in NEURON_OPTIONS}
@@ -71,4 +74,7 @@ def build_model(name: str, in_channels: int, num_classes: int, T: int, input_siz
                          "(a backbone that takes **options receives every option and may ignore them)")
     if input_size is not None and ("input_size" in accepted or takes_any):
         model_options["input_size"] = input_size
-    return builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)
+    model = builder(in_channels=in_channels, num_classes=num_classes, T=T, neuron=neuron, **model_options)
+    if recompute and not set_recompute(model, True):
+        raise ValueError(f"recompute: {name} has no conv-BatchNorm-LIF block in a SpikingSequential to recompute")
+    return model

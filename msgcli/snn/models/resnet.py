@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn.layers import Folded, TemporalBatchNorm
+from msgcli.snn.layers import Folded, SpikingSequential, TemporalBatchNorm
 from msgcli.snn.models.base import SpikingNet, conv_bn, init_weights
 from msgcli.snn.models.registry import register_model
 from msgcli.snn.neuron import LIF
@@ -23,7 +23,7 @@ STEM_POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, neuron: dict, bn_mode: str) -> None:
         super().__init__()
-        self.branch = nn.Sequential(
+        self.branch = SpikingSequential(
             *conv_bn(in_ch, out_ch, 3, stride, bn_mode), LIF(**neuron), *conv_bn(out_ch, out_ch, 3, 1, bn_mode)
         )
         self.shortcut = conv_bn(in_ch, out_ch, 1, stride, bn_mode) if stride != 1 or in_ch != out_ch else nn.Identity()
@@ -36,11 +36,11 @@ class BasicBlock(nn.Module):
 class SEWBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, neuron: dict, bn_mode: str) -> None:
         super().__init__()
-        self.branch = nn.Sequential(
+        self.branch = SpikingSequential(
             *conv_bn(in_ch, out_ch, 3, stride, bn_mode), LIF(**neuron), *conv_bn(out_ch, out_ch, 3, 1, bn_mode), LIF(**neuron)
         )
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(*conv_bn(in_ch, out_ch, 1, stride, bn_mode), LIF(**neuron))
+            self.shortcut = SpikingSequential(*conv_bn(in_ch, out_ch, 1, stride, bn_mode), LIF(**neuron))
         else:
             self.shortcut = nn.Identity()
 
@@ -64,14 +64,14 @@ class SpikingResNet(SpikingNet):
         if stem_pool not in STEM_POOLS:
             raise ValueError(f"stem_pool: unknown '{stem_pool}'; choose one of {', '.join(STEM_POOLS)}")
         if stem == "imagenet":
-            self.stem = nn.Sequential(
+            self.stem = SpikingSequential(
                 Folded(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)),
                 TemporalBatchNorm(64, mode=bn_mode),
                 LIF(**neuron),
                 Folded(STEM_POOLS[stem_pool](3, stride=2, padding=1)),
             )
         else:
-            self.stem = nn.Sequential(*conv_bn(in_channels, 64, 3, 1, bn_mode), LIF(**neuron))
+            self.stem = SpikingSequential(*conv_bn(in_channels, 64, 3, 1, bn_mode), LIF(**neuron))
         stages, channels = [], 64
         for i, depth in enumerate(depths):
             width = 64 * 2**i

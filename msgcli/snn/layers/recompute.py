@@ -1,0 +1,288 @@
+"""Blocks that save little for backward and recompute the rest there: conv-BatchNorm-LIF runs of a
+:class:`SpikingSequential`.
+
+Two depths, one autograd Function (:class:`RecomputedBlock`):
+
+* default (``lean_bn_lif``): the convolution runs under autograd (saving its input spikes as bits,
+  :mod:`.spike_conv`); BatchNorm and LIF save only the BatchNorm's input, one float tensor per spiking
+  layer, and backward recomputes the normalisation and the membrane from it with the same kernels, on
+  the same numbers: exact, not merely close.
+* ``model.recompute`` (``recomputed_block``): the block saves only its input spikes, packed
+  (:mod:`msgcli.snn.packing`), and backward recomputes the convolution too.
+
+Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where each chunk of
+timesteps starts. Backward works one chunk at a time, latest first, so the largest tensors alive are
+a chunk's, not the layer's. Per-step statistics make a chunk self-contained (its timesteps'
+statistics are its own, saved from the forward, so the running statistics are updated once, in the
+forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
+backward, chunks latest first: the same draws in the same order as one call over T. What backward
+recomputes is what forward computed, so the gradients are those of plain autograd through the same
+kernels (to float rounding where chunks add the weight gradients in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msgcli.snn import kernels, packing
+from msgcli.snn.kernels.ops import affine, normalise, normalise_backward
+from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
+from msgcli.snn.layers.folded import Folded
+from msgcli.snn.layers.spike_conv import takes_spike_codes
+from msgcli.snn.layers.sync import synchronised
+from msgcli.snn.memory import step_layout
+from msgcli.snn.neuron import LIF, levels_of, mark_levels
+
+
+def _chunks(T: int, size: int) -> list[tuple[int, int]]:
+    return [(t, min(t + size, T)) for t in range(0, T, size)]
+
+
+class _Block:
+    """The modules of one block and how this call runs them."""
+
+    def __init__(self, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, levels: int | None, chunk: int,
+                 device: torch.device) -> None:
+        self.conv, self.bn, self.lif, self.levels = conv, bn, lif, levels
+        self.sync = bn.sync and synchronised()
+        self.per_step = bn.mode == "per_step"
+        self.chunk = chunk if self.per_step else None
+        self.bn_ops = _batchnorm_kernels(device)
+        self.lif_ops = lif.kernels(device)
+        amp = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        self.autocast = (device.type, amp, torch.get_autocast_dtype(device.type) if amp else None)
+
+    def current(self, x: torch.Tensor, weight, bias, steps: int) -> torch.Tensor:
+        """The convolution of ``x [steps*B, C, H, W]`` as ``[steps, B, C', H', W']`` (``x`` itself without one)."""
+        if self.conv is None:
+            return x
+        device, enabled, dtype = self.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            y = self.conv._conv_forward(x, weight, bias)
+        return y.view(steps, -1, *y.shape[1:])
+
+    def statistics_view(self, current: torch.Tensor) -> torch.Tensor:
+        return current if self.per_step else current.flatten(0, 1).unsqueeze(0)
+
+    def lif_args(self):
+        lif = self.lif
+        return lif.tau, lif.v_threshold
+
+
+class RecomputedBlock(torch.autograd.Function):
+    """``LIF(BN(conv(x)))`` of ``x [T, B, C, H, W]``, saving ``x`` packed and recomputing the rest in backward.
+
+    Returns the spikes and the batch mean and unbiased variance (for the running statistics).
+    """
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, block: _Block):
+        T, B = x.shape[:2]
+        if block.conv is None:  # x is the BatchNorm's input, chunked over its first dim, saved whole
+            flat = x if step_layout(x) is not None else x.contiguous()
+        else:
+            flat = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        size = block.chunk or T
+        saved_inputs, states, means, invstds, variances = [], [], [], [], []
+        out, state, count = None, None, 0
+        tau, v_threshold = block.lif_args()
+        rows = 1 if block.conv is None else B
+        for t0, t1 in _chunks(T, size):
+            xc = flat[t0 * rows: t1 * rows]
+            if block.conv is not None:
+                saved_inputs.append(packing.pack(xc, block.levels).planes if block.levels else xc)
+            current = block.current(xc, conv_weight, conv_bias, t1 - t0)
+            steps = block.statistics_view(current)
+            _check_count(steps, block.sync)
+            y, mean, unbiased, invstd, count = normalise(steps, bn_weight, bn_bias, block.bn.eps, block.sync,
+                                                         block.bn_ops)
+            del steps
+            del current
+            y = y.view(t1 - t0, B, *y.shape[2:])
+            if state is None:
+                state = torch.zeros_like(y[0], dtype=kernels.carry_dtype(y.dtype))
+            else:
+                states.append(state.clone())
+            spikes, _ = block.lif_ops.lif_chunk_forward(y, state, tau, v_threshold, block.lif.reset, False)
+            del y
+            if size >= T:
+                out = spikes
+            else:
+                if out is None:
+                    out = torch.empty_strided((T, *spikes.shape[1:]), (spikes.stride(0), *spikes.stride()[1:]),
+                                              dtype=spikes.dtype, device=spikes.device)
+                out[t0:t1] = spikes
+            means.append(mean)
+            invstds.append(invstd)
+            variances.append(unbiased)
+        mean, invstd, unbiased = torch.cat(means), torch.cat(invstds), torch.cat(variances)
+        if block.conv is None:
+            saved_inputs.append(flat)
+        ctx.save_for_backward(*saved_inputs, *states, conv_weight, bn_weight, bn_bias, mean, invstd)
+        ctx.block, ctx.count, ctx.shape = block, count, (T, B, tuple(flat.shape), flat.stride(), x.dtype)
+        ctx.n_inputs, ctx.n_states = len(saved_inputs), len(states)
+        ctx.mark_non_differentiable(mean, unbiased)
+        return out, mean, unbiased
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_spikes, _grad_mean, _grad_var):
+        block = ctx.block
+        T, B, flat_shape, flat_stride, x_dtype = ctx.shape
+        saved = ctx.saved_tensors
+        inputs, states = saved[:ctx.n_inputs], saved[ctx.n_inputs:ctx.n_inputs + ctx.n_states]
+        conv_weight, bn_weight, bn_bias, mean, invstd = saved[ctx.n_inputs + ctx.n_states:]
+        conv = block.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        tau, v_threshold = block.lif_args()
+        scale, shift = affine(bn_weight, bn_bias, mean, invstd)
+        grad_x = torch.empty_strided(flat_shape, flat_stride, dtype=x_dtype, device=grad_spikes.device) if need_x else None
+        grads = [None, None]  # conv weight, conv bias
+        bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
+        grad_state = None
+        chunks = _chunks(T, block.chunk or T)
+        for k in reversed(range(len(chunks))):
+            t0, t1 = chunks[k]
+            if conv is None:
+                xc = inputs[0][t0:t1]
+            elif block.levels:
+                shape = (t1 - t0) * B, *flat_shape[1:]
+                xc = packing.unpack(packing.Packed(inputs[k], shape, flat_stride, block.levels), x_dtype)
+            else:
+                xc = inputs[k]
+            current = block.current(xc, conv_weight, None if conv is None else conv.bias, t1 - t0)
+            steps = block.statistics_view(current)
+            rows = slice(t0, t1) if block.per_step else slice(0, 1)
+            y = block.bn_ops.bn_apply(steps, scale[rows], shift[rows]).view_as(current)
+            state = states[k - 1] if k else torch.zeros_like(y[0], dtype=kernels.carry_dtype(y.dtype))
+            _, membrane = block.lif_ops.lif_chunk_forward(y, state, tau, v_threshold, block.lif.reset, True)
+            del y
+            if grad_state is None:
+                grad_state = torch.zeros_like(membrane[0], dtype=kernels.carry_dtype(membrane.dtype))
+            lif = block.lif
+            grad_y = block.lif_ops.lif_chunk_backward(grad_spikes[t0:t1], membrane, grad_state, tau, v_threshold,
+                                                      lif.spec, lif.reset, lif.detach_reset)
+            del membrane
+            grad_current, *terms = normalise_backward(
+                block.statistics_view(grad_y), steps, bn_weight, mean[rows], invstd[rows], ctx.count, block.sync,
+                block.bn_ops, per_step=True)
+            del grad_y, steps
+            for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
+                if needed:
+                    kept.append(term)
+            if conv is None:
+                if need_x:
+                    grad_x[t0:t1] = grad_current.view_as(current)
+                continue
+            dtype = current.dtype
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad_current.reshape(current.shape).flatten(0, 1).to(dtype), xc.to(dtype), conv_weight.to(dtype),
+                None if conv.bias is None else list(conv.bias.shape), list(conv.stride), list(conv.padding),
+                list(conv.dilation), False, [0, 0], conv.groups, [need_x, need_w, conv.bias is not None and need_b])
+            if need_x:
+                grad_x[t0 * B: t1 * B] = gx
+            for i, g in enumerate((gw, gb)):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
+        if conv is None:
+            return grad_x, None, None, *grad_bn, None
+        grad_x = None if grad_x is None else grad_x.view(T, B, *flat_shape[1:])
+        return (grad_x, _cast(grads[0], conv_weight), _cast(grads[1], conv.bias), *grad_bn, None)
+
+
+def _cast(grad, like):
+    return None if grad is None else grad.to(like.dtype)
+
+
+def recomputable(modules) -> bool:
+    """``modules`` are a block :class:`RecomputedBlock` reproduces: a plain 2-D convolution on the folded batch, a
+    :class:`TemporalBatchNorm` and a LIF off the reference backend."""
+    if len(modules) != 3:
+        return False
+    folded, bn, lif = modules
+    return (isinstance(folded, Folded) and isinstance(folded.module, nn.Conv2d) and takes_spike_codes(folded.module)
+            and _leans(bn, lif))
+
+
+def _leans(bn, lif) -> bool:
+    return isinstance(bn, TemporalBatchNorm) and isinstance(lif, LIF) and lif.backend != "reference"
+
+
+def lean_applies(modules, x: torch.Tensor) -> bool:
+    """``modules`` are a BatchNorm with per-step statistics and a LIF that :func:`lean_bn_lif` runs, on ``x``'s
+    device: the CPU, or CUDA where the Triton BatchNorm runs the per-step statistics (by default torch's
+    ``batch_norm`` does, see :mod:`.batchnorm`)."""
+    if len(modules) != 2 or not _leans(*modules) or x.dim() < 3 or x.device.type not in ("cpu", "cuda"):
+        return False
+    bn = modules[0]
+    return bn.mode == "per_step" and not _torch_batch_norm_applies(x, bn.sync and synchronised())
+
+
+def default_chunk(T: int) -> int:
+    """Timesteps per chunk in backward: half the sequence past T = 4 (a saved membrane per layer, against half the
+    widest layer's transient tensors), else the whole."""
+    return -(-T // 2) if T > 4 else T
+
+
+def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
+    block = _Block(conv, bn, lif, levels_of(x), chunk, x.device)
+    weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
+    spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
+    if bn.track_running_stats and bn.running_mean is not None:
+        bn._sequential_running_update(mean, var)
+    return mark_levels(spikes, 1)
+
+
+def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
+    """Spikes of ``lif(bn(x))``, saving only ``x`` (and statistics) for backward; the running statistics updated
+    once."""
+    return _run(x, None, bn, lif, chunk)
+
+
+def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
+    """Spikes of ``lif(bn(folded(x)))``, saving only ``x`` as bits; the running statistics updated once."""
+    if x.dim() != 5:
+        raise ValueError(f"recompute: expected a block input [T, B, C, H, W], got shape {tuple(x.shape)}")
+    return _run(x, folded.module, bn, lif, chunk)
+
+
+class SpikingSequential(nn.Sequential):
+    """``nn.Sequential`` (same children, same state_dict keys) that, in training, runs each BatchNorm-LIF pair
+    through :func:`lean_bn_lif` and, once :func:`set_recompute` has switched it on, each conv-BN-LIF block
+    through :func:`recomputed_block`."""
+
+    recompute = False
+    recompute_chunk: int | None = None  # timesteps per recomputed chunk; None: default_chunk(T)
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return super().forward(x)  # compiled: the layers' operators, one opaque node each
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            if self.recompute and recomputable(modules[i:i + 3]):
+                x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk or default_chunk(x.shape[0]))
+                i += 3
+            elif lean_applies(modules[i:i + 2], x):
+                x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]))
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
+        return x
+
+
+def set_recompute(model: nn.Module, enabled: bool = True, chunk: int | None = None) -> int:
+    """Switch recomputation on (``chunk`` timesteps at a time, by default :func:`default_chunk`) or off in every
+    :class:`SpikingSequential` of ``model``; returns how many conv-BN-LIF blocks it covers."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"recompute chunk: must be at least 1 timestep, got {chunk}")
+    blocks = 0
+    for module in model.modules():
+        if isinstance(module, SpikingSequential):
+            module.recompute, module.recompute_chunk = enabled, chunk
+            children = list(module)
+            blocks += sum(recomputable(children[i:i + 3]) for i in range(len(children)))
+    return blocks

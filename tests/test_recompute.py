@@ -1,0 +1,191 @@
+"""``model.recompute``: conv-BN-LIF blocks that keep only their input spikes, as bits, and recompute in backward.
+
+The yardstick is the default path of the same model: same logits, same gradients (MSG masks included, so a
+mask drawn in another order would show), running statistics updated once.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from msgcli.snn import build_model, packing
+from msgcli.snn.kernels import CPU, TORCH, carry_dtype
+from msgcli.snn.layers import SpikingSequential, TemporalBatchNorm, set_recompute
+from msgcli.snn.msg import SpikeSpec
+from tests.test_perf_memory import saved_bytes
+
+
+def _step(model, x, seed=5):
+    torch.manual_seed(seed)
+    logits = model(x)
+    logits.square().sum().backward()
+    return logits, {n: p.grad.clone() for n, p in model.named_parameters()}, {n: b.clone() for n, b in model.named_buffers()}
+
+
+def _pair(name, chunk, T=4, size=32, **options):
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size, **options)
+    recomputed = copy.deepcopy(model)
+    assert set_recompute(recomputed, True, chunk) > 0
+    return model, recomputed
+
+
+@pytest.mark.parametrize("name, T, chunk, size", [("vggsnn_tiny", 4, 1, 32), ("vggsnn_tiny", 4, 3, 32),
+                                                  ("vggsnn_tiny", 4, 2, 32), ("resnet18", 3, 2, 16),
+                                                  ("sew_resnet18", 2, 1, 16)])
+def test_recompute_gives_the_default_paths_logits_gradients_and_running_statistics(name, T, chunk, size):
+    model, recomputed = _pair(name, chunk, T=T, size=size)
+    x = torch.rand(3, T, 2, size, size).round()
+    logits, grads, buffers = _step(model, x)
+    logits_r, grads_r, buffers_r = _step(recomputed, x)
+    assert torch.equal(logits, logits_r)
+    for n, g in grads.items():
+        # chunks of timesteps add the weight gradients in another order: float32 rounding, nothing more
+        torch.testing.assert_close(grads_r[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+    for n, b in buffers.items():  # running statistics moved once per step, as the default path's
+        assert torch.equal(buffers_r[n], b), n
+
+
+def _module_by_module(model):
+    """``model`` with every :class:`SpikingSequential` calling its children one by one (each saving for itself)."""
+    for module in model.modules():
+        if isinstance(module, SpikingSequential):
+            module.forward = torch.nn.Sequential.forward.__get__(module)
+    return model
+
+
+@pytest.mark.parametrize("name, T, size, ratio", [("vggsnn_tiny", 4, 32, 0.6), ("vggsnn_tiny", 6, 32, 0.7),
+                                                  ("resnet18", 2, 16, 0.8)])
+def test_the_lean_default_path_equals_the_layers_run_one_by_one(name, T, size, ratio):
+    """BatchNorm + LIF saving only the BatchNorm's input give what the two layers give when each saves its own,
+    in ``ratio`` of the activation memory or less (T = 6 adds the membrane saved between its two chunks; ResNet18's
+    spikes after the residual sums still save their membrane)."""
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size)
+    plain = _module_by_module(copy.deepcopy(model))
+    x = torch.rand(3, T, 2, size, size).round()
+    params = sum(p.numel() * 4 for p in model.parameters())  # the convolutions save their weights
+    lean_bytes, _ = saved_bytes(model, x)
+    plain_bytes, _ = saved_bytes(plain, x)
+    assert lean_bytes - params < ratio * (plain_bytes - params)
+    logits, grads, buffers = _step(model, x)
+    logits_p, grads_p, buffers_p = _step(plain, x)
+    assert torch.equal(logits, logits_p)
+    for n, g in grads.items():
+        assert torch.equal(grads_p[n], g), n
+    for n, b in buffers.items():
+        assert torch.equal(buffers_p[n], b), n
+
+
+def test_a_different_mask_would_show():
+    """The test above can see the MSG mask: another seed in backward moves the gradients far beyond rounding."""
+    model, recomputed = _pair("vggsnn_tiny", 1)
+    x = torch.rand(3, 4, 2, 32, 32).round()
+    _, grads, _ = _step(model, x, seed=5)
+    _, grads_r, _ = _step(recomputed, x, seed=6)
+    w = "features.0.0.module.weight"
+    assert (grads_r[w] - grads[w]).abs().max() > 1e-3 * grads[w].abs().max()
+
+
+def test_recompute_under_bf16_autocast_and_joint_statistics_matches_the_default_path():
+    model, recomputed = _pair("vggsnn_tiny", 1, bn_mode="joint")
+    x = torch.rand(2, 4, 2, 32, 32).round()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads, buffers = _step(model, x)
+        logits_r, grads_r, buffers_r = _step(recomputed, x)
+    torch.testing.assert_close(logits_r, logits, rtol=2e-2, atol=2e-2)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_r[n], g, rtol=5e-2, atol=5e-2 * g.abs().max().item(), msg=n)
+    for n, b in buffers.items():  # torch's joint BatchNorm against the C statistics, over bf16 values
+        torch.testing.assert_close(buffers_r[n], b, rtol=1e-2, atol=1e-3, msg=n)
+
+
+def test_recompute_saves_the_input_spikes_as_bits_and_the_chunk_boundaries():
+    from msgcli.snn.neuron import mark_levels
+
+    T, B = 6, 4
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=32)
+    block = model.features[2]  # the 32 -> 64 channel block at 16x16
+    x = torch.rand(T, B, 32, 16, 16).round()
+    params = sum(p.numel() * 4 for p in block.parameters())
+    default, _ = saved_bytes(block, mark_levels(x.clone(), 1))
+    assert default > 4 * T * B * 64 * 16 * 16  # the BatchNorm's input, in float32
+    for chunk in (1, 2, 6):
+        set_recompute(block, True, chunk)
+        nbytes, spikes = saved_bytes(block, mark_levels(x.clone(), 1))
+        states = (T // chunk - 1) * B * 64 * 16 * 16 * 4  # the membrane where a chunk starts, float32
+        stats = 2 * T * 64 * 8  # mean and 1/std per (t, c), float64
+        assert x.numel() / 8 + states + params <= nbytes <= x.numel() / 8 + 16 * T + states + params + stats
+        spikes.sum().backward()
+    assert nbytes - params < default / 20  # one chunk: the input's bits and the statistics
+
+
+@pytest.mark.parametrize("levels", [1, 2, 4, 16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packing_restores_spikes_and_their_averages_exactly(levels, channels_last):
+    x = torch.randint(0, levels + 1, (5, 3, 7, 9)).float() / levels
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = packing.pack(x, levels)
+    assert packed.nbytes == packing.bits(levels) * -(-x.numel() // 8)
+    y = packing.unpack(packed, torch.float32)
+    assert torch.equal(y, x) and y.stride() == x.stride()
+    assert torch.equal(packing.unpack(packed, torch.bfloat16), x.bfloat16())
+
+
+def test_packing_in_torch_operators_equals_numpys():
+    """The planes other devices pack with torch operators are the ones numpy packs on the CPU."""
+    codes = torch.randint(0, 5, (1003,), dtype=torch.uint8)
+    planes = packing._planes_numpy(codes, 3)
+    assert torch.equal(packing._planes_torch(codes, 3), planes)
+    assert torch.equal(packing._codes_torch(planes, 1003), codes) and torch.equal(packing._codes_numpy(planes, 1003), codes)
+
+
+@pytest.mark.parametrize("ops", [CPU, TORCH], ids=["c", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reset", ["hard", "soft"])
+def test_lif_over_chunks_carrying_the_membrane_equals_one_call(ops, dtype, reset):
+    T = 5
+    current = (torch.randn(T, 3, 8, 6, 6) + 0.4).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    current = current.view(T, 3, 8, 6, 6).to(dtype)
+    spec = SpikeSpec(mask_p=0.5)
+    spikes, membrane = ops.lif_forward(current, 2.0, 0.5, reset, True)
+    grad = torch.randn_like(current)
+    torch.manual_seed(1)
+    grad_current = ops.lif_backward(grad, membrane, 2.0, 0.5, spec, reset, False)
+    state = torch.zeros_like(current[0], dtype=carry_dtype(dtype))
+    parts = [ops.lif_chunk_forward(current[t0:t1], state, 2.0, 0.5, reset, True) for t0, t1 in ((0, 2), (2, 3), (3, 5))]
+    assert torch.equal(torch.cat([s for s, _ in parts]), spikes)
+    assert torch.equal(torch.cat([h for _, h in parts]), membrane)
+    grad_state = torch.zeros_like(state)
+    torch.manual_seed(1)
+    chunks = [ops.lif_chunk_backward(grad[t0:t1], membrane[t0:t1], grad_state, 2.0, 0.5, spec, reset, False)
+              for t0, t1 in ((3, 5), (2, 3), (0, 2))]
+    assert torch.equal(torch.cat(chunks[::-1]), grad_current)
+
+
+def test_recompute_of_a_model_without_blocks_is_an_error():
+    from msgcli.snn.models.registry import register_model, _MODELS
+
+    @register_model
+    def _bn_only(in_channels=2, num_classes=10, T=4, neuron=None, input_size=None):
+        return TemporalBatchNorm(in_channels)
+
+    try:
+        with pytest.raises(ValueError, match="recompute: _bn_only has no conv-BatchNorm-LIF block"):
+            build_model("_bn_only", in_channels=2, num_classes=10, T=4, recompute=True)
+    finally:
+        _MODELS.pop("_bn_only")
+
+
+def test_model_recompute_in_the_config_reaches_the_model():
+    from msgcli import config as config_io
+    from msgcli.engine.build import build_model_from_config
+    from msgcli.snn.layers import SpikingSequential
+
+    cfg = config_io.RunConfig()
+    cfg.model.name, cfg.data.size, cfg.T = "vggsnn_tiny", 32, 2
+    cfg.model.recompute = True
+    model = build_model_from_config(cfg, in_channels=2, num_classes=10)
+    assert {m.recompute for m in model.modules() if isinstance(m, SpikingSequential)} == {True}

@@ -258,9 +258,7 @@ def main(argv=None) -> int:
                  "peak = fixed + batch x per-sample, from the two measured batches")
     print_table(summary, runnable, precisions, args, notes)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results,
-                       "summary": {f"{c}/{p}": v for (c, p), v in summary.items()}}, f, indent=1)
+        _step_script().write_json(args.json, args, results, summary)
     return 0
 
 

@@ -374,6 +374,13 @@ def compile_speedups(summary: dict, cases: list[str], precisions: list[str]) -> 
     return notes
 
 
+def write_json(path: str, args, results: list[dict], summary: dict) -> None:
+    """The arguments, every process's result and the summary by ``case/precision``, for ``--json``."""
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "results": results,
+                   "summary": {f"{c}/{p}": v for (c, p), v in summary.items()}}, f, indent=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -428,9 +435,7 @@ def main(argv=None) -> int:
     notes.extend(compile_speedups(summary, runnable, precisions))
     print_table(summary, runnable, precisions, notes)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results,
-                       "summary": {f"{c}/{p}": v for (c, p), v in summary.items()}}, f, indent=1)
+        write_json(args.json, args, results, summary)
     return 0
 
 

@@ -202,3 +202,24 @@ def test_cuda_takes_torch_batch_norm_unless_triton_is_asked_for(monkeypatch):
     monkeypatch.setenv("MSGSNN_TRITON_BN", "1")
     assert not batchnorm._torch_batch_norm_applies(on_cuda, sync=False)
     assert batchnorm._batchnorm_kernels(torch.device("cuda")) is kernels.CUDA
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(2, ceil_mode=True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_pool_of_spikes_saves_nothing_and_gives_autograds_gradient(pool, channels_last):
+    from msgcli.snn.layers.spike_conv import SpikeInputPool
+    from tests.test_perf_memory import saved_bytes
+
+    torch.manual_seed(0)
+    x = (torch.rand(6, 4, 7, 9) > 0.7).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(pool(x))
+    ours = x.clone().requires_grad_()
+    SpikeInputPool.apply(ours, pool).backward(grad)
+    theirs = x.clone().requires_grad_()
+    pool(theirs).backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
+    assert ours.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    nbytes, _ = saved_bytes(lambda t: SpikeInputPool.apply(t, pool), x.clone().requires_grad_())
+    assert nbytes == 0

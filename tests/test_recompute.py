@@ -47,23 +47,30 @@ def test_recompute_gives_the_default_paths_logits_gradients_and_running_statisti
         assert torch.equal(buffers_r[n], b), n
 
 
-def _module_by_module(model):
-    """``model`` with every :class:`SpikingSequential` calling its children one by one (each saving for itself)."""
+def _lean(model):
+    """``model`` with every :class:`SpikingSequential` running its BatchNorm-LIF pairs through ``lean_bn_lif``."""
     for module in model.modules():
         if isinstance(module, SpikingSequential):
-            module.forward = torch.nn.Sequential.forward.__get__(module)
+            module.lean = True
     return model
+
+
+def test_the_default_path_runs_the_layers_one_by_one():
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, input_size=16)
+    sequences = [m for m in model.modules() if isinstance(m, SpikingSequential)]
+    assert sequences and not any(m.recompute or m.lean for m in sequences)
+    assert set_recompute(model, True) > 0 and all(m.recompute and m.lean for m in sequences)
 
 
 @pytest.mark.parametrize("name, T, size, ratio", [("vggsnn_tiny", 4, 32, 0.6), ("vggsnn_tiny", 6, 32, 0.7),
                                                   ("resnet18", 2, 16, 0.8)])
-def test_the_lean_default_path_equals_the_layers_run_one_by_one(name, T, size, ratio):
+def test_lean_batchnorm_lif_pairs_equal_the_layers_run_one_by_one(name, T, size, ratio):
     """BatchNorm + LIF saving only the BatchNorm's input give what the two layers give when each saves its own,
     in ``ratio`` of the activation memory or less (T = 6 adds the membrane saved between its two chunks; ResNet18's
     spikes after the residual sums still save their membrane)."""
     torch.manual_seed(0)
-    model = build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size)
-    plain = _module_by_module(copy.deepcopy(model))
+    plain = build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size)
+    model = _lean(copy.deepcopy(plain))
     x = torch.rand(3, T, 2, size, size).round()
     params = sum(p.numel() * 4 for p in model.parameters())  # the convolutions save their weights
     lean_bytes, _ = saved_bytes(model, x)

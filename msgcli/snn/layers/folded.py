@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn.layers.spike_conv import (SpikeInputConv, SpikeInputPool, pooled_levels, takes_spike_codes,
-                                          windows_apart)
+from msgcli.snn.layers.spike_conv import SpikeInputConv, SpikeInputPool, pooled_levels, takes_spike_codes
 from msgcli.snn.neuron import levels_of, mark_levels
 
 
@@ -43,7 +42,7 @@ class Folded(nn.Module):
                 y = SpikeInputConv.apply(flat, module.weight, module.bias, module, levels)
             else:
                 y = module(flat)
-        elif levels is not None and isinstance(module, nn.AvgPool2d) and flat.dim() == 4 and windows_apart(module):
+        elif levels is not None and isinstance(module, nn.AvgPool2d) and flat.dim() == 4:
             y = SpikeInputPool.apply(flat, module) if torch.is_grad_enabled() and flat.requires_grad else module(flat)
         else:
             y = module(flat)

@@ -1,14 +1,15 @@
-"""Blocks that save little for backward and recompute the rest there: conv-BatchNorm-LIF runs of a
-:class:`SpikingSequential`.
+"""Blocks that save little for backward and recompute the rest there: ``model.recompute`` over the
+conv-BatchNorm-LIF runs of a :class:`SpikingSequential`.
 
 Two depths, one autograd Function (:class:`RecomputedBlock`):
 
-* default (``lean_bn_lif``): the convolution runs under autograd (saving its input spikes as bits,
-  :mod:`.spike_conv`); BatchNorm and LIF save only the BatchNorm's input, one float tensor per spiking
-  layer, and backward recomputes the normalisation and the membrane from it with the same kernels, on
-  the same numbers: exact, not merely close.
-* ``model.recompute`` (``recomputed_block``): the block saves only its input spikes, packed
-  (:mod:`msgcli.snn.packing`), and backward recomputes the convolution too.
+* a conv-BN-LIF block whose convolution takes spikes (``recomputed_block``) saves only its input spikes,
+  packed (:mod:`msgcli.snn.packing`), and backward recomputes the convolution, the normalisation and the
+  membrane;
+* a BatchNorm-LIF pair after any other layer (``lean_bn_lif``: the stem's convolution of events or
+  images, say) saves only the BatchNorm's input, one float tensor, and backward recomputes the
+  normalisation and the membrane from it with the same kernels, on the same numbers: exact, not merely
+  close.
 
 Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where each chunk of
 timesteps starts. Backward works one chunk at a time, latest first, so the largest tensors alive are
@@ -18,6 +19,10 @@ forward); joint statistics span all T, and so take one chunk. The MSG mask is dr
 backward, chunks latest first: the same draws in the same order as one call over T. What backward
 recomputes is what forward computed, so the gradients are those of plain autograd through the same
 kernels (to float rounding where chunks add the weight gradients in another order).
+
+Recomputing costs time (the lean pair alone made the main job's CPU epoch about 10% slower, for a few
+percent less peak memory on the CPU), so the default path runs the layers one by one: the convolutions
+keep their input spikes as bits and average pools of spikes keep nothing (:mod:`.spike_conv`).
 """
 
 from __future__ import annotations
@@ -249,15 +254,17 @@ def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif
 
 
 class SpikingSequential(nn.Sequential):
-    """``nn.Sequential`` (same children, same state_dict keys) that, in training, runs each BatchNorm-LIF pair
-    through :func:`lean_bn_lif` and, once :func:`set_recompute` has switched it on, each conv-BN-LIF block
-    through :func:`recomputed_block`."""
+    """``nn.Sequential`` (same children, same state_dict keys) that, once :func:`set_recompute` has switched it
+    on, runs in training each conv-BN-LIF block through :func:`recomputed_block` and each other BatchNorm-LIF
+    pair through :func:`lean_bn_lif` (``lean`` alone switches on the pairs only)."""
 
     recompute = False
+    lean = False
     recompute_chunk: int | None = None  # timesteps per recomputed chunk; None: default_chunk(T)
 
     def forward(self, x):
-        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if not (self.recompute or self.lean) or not (self.training and torch.is_grad_enabled()) \
+                or torch.compiler.is_compiling():
             return super().forward(x)  # compiled: the layers' operators, one opaque node each
         modules = list(self)
         i = 0
@@ -282,7 +289,8 @@ def set_recompute(model: nn.Module, enabled: bool = True, chunk: int | None = No
     blocks = 0
     for module in model.modules():
         if isinstance(module, SpikingSequential):
-            module.recompute, module.recompute_chunk = enabled, chunk
+            module.recompute = module.lean = enabled
+            module.recompute_chunk = chunk
             children = list(module)
             blocks += sum(recomputable(children[i:i + 3]) for i in range(len(children)))
     return blocks

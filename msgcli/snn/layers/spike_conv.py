@@ -67,36 +67,29 @@ class SpikeInputConv(torch.autograd.Function):
                 None if gb is None else gb.to(weight.dtype), None, None)
 
 
-def windows_apart(pool: nn.AvgPool2d) -> bool:
-    """The pool's windows tile its input without overlap or padding: each input gets at most one window's
-    gradient, so :class:`SpikeInputPool` needs nothing of the input but its shape."""
-    k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size, pool.kernel_size)
-    stride = pool.stride if isinstance(pool.stride, tuple) else (pool.stride, pool.stride)
-    padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding, pool.padding)
-    return tuple(stride) == tuple(k) and padding == (0, 0) and not pool.ceil_mode and pool.divisor_override is None
-
-
 class SpikeInputPool(torch.autograd.Function):
-    """``avg_pool2d`` over windows apart (:func:`windows_apart`) of ``x [N, C, H, W]``, saving nothing: torch's
-    own backward keeps the whole input for its shape, a float tensor as large as the layer's spikes."""
+    """``avg_pool2d`` of ``x [N, C, H, W]``, saving nothing: torch's own autograd keeps the whole input for its
+    shape, a float tensor as large as the layer's spikes."""
 
     @staticmethod
     def forward(ctx, x, pool: nn.AvgPool2d):
         y = pool(x)
-        ctx.shape, ctx.window = x.shape, y.shape[-2:]
-        ctx.k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size, pool.kernel_size)
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.shape, ctx.pool = x.shape, pool
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        (kh, kw), (ho, wo) = ctx.k, ctx.window
-        n, c = grad_y.shape[:2]
-        share = (grad_y / (kh * kw))[:, :, :, None, :, None].expand(n, c, ho, kh, wo, kw).reshape(n, c, ho * kh, wo * kw)
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        if (ho * kh, wo * kw) == tuple(ctx.shape[-2:]):
-            return share.contiguous(memory_format=fmt), None
-        grad_x = torch.zeros(ctx.shape, dtype=grad_y.dtype, device=grad_y.device).contiguous(memory_format=fmt)
-        grad_x[:, :, : ho * kh, : wo * kw] = share
+        # torch's own backward reads its input for the shape and layout alone: an unwritten tensor of both serves
+        pool = ctx.pool
+        like = torch.empty(ctx.shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
+        grad_x = torch.ops.aten.avg_pool2d_backward(grad_y, like, _pair(pool.kernel_size), _pair(pool.stride),
+                                                    _pair(pool.padding), pool.ceil_mode, pool.count_include_pad,
+                                                    pool.divisor_override)
         return grad_x, None
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]

@@ -68,7 +68,6 @@ def count_operations(model: nn.Module, sample: torch.Tensor) -> OperationCounts:
     layer_names = {m: n for n, m in model.named_modules()}
     counts = OperationCounts()
     origin: dict[int, tuple[str, torch.Tensor]] = {}  # data_ptr -> (spiking layer, tensor kept alive)
-    T = model.T
 
     def hook(module, inputs, output):
         source = origin.get(inputs[0].data_ptr())
@@ -76,7 +75,7 @@ def count_operations(model: nn.Module, sample: torch.Tensor) -> OperationCounts:
             counts.neurons[names[module]] = output[0, 0].numel()
             origin[output.data_ptr()] = (names[module], output)
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            macs = layer_macs(module, output) / T
+            macs = layer_macs(module, output) / output.shape[0]  # per timestep: T frames, or 1 (direct encoding)
             counts.total_macs += macs
             if source is None:
                 counts.dense_macs += macs

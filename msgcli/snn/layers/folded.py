@@ -28,8 +28,7 @@ class Folded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1 and x.stride(0) == 0:
-            once = self._folded(x[:1])
-            return torch.cat([once.flatten(0, 1)] * x.shape[0]).view(x.shape[0], *once.shape[1:])
+            return _repeated(self._folded(x[:1])[0], x.shape[0])
         return self._folded(x)
 
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,3 +51,15 @@ class Folded(nn.Module):
             if pooled is not None:
                 mark_levels(out, pooled)
         return out
+
+
+def _repeated(frames: torch.Tensor, T: int) -> torch.Tensor:
+    """``frames [B, ...]`` repeated over T as a dense ``[T, B, ...]`` whose every step keeps the frames' layout
+    (channels-last stays channels-last, so the layers after it copy nothing)."""
+    channels_last = frames.dim() == 4 and not frames.is_contiguous() and frames.is_contiguous(
+        memory_format=torch.channels_last)
+    out = torch.empty((T * frames.shape[0], *frames.shape[1:]), dtype=frames.dtype, device=frames.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = out.view(T, *frames.shape)
+    out.copy_(frames.expand(T, *frames.shape))
+    return out

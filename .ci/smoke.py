@@ -50,6 +50,7 @@ TINY = {
     "benchmarks/data.py": ["--clips", "64", "--batch", "16", "--epochs", "1"],
     "benchmarks/epoch.py": ["--batch", "2", "--steps", "1", "--warmup", "0"],
     "benchmarks/busy.py": ["--epochs", "1", "--rounds", "1", "--busy", "1"],
+    "benchmarks/memory.py": ["--quick"],
 }
 
 

@@ -171,6 +171,51 @@ def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, request, f
 
 @has_compiler
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_fused_batchnorm_lif_equals_the_two_kernels_bit_for_bit(dtype, layout, opts):
+    """One kernel for BatchNorm's affine map and the LIF (forward: only spikes written; backward: the membrane
+    recomputed from the BatchNorm's input) gives the numbers and MSG masks of bn_apply + lif_forward +
+    lif_backward, over two chunks of timesteps carrying the membrane and its gradient."""
+    g = torch.Generator().manual_seed(1)
+    T, B, C, H, W = 6, 3, 5, 7, 3  # a block of neurons spans several channels and a chunk boundary of B*C*H*W
+    x = (torch.randn(T, B, C, H, W, generator=g) * 2 + 0.3).to(dtype)
+    up = torch.randn(x.shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        x, up = _channels_last(x), _channels_last(up)
+    scale = torch.rand(T, C, generator=g, dtype=torch.float64) + 0.2
+    shift = torch.randn(T, C, generator=g, dtype=torch.float64) * 0.3
+    lif = LIF(**opts)
+    args = lif.tau, lif.v_threshold
+    grad_args = (*args, lif.spec, lif.reset, lif.detach_reset)
+    carry = kernels.carry_dtype(dtype)
+    results = []
+    for fused in (True, False):
+        ops = kernels.CPU if fused else kernels.Kernels("separate-cpu-kernels", kernels.C_KERNELS)
+        if not fused:  # the same C kernels, with the fused pair hidden
+            ops._fuses = lambda *a: False
+        state, starts, spikes = torch.zeros_like(x[0], dtype=carry), [], []
+        for t0, t1 in ((0, 4), (4, T)):
+            starts.append(state.clone())
+            spikes.append(ops.bn_lif_chunk_forward(x[t0:t1], scale[t0:t1], shift[t0:t1], state, *args, lif.reset))
+            assert spikes[-1].stride() == x[t0:t1].stride()
+        torch.manual_seed(7)
+        grad_state, grads = torch.zeros_like(x[0], dtype=carry), []
+        for (t0, t1), start in reversed(list(zip(((0, 4), (4, T)), starts))):
+            before = start.clone()
+            grads.insert(0, ops.bn_lif_chunk_backward(up[t0:t1], x[t0:t1], scale[t0:t1], shift[t0:t1], start,
+                                                      grad_state, *grad_args))
+            assert torch.equal(start, before), "backward changed the saved membrane"
+            assert grads[0].stride() == x[t0:t1].stride()
+        results.append((torch.cat(spikes), torch.cat(grads), state, grad_state, torch.rand(3)))
+    for fused, separate in zip(*results):
+        assert fused.dtype == separate.dtype
+        assert torch.equal(fused, separate)
+
+
+@has_compiler
+@needs_kernels
 def test_per_step_batchnorm_bfloat16_and_float32():
     x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
@@ -331,23 +376,27 @@ def test_batchnorm_sums_do_not_depend_on_the_thread_count(layout):
 @has_compiler
 @needs_kernels
 def test_a_failed_allocation_in_a_batchnorm_kernel_raises_a_clear_error(monkeypatch):
-    """The C BatchNorm functions return 1 when their work space cannot be allocated: a MemoryError naming
-    the kernel, never results computed from an unwritten buffer."""
+    """The C BatchNorm and BatchNorm-LIF functions return 1 when their work space cannot be allocated: a
+    MemoryError naming the kernel, never results computed from an unwritten buffer."""
     kern = kernels.C_KERNELS.get()
     real = kern.lib
 
     class OutOfMemory:  # the library, with every BatchNorm kernel reporting a failed allocation
         def __getattr__(self, name):
-            return (lambda *args: 1) if name.startswith("bn_") else getattr(real, name)
+            return (lambda *args: 1) if name.startswith(("bn_", "bnlif_")) else getattr(real, name)
 
     monkeypatch.setattr(kern, "lib", OutOfMemory())
     x = _channels_last(torch.randn(3, 4, 16, 5, 5))
     stat = torch.rand(3, 16, dtype=torch.float64)
     calls = {"bn_stats": lambda: kern.bn_stats(x), "bn_apply": lambda: kern.bn_apply(x, stat, stat),
              "bn_bsums": lambda: kern.bn_backward_sums(x, x, stat),
-             "bn_bdx": lambda: kern.bn_backward_input(x, x, stat, stat, stat, stat)}
+             "bn_bdx": lambda: kern.bn_backward_input(x, x, stat, stat, stat, stat),
+             "bnlif_fwd": lambda: kern.bn_lif_chunk_forward(x, stat, stat, torch.zeros_like(x[0]), 2.0, 0.5, "hard"),
+             "bnlif_bwd": lambda: kern.bn_lif_chunk_backward(x, x, stat, stat, torch.zeros_like(x[0]),
+                                                             torch.zeros_like(x[0]), 2.0, 0.5, LIF().spec, "hard",
+                                                             False)}
     for name, call in calls.items():
-        with pytest.raises(MemoryError, match=f"C BatchNorm kernel {name} could not allocate.*T=3, C=16"):
+        with pytest.raises(MemoryError, match=f"C kernel {name} could not allocate.*T=3, C=16"):
             call()
     with pytest.raises(MemoryError, match="bn_stats"):
         TemporalBatchNorm(16)(x)

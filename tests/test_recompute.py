@@ -47,19 +47,31 @@ def test_recompute_gives_the_default_paths_logits_gradients_and_running_statisti
         assert torch.equal(buffers_r[n], b), n
 
 
-def _lean(model):
-    """``model`` with every :class:`SpikingSequential` running its BatchNorm-LIF pairs through ``lean_bn_lif``."""
+def _lean(model, lean=True):
+    """``model`` with every :class:`SpikingSequential` running its BatchNorm-LIF pairs through ``lean_bn_lif``
+    (``lean=False``: the layers one by one)."""
     for module in model.modules():
         if isinstance(module, SpikingSequential):
-            module.lean = True
+            module.lean = lean
     return model
 
 
-def test_the_default_path_runs_the_layers_one_by_one():
-    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, input_size=16)
+def test_the_default_path_runs_batchnorm_lif_pairs_leanly_where_one_kernel_fuses_them(monkeypatch):
+    """By default (``lean`` None) the pairs run leanly on the C kernels, saving the BatchNorm's input alone, and one
+    by one on torch operators, where recomputing would cost passes of its own."""
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, input_size=32)
     sequences = [m for m in model.modules() if isinstance(m, SpikingSequential)]
-    assert sequences and not any(m.recompute or m.lean for m in sequences)
+    assert sequences and all(m.lean is None and not m.recompute for m in sequences)
     assert set_recompute(model, True) > 0 and all(m.recompute and m.lean for m in sequences)
+    set_recompute(model, False)
+    assert all(m.lean is None and not m.recompute for m in sequences)
+    x = torch.rand(3, 4, 2, 32, 32).round()
+    fused = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, input_size=32)
+    fused_bytes, _ = saved_bytes(fused, x)
+    one_by_one_bytes, _ = saved_bytes(_lean(copy.deepcopy(fused), False), x)
+    assert fused_bytes < 0.8 * one_by_one_bytes
+    monkeypatch.setattr(CPU, "fused", None)  # no C kernels: the layers one by one
+    assert saved_bytes(fused, x)[0] == one_by_one_bytes
 
 
 @pytest.mark.parametrize("name, T, size, ratio", [("vggsnn_tiny", 4, 32, 0.6), ("vggsnn_tiny", 6, 32, 0.7),
@@ -69,7 +81,7 @@ def test_lean_batchnorm_lif_pairs_equal_the_layers_run_one_by_one(name, T, size,
     in ``ratio`` of the activation memory or less (T = 6 adds the membrane saved between its two chunks; ResNet18's
     spikes after the residual sums still save their membrane)."""
     torch.manual_seed(0)
-    plain = build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size)
+    plain = _lean(build_model(name, in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=size), False)
     model = _lean(copy.deepcopy(plain))
     x = torch.rand(3, T, 2, size, size).round()
     params = sum(p.numel() * 4 for p in model.parameters())  # the convolutions save their weights

@@ -37,11 +37,15 @@ class BufferPool:
     Training repeats the same shapes every step, so buffers handed out here come
     back to the pool when torch frees their storage (the storage keeps a small
     owner object alive whose finaliser returns the block) and serve the next
-    request of the same size: the membranes and gradients freed in one step's
-    backward become the next step's activations. Buffers freed while autograd
-    records a graph (a training forward) go back to the system instead: kept, they
-    would only raise the step's peak. Like CUDA's caching allocator, free blocks
-    stay resident; :meth:`clear` drops them, and at most ``limit`` bytes are kept.
+    request of the same size: the gradients freed in one step's backward become
+    the next step's activations. Buffers freed while autograd records a graph (a
+    training forward) go back to the system instead: kept, they would only raise
+    the step's peak. So would blocks kept in backward that the next forward does
+    not ask for (the chunk-sized gradients of a recomputed layer, say): a block
+    freed during backward is kept only while the pool holds fewer blocks of its
+    size than the last forward asked for. Like CUDA's caching allocator, free
+    blocks stay resident; :meth:`clear` drops them, and at most ``limit`` bytes
+    are kept.
     """
 
     MIN_BYTES = 1 << 20
@@ -52,6 +56,9 @@ class BufferPool:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._types: dict[int, type] = {}
         self._lock = threading.Lock()
+        self._asked: dict[int, int] = {}  # blocks of each size the forward being recorded asked for
+        self._wanted: dict[int, int] = {}  # ... the last recorded forward asked for
+        self._in_backward = False
 
     def _lease_type(self, nbytes: int) -> type:
         kind = self._types.get(nbytes)
@@ -72,6 +79,11 @@ class BufferPool:
         if torch.is_grad_enabled():
             return  # freed while building a graph: the next step's backward refills the pool
         with self._lock:
+            if torch._C._current_graph_task_id() != -1:  # autograd's backward is running
+                if not self._in_backward:
+                    self._in_backward, self._wanted, self._asked = True, self._asked, {}
+                if len(self._free.get(nbytes, ())) >= self._wanted.get(nbytes, 0):
+                    return
             if self.cached + nbytes <= self.limit:
                 self._free.setdefault(nbytes, []).append(block)
                 self.cached += nbytes
@@ -89,6 +101,9 @@ class BufferPool:
         if nbytes < self.MIN_BYTES:
             return torch.empty_strided(shape, stride, dtype=dtype)
         with self._lock:
+            if torch.is_grad_enabled():
+                self._in_backward = False
+                self._asked[nbytes] = self._asked.get(nbytes, 0) + 1
             blocks = self._free.get(nbytes)
             block = blocks.pop() if blocks else None
             if block is not None:

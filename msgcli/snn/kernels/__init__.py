@@ -8,9 +8,12 @@ tensors; ``[T, C]`` statistics):
 * ``lif_chunk_forward(current, state, ...)`` -> spikes, ``H`` or None; ``lif_chunk_backward(grad_spikes, membrane,
   grad_state, ...)`` -> input gradient: the same over a chunk of timesteps, the membrane (its gradient)
   carried in and out of the chunk by ``state`` (``grad_state``), updated in place
+* ``bn_lif_chunk_forward(x, scale, shift, state, ...)`` -> spikes of the LIF fed ``x * scale + shift``;
+  ``bn_lif_chunk_backward(grad_spikes, x, scale, shift, state, grad_state, ...)`` -> that current's gradient:
+  a BatchNorm-LIF pair from the BatchNorm's input alone (``state`` read only in backward)
 * ``bn_stats(x)`` -> mean, biased variance; ``bn_apply(x, scale, shift)`` -> ``x * scale + shift``
 * ``bn_backward_sums(dy, x, mean)`` -> sums of ``dy`` and ``dy * (x - mean)``;
-  ``bn_backward_input(dy, x, mean, q, a, r)`` -> ``(dy - (x - mean) q) a - r``
+  ``bn_backward_input(dy, x, mean, q, a, r, out)`` -> ``(dy - (x - mean) q) a - r`` (into ``out`` if given)
 * ``encode(x, levels)`` -> uint8 codes of ``x * levels``; ``decode(codes, levels, dtype)`` -> ``x``
 
 Three implementations, each with every operation: torch operators (:mod:`.torch_ops`, any
@@ -175,6 +178,46 @@ class Kernels:
         return self._run("lif_chunk_backward", grad_spikes, membrane, grad_state, tau, v_threshold, spec, reset_mode,
                          detach_reset)
 
+    def fuses_bn_lif(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`bn_lif_chunk_forward` and its backward run ``x`` (the BatchNorm's input) in one kernel."""
+        kernels = self.fused_kernels()
+        return kernels is not None and hasattr(kernels, "fuses_bn_lif") and kernels.fuses_bn_lif(x)
+
+    def _fuses(self, op: str, *args) -> bool:
+        kernels = self.fused_kernels()
+        return kernels is not None and hasattr(kernels, op) and kernels.takes(op, *args)
+
+    def bn_lif_chunk_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, state: torch.Tensor,
+                             tau: float, v_threshold: float, reset_mode: str,
+                             bn_ops: "Kernels | None" = None) -> torch.Tensor:
+        """Spikes of :meth:`lif_chunk_forward` fed ``bn_ops`` (default: these kernels)' :meth:`bn_apply` of ``x``:
+        in one kernel where the fused family has it and both run here (the current and the membrane never
+        written out), else those two operations."""
+        bn_ops = bn_ops or self
+        if bn_ops is self and self._fuses("bn_lif_chunk_forward", x, scale, shift, state):
+            return self._run("bn_lif_chunk_forward", x, scale, shift, state, tau, v_threshold, reset_mode)
+        y = bn_ops.bn_apply(x, scale, shift)
+        return self.lif_chunk_forward(y, state, tau, v_threshold, reset_mode, False)[0]
+
+    def bn_lif_chunk_backward(self, grad_spikes: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                              shift: torch.Tensor, state: torch.Tensor, grad_state: torch.Tensor, tau: float,
+                              v_threshold: float, spec, reset_mode: str, detach_reset: bool,
+                              bn_ops: "Kernels | None" = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradient of the current of :meth:`bn_lif_chunk_forward` started from ``state`` (not changed), the
+        membrane's gradient carried by ``grad_state``: the membrane recomputed inside one kernel where the fused
+        family has it, else by :meth:`lif_chunk_forward`. The same numbers and MSG masks either way. Written into
+        ``out`` (laid out like ``x``) when given."""
+        bn_ops = bn_ops or self
+        args = tau, v_threshold, spec, reset_mode, detach_reset
+        if bn_ops is self and self._fuses("bn_lif_chunk_backward", grad_spikes, x, scale, shift, state, grad_state,
+                                          tau, v_threshold, spec):
+            return self._run("bn_lif_chunk_backward", grad_spikes, x, scale, shift, state, grad_state, *args, out)
+        y = bn_ops.bn_apply(x, scale, shift)
+        _, membrane = self.lif_chunk_forward(y, state.clone(), tau, v_threshold, reset_mode, True)
+        del y
+        grad = self.lif_chunk_backward(grad_spikes, membrane, grad_state, *args)
+        return grad if out is None else out.copy_(grad)
+
     def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""
         return self._run("bn_stats", x)
@@ -187,9 +230,10 @@ class Kernels:
         """Sums per (t, c) of ``dy`` and of ``dy * (x - mean)``: ``[T, C]`` each."""
         return self._run("bn_backward_sums", dy, x, mean)
 
-    def bn_backward_input(self, dy, x, mean, q, a, r) -> torch.Tensor:
-        """``(dy - (x - mean) * q) * a - r`` per (t, c), laid out like ``x``."""
-        return self._run("bn_backward_input", dy, x, mean, q, a, r)
+    def bn_backward_input(self, dy, x, mean, q, a, r, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(dy - (x - mean) * q) * a - r`` per (t, c), laid out like ``x``: into ``out`` (laid out like ``x``; it
+        may be ``dy`` itself) when given."""
+        return self._run("bn_backward_input", dy, x, mean, q, a, r, out)
 
     def encode(self, x: torch.Tensor, levels: int) -> torch.Tensor:
         """uint8 codes ``x * levels`` of a tensor whose entries are multiples of ``1 / levels`` in [0, 255 / levels]."""

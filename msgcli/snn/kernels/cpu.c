@@ -168,6 +168,68 @@ static void surr_##S(const ct* restrict x, ct* restrict g, int n, int sid, doubl
     }                                                                                         \
 }
 
+/* The LIF's options that shape its gradient: sid, fill (surrogate ids, see DEF_SURR), keep_div (MSG's
+   rescaling divisor, 0: none). */
+typedef struct { double tau, vth, alpha, keep_div; int hard, detach, sid, fill; } lif_opts;
+
+/* One timestep of a block of n <= BLK neurons. Forward (NAME): the input current y (loaded), the
+   membrane v carried in the compute type, spikes and (if hp) H stored, H as type ht by HST. Backward:
+   H (loaded) of this step, the spikes' gradient gp, the input gradient op stored, the membrane's
+   gradient gv carried (timesteps latest first), the MSG keep bits of this step's row (or NULL). */
+#define DEF_LIF_FWD_STEP(NAME, st, ct, LD, ST, ht, HST)                                       \
+static inline void NAME(const ct* restrict y, st* restrict sp, ht* restrict hp,               \
+                        ct* restrict v, int n, ct tau, ct vth, int hard) {                    \
+    if (hard && hp) for (int i = 0; i < n; i++) {                                             \
+        ct hv = LD(ST(v[i] + (y[i] - v[i]) / tau)); int f = hv >= vth;                        \
+        sp[i] = ST((ct)f); hp[i] = HST(hv); v[i] = f ? (ct)0 : hv; }                          \
+    else if (hard) for (int i = 0; i < n; i++) {                                              \
+        ct hv = LD(ST(v[i] + (y[i] - v[i]) / tau)); int f = hv >= vth;                        \
+        sp[i] = ST((ct)f); v[i] = f ? (ct)0 : hv; }                                           \
+    else if (hp) for (int i = 0; i < n; i++) {                                                \
+        ct hv = LD(ST(v[i] + (y[i] - v[i]) / tau)); ct f = (ct)(hv >= vth);                   \
+        sp[i] = ST(f); hp[i] = HST(hv); v[i] = LD(ST(hv - vth * f)); }                        \
+    else for (int i = 0; i < n; i++) {                                                        \
+        ct hv = LD(ST(v[i] + (y[i] - v[i]) / tau)); ct f = (ct)(hv >= vth);                   \
+        sp[i] = ST(f); v[i] = LD(ST(hv - vth * f)); }                                         \
+}
+
+#define DEF_LIF_STEPS(S, st, ct, LD, ST)                                                      \
+DEF_LIF_FWD_STEP(lif_fwd_step_##S, st, ct, LD, ST, st, ST)                                    \
+DEF_LIF_FWD_STEP(lif_membrane_step_##S, st, ct, LD, ST, ct, ID)                               \
+                                                                                              \
+static inline void lif_bwd_step_##S(const ct* restrict ha, const st* restrict gp, st* restrict op, \
+                                    ct* restrict gv, const uint8_t* restrict row, int n,       \
+                                    const lif_opts* o) {                                       \
+    const ct tau = (ct)o->tau, vth = (ct)o->vth, leak = (ct)(1.0 - 1.0 / o->tau);             \
+    ct xa[BLK], g[BLK], fl[BLK];                                                              \
+    uint8_t kb[BLK + 8];                                                                      \
+    for (int i = 0; i < n; i++) xa[i] = ha[i] - vth;                                          \
+    surr_##S(xa, g, n, o->sid, o->alpha);                                                     \
+    if (row) {                                                                                \
+        if (o->keep_div != 0) { const ct kdiv = (ct)o->keep_div; for (int i = 0; i < n; i++) g[i] = g[i] / kdiv; } \
+        if (o->fill < 0) keep_zero_##ct(g, row, n);                                           \
+        else {                                                                                \
+            for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8);        \
+            surr_##S(xa, fl, n, o->fill, o->alpha);                                           \
+            for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : fl[i];                          \
+        }                                                                                     \
+    }                                                                                         \
+    if (o->hard && !o->detach) for (int i = 0; i < n; i++) {                                  \
+        ct s = LD(gp[i]) - gv[i] * ha[i];                                                     \
+        ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + s * g[i];                                       \
+        op[i] = ST(gh / tau); gv[i] = gh * leak; }                                            \
+    else if (o->hard) for (int i = 0; i < n; i++) {                                           \
+        ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + LD(gp[i]) * g[i];                               \
+        op[i] = ST(gh / tau); gv[i] = gh * leak; }                                            \
+    else if (!o->detach) for (int i = 0; i < n; i++) {                                        \
+        ct s = LD(gp[i]) - vth * gv[i];                                                       \
+        ct gh = gv[i] + s * g[i];                                                             \
+        op[i] = ST(gh / tau); gv[i] = gh * leak; }                                            \
+    else for (int i = 0; i < n; i++) {                                                        \
+        ct gh = gv[i] + LD(gp[i]) * g[i];                                                     \
+        op[i] = ST(gh / tau); gv[i] = gh * leak; }                                            \
+}
+
 /* vc, gvc: the membrane V after the last timestep, and its gradient before the first, carried between
    calls over consecutive chunks of timesteps (read at the start, written at the end), in the compute type;
    NULL: V and its gradient start at 0 and are not kept. */
@@ -180,24 +242,12 @@ void lif_fwd_##S(const st* restrict x, st* restrict s, st* restrict h, ct* restr
     for (int64_t b = 0; b < nb; b++) {                                                        \
         const int64_t p0 = b * BLK;                                                           \
         const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
-        ct v[BLK];                                                                            \
+        ct v[BLK], y[BLK];                                                                    \
         for (int i = 0; i < n; i++) v[i] = vc ? vc[p0 + i] : (ct)0;                           \
         for (int64_t t = 0; t < T; t++) {                                                     \
             const st* restrict xt = x + t * N + p0;                                           \
-            st* restrict sp = s + t * N + p0;                                                 \
-            st* restrict hp = h ? h + t * N + p0 : 0;                                         \
-            if (hard && hp) for (int i = 0; i < n; i++) {                                     \
-                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); int f = hv >= vth;          \
-                sp[i] = ST((ct)f); hp[i] = ST(hv); v[i] = f ? (ct)0 : hv; }                   \
-            else if (hard) for (int i = 0; i < n; i++) {                                      \
-                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); int f = hv >= vth;          \
-                sp[i] = ST((ct)f); v[i] = f ? (ct)0 : hv; }                                   \
-            else if (hp) for (int i = 0; i < n; i++) {                                        \
-                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); ct f = (ct)(hv >= vth);     \
-                sp[i] = ST(f); hp[i] = ST(hv); v[i] = LD(ST(hv - vth * f)); }                 \
-            else for (int i = 0; i < n; i++) {                                                \
-                ct hv = LD(ST(v[i] + (LD(xt[i]) - v[i]) / tau)); ct f = (ct)(hv >= vth);     \
-                sp[i] = ST(f); v[i] = LD(ST(hv - vth * f)); }                                 \
+            for (int i = 0; i < n; i++) y[i] = LD(xt[i]);                                     \
+            lif_fwd_step_##S(y, s + t * N + p0, h ? h + t * N + p0 : 0, v, n, tau, vth, hard); \
         }                                                                                     \
         if (vc) for (int i = 0; i < n; i++) vc[p0 + i] = v[i];                                \
     }                                                                                         \
@@ -207,49 +257,112 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx, c
                  const uint8_t* restrict bits, int64_t rowbytes, int64_t T, int64_t N,         \
                  double tau_, double vth_, int hard, int detach, int sid, double alpha,        \
                  int fill, double keep_div, int nt) {                                         \
-    const ct tau = (ct)tau_, vth = (ct)vth_, leak = (ct)(1.0 - 1.0 / tau_);                   \
-    const ct kdiv = (ct)keep_div;                                                             \
+    const lif_opts o = {tau_, vth_, alpha, keep_div, hard, detach, sid, fill};                \
     const int64_t nb = (N + BLK - 1) / BLK;                                                   \
     _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
     for (int64_t b = 0; b < nb; b++) {                                                        \
         const int64_t p0 = b * BLK;                                                           \
         const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
-        ct gv[BLK], xa[BLK], ha[BLK], g[BLK], fl[BLK];                                        \
-        uint8_t kb[BLK + 8];                                                                  \
+        ct gv[BLK], ha[BLK];                                                                  \
         for (int i = 0; i < n; i++) gv[i] = gvc ? gvc[p0 + i] : (ct)0;                        \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
             const st* restrict hp = h + t * N + p0;                                           \
-            const st* restrict gp = gs + t * N + p0;                                          \
-            st* restrict op = gx + t * N + p0;                                                \
-            for (int i = 0; i < n; i++) { ha[i] = LD(hp[i]); xa[i] = ha[i] - vth; }           \
-            surr_##S(xa, g, n, sid, alpha);                                                   \
-            if (bits) {                                                                       \
-                const uint8_t* row = bits + t * rowbytes + (p0 >> 3);                         \
-                if (keep_div != 0) for (int i = 0; i < n; i++) g[i] = g[i] / kdiv;            \
-                if (fill < 0) keep_zero_##ct(g, row, n);                                      \
-                else {                                                                        \
-                    for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8); \
-                    surr_##S(xa, fl, n, fill, alpha);                                         \
-                    for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : fl[i];                  \
-                }                                                                             \
-            }                                                                                 \
-            if (hard && !detach) for (int i = 0; i < n; i++) {                                \
-                ct s = LD(gp[i]) - gv[i] * ha[i];                                             \
-                ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + s * g[i];                               \
-                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
-            else if (hard) for (int i = 0; i < n; i++) {                                      \
-                ct gh = (xa[i] < 0 ? gv[i] : (ct)0) + LD(gp[i]) * g[i];                       \
-                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
-            else if (!detach) for (int i = 0; i < n; i++) {                                   \
-                ct s = LD(gp[i]) - vth * gv[i];                                               \
-                ct gh = gv[i] + s * g[i];                                                     \
-                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
-            else for (int i = 0; i < n; i++) {                                                \
-                ct gh = gv[i] + LD(gp[i]) * g[i];                                             \
-                op[i] = ST(gh / tau); gv[i] = gh * leak; }                                    \
+            for (int i = 0; i < n; i++) ha[i] = LD(hp[i]);                                    \
+            lif_bwd_step_##S(ha, gs + t * N + p0, gx + t * N + p0, gv,                        \
+                             bits ? bits + t * rowbytes + (p0 >> 3) : 0, n, &o);             \
         }                                                                                     \
         if (gvc) for (int i = 0; i < n; i++) gvc[p0 + i] = gv[i];                             \
     }                                                                                         \
+}
+
+/* ------------------------------------------------------------------ BatchNorm's affine map and the LIF, fused */
+/* The current y = x * scale[t, c] + shift[t, c] (as bn_apply rounds it) of x [T][B][C][L] (nlc = 0) or
+   [T][B][L][C] (nlc = 1) goes straight into the LIF: forward writes only the spikes, and backward, from
+   the same x, recomputes y and the membrane H of a block of neurons over all T (into a per-thread
+   buffer) before running the LIF's backward over them: one float tensor (x) is all a BatchNorm-LIF
+   pair keeps, and the numbers are those of bn_apply, lif_fwd and lif_bwd, bit for bit. vc (read only
+   in backward) and gvc as in DEF_LIF, never NULL here. Returns 1 when a work space cannot be allocated. */
+/* The channel of each of the n neurons of a block starting at p0 (the timestep's physical order). */
+static void bnlif_channels(int* restrict ci, int64_t p0, int n, int64_t C, int64_t L, int nlc) {
+    for (int i = 0; i < n; i++) ci[i] = (int)(nlc ? (p0 + i) % C : ((p0 + i) / L) % C);
+}
+
+#define DEF_BNLIF(S, st, ct, LD, ST)                                                          \
+static void bnlif_current_##S(const st* restrict xt, const ct* restrict a, const ct* restrict sh, \
+                              const int* restrict ci, ct* restrict y, int n) {                \
+    for (int i = 0; i < n; i++) y[i] = LD(ST(LD(xt[i]) * a[ci[i]] + sh[ci[i]]));              \
+}                                                                                             \
+                                                                                              \
+static ct* bnlif_coefficients_##S(const double* scale, const double* shift, int64_t TC) {      \
+    ct* co = (ct*)malloc(sizeof(ct) * 2 * TC);                                                \
+    if (co) for (int64_t k = 0; k < TC; k++) { co[k] = (ct)scale[k]; co[TC + k] = (ct)shift[k]; } \
+    return co;                                                                                \
+}                                                                                             \
+                                                                                              \
+int bnlif_fwd_##S(const st* restrict x, st* restrict s, const double* restrict scale,         \
+                  const double* restrict shift, ct* restrict vc, int64_t T, int64_t B, int64_t C, \
+                  int64_t L, double tau_, double vth_, int hard, int nlc, int nt) {            \
+    const int64_t N = B * C * L, TC = T * C;                                                  \
+    const ct tau = (ct)tau_, vth = (ct)vth_;                                                  \
+    ct* co = bnlif_coefficients_##S(scale, shift, TC);                                        \
+    if (!co) return 1;                                                                        \
+    const int64_t nb = (N + BLK - 1) / BLK;                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
+    for (int64_t b = 0; b < nb; b++) {                                                        \
+        const int64_t p0 = b * BLK;                                                           \
+        const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
+        ct v[BLK], y[BLK]; int ci[BLK];                                                       \
+        bnlif_channels(ci, p0, n, C, L, nlc);                                                 \
+        for (int i = 0; i < n; i++) v[i] = vc[p0 + i];                                        \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, y, n);         \
+            lif_fwd_step_##S(y, s + t * N + p0, 0, v, n, tau, vth, hard);                     \
+        }                                                                                     \
+        for (int i = 0; i < n; i++) vc[p0 + i] = v[i];                                        \
+    }                                                                                         \
+    free(co);                                                                                 \
+    return 0;                                                                                 \
+}                                                                                             \
+                                                                                              \
+int bnlif_bwd_##S(const st* restrict gs, const st* restrict x, st* restrict gx,               \
+                  const double* restrict scale, const double* restrict shift,                 \
+                  const ct* restrict vc, ct* restrict gvc, const uint8_t* restrict bits,       \
+                  int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,               \
+                  double tau_, double vth_, int hard, int detach, int sid, double alpha,       \
+                  int fill, double keep_div, int nlc, int nt) {                                        \
+    const int64_t N = B * C * L, TC = T * C;                                                  \
+    const ct tau = (ct)tau_, vth = (ct)vth_;                                                  \
+    const lif_opts o = {tau_, vth_, alpha, keep_div, hard, detach, sid, fill};                \
+    ct* co = bnlif_coefficients_##S(scale, shift, TC);                                        \
+    if (!co) return 1;                                                                        \
+    const int64_t nb = (N + BLK - 1) / BLK;                                                   \
+    int failed = 0;                                                                           \
+    _Pragma("omp parallel num_threads(nt)")                                                   \
+    {                                                                                         \
+        ct* hall = (ct*)malloc(sizeof(ct) * (size_t)(T * BLK));                               \
+        if (!hall) { _Pragma("omp atomic write") failed = 1; }                                \
+        _Pragma("omp for schedule(static)")                                                   \
+        for (int64_t b = 0; b < nb; b++) {                                                    \
+            if (!hall) continue;                                                              \
+            const int64_t p0 = b * BLK;                                                       \
+            const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                 \
+            ct v[BLK], y[BLK], gv[BLK]; int ci[BLK];                                          \
+            st sink[BLK];  /* the recomputed spikes: not needed */                            \
+            bnlif_channels(ci, p0, n, C, L, nlc);                                             \
+            for (int i = 0; i < n; i++) { v[i] = vc[p0 + i]; gv[i] = gvc[p0 + i]; }           \
+            for (int64_t t = 0; t < T; t++) {                                                 \
+                bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, y, n);     \
+                lif_membrane_step_##S(y, sink, hall + t * BLK, v, n, tau, vth, hard);          \
+            }                                                                                 \
+            for (int64_t t = T - 1; t >= 0; t--)                                              \
+                lif_bwd_step_##S(hall + t * BLK, gs + t * N + p0, gx + t * N + p0, gv,        \
+                                 bits ? bits + t * rowbytes + (p0 >> 3) : 0, n, &o);         \
+            for (int i = 0; i < n; i++) gvc[p0 + i] = gv[i];                                  \
+        }                                                                                     \
+        free(hall);                                                                           \
+    }                                                                                         \
+    free(co);                                                                                 \
+    return failed;                                                                            \
 }
 
 /* ------------------------------------------------------------------ per-timestep BatchNorm */
@@ -372,8 +485,8 @@ int bn_bsums_##S(const st* restrict dy, const st* restrict x, const double* rest
     return 0;                                                                                 \
 }                                                                                             \
                                                                                               \
-/* dx = (dy - (x - mean) * q[t, c]) * a[t, c] - r[t, c] */                                    \
-int bn_bdx_##S(const st* restrict dy, const st* restrict x, st* restrict dx,                  \
+/* dx = (dy - (x - mean) * q[t, c]) * a[t, c] - r[t, c]; dx may be dy itself */              \
+int bn_bdx_##S(const st* dy, const st* restrict x, st* dx,                                    \
                const double* restrict mean, const double* restrict qa, const double* restrict aa, \
                const double* restrict ra, int64_t T, int64_t B, int64_t C, int64_t L, int nlc, int nt) { \
     const int64_t N = B * C * L, M = B * L, TC = T * C;                                       \
@@ -387,7 +500,7 @@ int bn_bdx_##S(const st* restrict dy, const st* restrict x, st* restrict dx,    
             const int64_t t = tr / M, o = t * N + (tr % M) * C;                               \
             const ct* restrict mu = co + t * C; const ct* restrict q = co + TC + t * C;       \
             const ct* restrict a = co + 2 * TC + t * C; const ct* restrict r = co + 3 * TC + t * C; \
-            const st* restrict gr = dy + o; const st* restrict xr = x + o; st* restrict dr = dx + o; \
+            const st* gr = dy + o; const st* restrict xr = x + o; st* dr = dx + o;            \
             for (int64_t c = 0; c < C; c++)                                                   \
                 dr[c] = ST((LD(gr[c]) - (LD(xr[c]) - mu[c]) * q[c]) * a[c] - r[c]);           \
         }                                                                                     \
@@ -396,7 +509,7 @@ int bn_bdx_##S(const st* restrict dy, const st* restrict x, st* restrict dx,    
         for (int64_t tbc = 0; tbc < T * B * C; tbc++) {                                       \
             const int64_t t = tbc / (B * C), c = tbc % C, k = t * C + c;                      \
             const ct mu = co[k], q = co[TC + k], a = co[2 * TC + k], r = co[3 * TC + k];      \
-            const st* restrict gr = dy + tbc * L; const st* restrict xr = x + tbc * L; st* restrict dr = dx + tbc * L; \
+            const st* gr = dy + tbc * L; const st* restrict xr = x + tbc * L; st* dr = dx + tbc * L; \
             for (int64_t l = 0; l < L; l++) dr[l] = ST((LD(gr[l]) - (LD(xr[l]) - mu) * q) * a - r); \
         }                                                                                     \
     }                                                                                         \
@@ -428,9 +541,15 @@ void spike_decode_##S(const uint8_t* restrict q, st* restrict x, int64_t n, doub
 DEF_SURR(f32, float, expf)
 DEF_SURR(f64, double, exp)
 DEF_SURR(bf16, float, expf)
+DEF_LIF_STEPS(f32, float, float, ID, F32)
+DEF_LIF_STEPS(f64, double, double, ID, F64)
+DEF_LIF_STEPS(bf16, bf16, float, BFL, BFS)
 DEF_LIF(f32, float, float, ID, F32)
 DEF_LIF(f64, double, double, ID, F64)
 DEF_LIF(bf16, bf16, float, BFL, BFS)
+DEF_BNLIF(f32, float, float, ID, F32)
+DEF_BNLIF(f64, double, double, ID, F64)
+DEF_BNLIF(bf16, bf16, float, BFL, BFS)
 DEF_BN(f32, float, float, ID, F32)
 DEF_BN(f64, double, double, ID, F64)
 DEF_BN(bf16, bf16, float, BFL, BFS)

@@ -253,11 +253,14 @@ class CpuKernels:
             getattr(lib, f"bn_apply_{s}").argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bn_bsums_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bn_bdx_{s}").argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
+            getattr(lib, f"bnlif_fwd_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, dbl, dbl, i32, i32, i32]
+            getattr(lib, f"bnlif_bwd_{s}").argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64,
+                                                       dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32, i32]
             getattr(lib, f"spike_encode_{s}").argtypes = [vp, vp, i64, dbl, i32]
             getattr(lib, f"spike_decode_{s}").argtypes = [vp, vp, i64, dbl, i32]
             for name in ("lif_fwd", "lif_bwd", "spike_encode", "spike_decode"):
                 getattr(lib, f"{name}_{s}").restype = None
-            for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx"):
+            for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx", "bnlif_fwd", "bnlif_bwd"):
                 getattr(lib, f"{name}_{s}").restype = i32
 
     def takes(self, op: str, *args) -> bool:
@@ -270,6 +273,11 @@ class CpuKernels:
             return supports(args[0]) and _carries(args[0], args[1])
         if op == "lif_chunk_backward":
             return supports(args[1]) and _carries(args[1], args[2]) and args[5].kernel_ids() is not None
+        if op == "bn_lif_chunk_forward":
+            return supports(args[0]) and _carries(args[0], args[3])
+        if op == "bn_lif_chunk_backward":
+            return supports(args[1]) and _carries(args[1], args[4]) and _carries(args[1], args[5]) \
+                and args[8].kernel_ids() is not None
         if op in ("bn_stats", "bn_apply"):
             return supports(args[0])
         if op in ("bn_backward_sums", "bn_backward_input"):
@@ -280,13 +288,18 @@ class CpuKernels:
             return args[0].device.type == "cpu" and args[2] in _DTYPES and _dense(args[0])
         raise ValueError(f"unknown operation {op!r}")
 
+    @staticmethod
+    def fuses_bn_lif(x: torch.Tensor) -> bool:
+        """The BatchNorm-LIF pair kernels run a BatchNorm input of ``x``'s device and dtype (made dense if it is not)."""
+        return x.device.type == "cpu" and x.dtype in _DTYPES
+
     def _bn(self, name: str, x: torch.Tensor, *args) -> None:
         """Run BatchNorm kernel ``name`` for ``x`` on ``args`` (tensors pass as pointers, held until it returns);
-        its status 1 is a failed allocation of its ``[T, C]`` work space."""
+        its status 1 is a failed allocation of its work space."""
         pointers = [_ptr(a) if isinstance(a, torch.Tensor) else a for a in args]
         if getattr(self.lib, f"{name}_{_DTYPES[x.dtype]}")(*pointers, int(step_layout(x) == "nlc"), torch.get_num_threads()):
             T, _, C, _ = _bcl(x)
-            raise MemoryError(f"msgsnn: the C BatchNorm kernel {name} could not allocate its work space "
+            raise MemoryError(f"msgsnn: the C kernel {name} could not allocate its work space "
                               f"for T={T}, C={C}")
 
     # ---------------------------------------------------------------- LIF
@@ -331,6 +344,17 @@ class CpuKernels:
     def lif_chunk_backward(self, grad, membrane, grad_state, tau, v_threshold, spec, reset_mode, detach_reset):
         return self.lif_backward(grad, membrane, tau, v_threshold, spec, reset_mode, detach_reset, grad_state=grad_state)
 
+    def _gradient_options(self, like: torch.Tensor, spec, reset_mode: str, detach_reset: bool):
+        """The MSG keep bits of ``like``'s shape drawn now (None without a mask), their row length, and the
+        LIF backward kernels' trailing arguments from ``reset_mode`` on."""
+        bits, rowbytes = None, 0
+        if spec.mask_p > 0:
+            bits, rowbytes = self.draw_mask(like, spec.mask_mode, spec.mask_p)
+        keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
+        surrogate_id, fill_id = spec.kernel_ids()
+        return bits, rowbytes, (int(reset_mode == "hard"), int(detach_reset), surrogate_id, spec.alpha, fill_id,
+                                keep_div)
+
     def lif_backward(self, grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float,
                      spec, reset_mode: str, detach_reset: bool, seed=None,
                      grad_state: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,14 +365,38 @@ class CpuKernels:
         out = pool.empty_like(membrane)
         if not membrane.numel():
             return out
-        bits, rowbytes = None, 0
-        if spec.mask_p > 0:
-            bits, rowbytes = self.draw_mask(membrane, spec.mask_mode, spec.mask_p)
-        keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
-        surrogate_id, fill_id = spec.kernel_ids()
+        bits, rowbytes, rest = self._gradient_options(membrane, spec, reset_mode, detach_reset)
         getattr(self.lib, f"lif_bwd_{_DTYPES[membrane.dtype]}")(
-            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(grad_state), _ptr(bits), rowbytes, T, N, tau, v_threshold, int(reset_mode == "hard"),
-            int(detach_reset), surrogate_id, spec.alpha, fill_id, keep_div, torch.get_num_threads())
+            _ptr(grad), _ptr(membrane), _ptr(out), _ptr(grad_state), _ptr(bits), rowbytes, T, N, tau, v_threshold,
+            *rest, torch.get_num_threads())
+        return out
+
+    # ---------------------------------------------------------------- BatchNorm's affine map and the LIF, fused
+
+    def bn_lif_chunk_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, state: torch.Tensor,
+                             tau: float, v_threshold: float, reset_mode: str) -> torch.Tensor:
+        """Spikes of the LIF fed ``x * scale + shift``, laid out like ``x``; neither that current nor the membrane
+        is written out."""
+        T, B, C, L = _bcl(x)
+        spikes = pool.empty_like(x)
+        if x.numel():
+            self._bn("bnlif_fwd", x, x, spikes, _double(scale), _double(shift), state, T, B, C, L, tau, v_threshold,
+                     int(reset_mode == "hard"))
+        return spikes
+
+    def bn_lif_chunk_backward(self, grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                              state: torch.Tensor, grad_state: torch.Tensor, tau: float, v_threshold: float, spec,
+                              reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradient of the current ``x * scale + shift`` (into ``out``, laid out like ``x``, if given), its
+        membrane recomputed inside the kernel."""
+        T, B, C, L = _bcl(x)
+        grad = _laid_like(x, grad)
+        out = pool.empty_like(x) if out is None else out
+        if not x.numel():
+            return out
+        bits, rowbytes, rest = self._gradient_options(x, spec, reset_mode, detach_reset)
+        self._bn("bnlif_bwd", x, grad, x, out, _double(scale), _double(shift), state, grad_state, bits, rowbytes,
+                 T, B, C, L, tau, v_threshold, *rest)
         return out
 
     # ---------------------------------------------------------------- BatchNorm per timestep
@@ -375,10 +423,10 @@ class CpuKernels:
         self._bn("bn_bsums", x, dy, x, _double(mean), sdy, sdyx, T, B, C, L)
         return sdy, sdyx
 
-    def bn_backward_input(self, dy, x, mean, q, a, r) -> torch.Tensor:
+    def bn_backward_input(self, dy, x, mean, q, a, r, out=None) -> torch.Tensor:
         T, B, C, L = _bcl(x)
         dy = _laid_like(x, dy)
-        dx = pool.empty_like(x)
+        dx = pool.empty_like(x) if out is None else out
         self._bn("bn_bdx", x, dy, x, dx, *(_double(k) for k in (mean, q, a, r)), T, B, C, L)
         return dx
 

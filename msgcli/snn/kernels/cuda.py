@@ -435,10 +435,11 @@ def _first_row(x: torch.Tensor) -> torch.Tensor:
     return x[(slice(None), 0, slice(None)) + idx].float()
 
 
-def _bn_map(a: torch.Tensor, b: torch.Tensor, coefficients: list[torch.Tensor], backward: bool) -> torch.Tensor:
+def _bn_map(a: torch.Tensor, b: torch.Tensor, coefficients: list[torch.Tensor], backward: bool,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     T, M, C = _bn_geometry(a)
     BC = bn_channel_block(C)
-    out = torch.empty_like(a)
+    out = torch.empty_like(a) if out is None else out
     _launch(_bn_map_kernel, (cdiv(M, BN_ROWS), T, cdiv(C, BC)), a, b, out,
             *[c.float().contiguous() for c in coefficients], M, C,
             num_warps=BN_WARPS, BACKWARD=backward, BM=BN_ROWS, BC=BC)
@@ -458,5 +459,5 @@ def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
     return _bn_sums(_laid_like(x, dy), x, mean, product=True)
 
 
-def bn_backward_input(dy, x, mean, q, a, r) -> torch.Tensor:
-    return _bn_map(_laid_like(x, dy), x, [mean, q, a, r], backward=True)
+def bn_backward_input(dy, x, mean, q, a, r, out=None) -> torch.Tensor:
+    return _bn_map(_laid_like(x, dy), x, [mean, q, a, r], backward=True, out=out)

@@ -35,7 +35,7 @@ from msgcli.snn.memory import step_layout
 from msgcli.snn.msg import SpikeSpec, mask_seed
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
+def dense(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the kernels read it: as it is where its timesteps are dense, else contiguous."""
     return x if step_layout(x) is not None else x.contiguous()
 
@@ -62,7 +62,7 @@ def spec_args(spec: SpikeSpec) -> tuple:
 def lif(current: torch.Tensor, kernels_key: str, tau: float, v_threshold: float, reset_mode: str, detach_reset: bool,
         surrogate: str, alpha: float, mask_p: float, mask_mode: str, mask_fill: str, rescale: bool,
         keep_membrane: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    current = _dense(current)
+    current = dense(current)
     spikes, membrane = kernels.by_key(kernels_key).lif_forward(current, tau, v_threshold, reset_mode, keep_membrane)
     spikes = _laid_like(current, spikes)
     return spikes, (_laid_like(current, membrane) if keep_membrane else current.new_empty(0))
@@ -71,7 +71,7 @@ def lif(current: torch.Tensor, kernels_key: str, tau: float, v_threshold: float,
 @lif.register_fake
 def _(current, kernels_key, tau, v_threshold, reset_mode, detach_reset, surrogate, alpha, mask_p, mask_mode, mask_fill,
       rescale, keep_membrane):
-    current = _dense(current)
+    current = dense(current)
     return torch.empty_like(current), (torch.empty_like(current) if keep_membrane else current.new_empty(0))
 
 
@@ -144,7 +144,15 @@ def normalise(x: torch.Tensor, weight, bias, eps: float, sync: bool, ops: kernel
     """Per-(timestep, channel) BatchNorm of ``x [T, B, C, ...]`` on ``ops``, no autograd: ``y``, the batch mean,
     the unbiased variance (for the running statistics), ``1/std`` and the count of values per statistic (a
     0-d tensor). The body of ``batch_norm_per_step``, and what :mod:`msgcli.snn.layers.recompute` runs."""
-    x = _dense(x)
+    x = dense(x)
+    mean, unbiased, invstd, total = batch_statistics(x, eps, sync, ops)
+    y = _laid_like(x, ops.bn_apply(x, *affine(weight, bias, mean, invstd)))
+    return y, mean, unbiased, invstd, total
+
+
+def batch_statistics(x: torch.Tensor, eps: float, sync: bool, ops: kernels.Kernels):
+    """The statistics of :func:`normalise` for a dense ``x``: the batch mean, the unbiased variance, ``1/std``
+    and the count of values per statistic."""
     count = x.numel() // (x.shape[0] * x.shape[2])
     mean, var = ops.bn_stats(x)
     stat = stat_dtype(x)
@@ -156,18 +164,18 @@ def normalise(x: torch.Tensor, weight, bias, eps: float, sync: bool, ops: kernel
     else:
         total = mean.new_full((), float(count))  # a fill on the device, no host copy (capturable in a CUDA graph)
     invstd = torch.rsqrt(var + eps)
-    y = _laid_like(x, ops.bn_apply(x, *affine(weight, bias, mean, invstd)))
-    return y, mean, var * (total / (total - 1)), invstd, total
+    return mean, var * (total / (total - 1)), invstd, total
 
 
 def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: kernels.Kernels,
-                       input_grad: bool = True, per_step: bool = False):
+                       input_grad: bool = True, per_step: bool = False, out: torch.Tensor | None = None):
     """The gradients of :func:`normalise` for x, weight and bias (the last two in the weight's dtype, zeros
     ``[C]`` without a weight; ``grad_x`` None unless ``input_grad``). ``per_step``: the weight's and bias's
     gradients as their ``[T, C]`` terms in the statistics' dtype, for the caller to sum over T (chunks of
     timesteps concatenated first give the very sums of one call). Under ``sync`` the sums are all-reduced
-    for the input gradient; the weight and bias gradients stay this rank's, as DDP then averages them."""
-    x = _dense(x)
+    for the input gradient; the weight and bias gradients stay this rank's, as DDP then averages them. ``out``
+    (laid out like ``x``, possibly ``grad_y`` itself): where ``grad_x`` is written."""
+    x = dense(x)
     sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
     sdy, sdyx = sdy.to(mean.dtype), sdyx.to(mean.dtype)
     like = weight if weight is not None else mean
@@ -182,8 +190,8 @@ def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: 
         sdy, sdyx = all_reduce_sums(sdy, sdyx)
     w, _ = _weight_bias(weight, None, x.shape[2], mean)
     a = w * invstd
-    grad_x = ops.bn_backward_input(grad_y, x, mean, invstd * invstd * sdyx / count, a, a * sdy / count)
-    return _laid_like(x, grad_x), grad_w, grad_b
+    grad_x = ops.bn_backward_input(grad_y, x, mean, invstd * invstd * sdyx / count, a, a * sdy / count, out)
+    return (grad_x if out is not None else _laid_like(x, grad_x)), grad_w, grad_b
 
 
 @torch.library.custom_op("msgcli::batch_norm_per_step", mutates_args=())
@@ -196,7 +204,7 @@ def batch_norm_per_step(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 @batch_norm_per_step.register_fake
 def _(x, weight, bias, eps, sync, kernels_key):
-    x = _dense(x)
+    x = dense(x)
     stats = x.new_empty((x.shape[0], x.shape[2]), dtype=stat_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(stats), x.new_empty((), dtype=stats.dtype)
 
@@ -213,7 +221,7 @@ def batch_norm_per_step_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: 
 def _(grad_y, x, weight, mean, invstd, count, sync, kernels_key):
     like = weight if weight is not None else mean
     C = x.shape[2]
-    return torch.empty_like(_dense(x)), like.new_empty(C), like.new_empty(C)
+    return torch.empty_like(dense(x)), like.new_empty(C), like.new_empty(C)
 
 
 def _save_batch_norm(ctx, inputs, output) -> None:

@@ -111,11 +111,12 @@ def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> t
     return sdy, sdyx
 
 
-def bn_backward_input(dy, x, mean, q, a, r) -> torch.Tensor:
+def bn_backward_input(dy, x, mean, q, a, r, out=None) -> torch.Tensor:
     layout = step_layout(x)
     gview, _, shape = _step_view(dy, layout)
     g = (gview.to(mean.dtype) - _centred(x, mean, layout) * q.view(shape)) * a.view(shape) - r.view(shape)
-    return _from_step_view(g.to(x.dtype), x, layout)
+    g = _from_step_view(g.to(x.dtype), x, layout)
+    return g if out is None else out.copy_(g)
 
 
 # --------------------------------------------------------------------------- spike codes

@@ -20,9 +20,13 @@ backward, chunks latest first: the same draws in the same order as one call over
 recomputes is what forward computed, so the gradients are those of plain autograd through the same
 kernels (to float rounding where chunks add the weight gradients in another order).
 
-Recomputing costs time (the lean pair alone made the main job's CPU epoch about 10% slower, for a few
-percent less peak memory on the CPU), so the default path runs the layers one by one: the convolutions
-keep their input spikes as bits and average pools of spikes keep nothing (:mod:`.spike_conv`).
+Where the BatchNorm and the LIF run on one family of fused kernels that has the pair in one kernel
+(the C kernels), the pair's forward writes only the spikes and its backward recomputes the current
+and the membrane inside the LIF's backward kernel, so a pair costs no more time than the two layers
+run one by one, and the default path runs every BatchNorm-LIF pair leanly there: one float tensor
+per spiking layer, with the convolutions keeping their input spikes as bits and average pools of
+spikes keeping nothing (:mod:`.spike_conv`). Elsewhere (torch operators, CUDA) recomputing costs
+passes of its own, so the default path runs the layers one by one.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from msgcli.snn import kernels, packing
-from msgcli.snn.kernels.ops import affine, normalise, normalise_backward
+from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward
 from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
 from msgcli.snn.layers.folded import Folded
 from msgcli.snn.layers.spike_conv import takes_spike_codes
@@ -70,9 +74,24 @@ class _Block:
     def statistics_view(self, current: torch.Tensor) -> torch.Tensor:
         return current if self.per_step else current.flatten(0, 1).unsqueeze(0)
 
-    def lif_args(self):
+    def coefficients(self, weight, bias, mean, invstd, steps: int):
+        """The BatchNorm's ``scale, shift`` ``[steps, C]`` (joint statistics: the one row repeated)."""
+        scale, shift = affine(weight, bias, mean, invstd)
+        return scale.expand(steps, -1), shift.expand(steps, -1)
+
+    def fire(self, current, scale, shift, state) -> torch.Tensor:
+        """The LIF's spikes from the normalised ``current``, ``state`` carried."""
         lif = self.lif
-        return lif.tau, lif.v_threshold
+        return self.lif_ops.bn_lif_chunk_forward(current, scale, shift, state, lif.tau, lif.v_threshold, lif.reset,
+                                                 self.bn_ops)
+
+    def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None) -> torch.Tensor:
+        """The gradient of :meth:`fire`'s normalised current (into ``out`` if given), its membrane recomputed from
+        ``state`` (kept)."""
+        lif = self.lif
+        return self.lif_ops.bn_lif_chunk_backward(grad_spikes, current, scale, shift, state, grad_state, lif.tau,
+                                                  lif.v_threshold, lif.spec, lif.reset, lif.detach_reset, self.bn_ops,
+                                                  out)
 
 
 class RecomputedBlock(torch.autograd.Function):
@@ -91,26 +110,23 @@ class RecomputedBlock(torch.autograd.Function):
         size = block.chunk or T
         saved_inputs, states, means, invstds, variances = [], [], [], [], []
         out, state, count = None, None, 0
-        tau, v_threshold = block.lif_args()
         rows = 1 if block.conv is None else B
         for t0, t1 in _chunks(T, size):
             xc = flat[t0 * rows: t1 * rows]
             if block.conv is not None:
                 saved_inputs.append(packing.pack(xc, block.levels).planes if block.levels else xc)
             current = block.current(xc, conv_weight, conv_bias, t1 - t0)
+            current = dense(current)
             steps = block.statistics_view(current)
             _check_count(steps, block.sync)
-            y, mean, unbiased, invstd, count = normalise(steps, bn_weight, bn_bias, block.bn.eps, block.sync,
-                                                         block.bn_ops)
+            mean, unbiased, invstd, count = batch_statistics(steps, block.bn.eps, block.sync, block.bn_ops)
             del steps
-            del current
-            y = y.view(t1 - t0, B, *y.shape[2:])
             if state is None:
-                state = torch.zeros_like(y[0], dtype=kernels.carry_dtype(y.dtype))
+                state = torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
             else:
                 states.append(state.clone())
-            spikes, _ = block.lif_ops.lif_chunk_forward(y, state, tau, v_threshold, block.lif.reset, False)
-            del y
+            spikes = block.fire(current, *block.coefficients(bn_weight, bn_bias, mean, invstd, t1 - t0), state)
+            del current
             if size >= T:
                 out = spikes
             else:
@@ -140,7 +156,6 @@ class RecomputedBlock(torch.autograd.Function):
         conv_weight, bn_weight, bn_bias, mean, invstd = saved[ctx.n_inputs + ctx.n_states:]
         conv = block.conv
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        tau, v_threshold = block.lif_args()
         scale, shift = affine(bn_weight, bn_bias, mean, invstd)
         grad_x = torch.empty_strided(flat_shape, flat_stride, dtype=x_dtype, device=grad_spikes.device) if need_x else None
         grads = [None, None]  # conv weight, conv bias
@@ -156,29 +171,26 @@ class RecomputedBlock(torch.autograd.Function):
                 xc = packing.unpack(packing.Packed(inputs[k], shape, flat_stride, block.levels), x_dtype)
             else:
                 xc = inputs[k]
-            current = block.current(xc, conv_weight, None if conv is None else conv.bias, t1 - t0)
+            current = dense(block.current(xc, conv_weight, None if conv is None else conv.bias, t1 - t0))
             steps = block.statistics_view(current)
             rows = slice(t0, t1) if block.per_step else slice(0, 1)
-            y = block.bn_ops.bn_apply(steps, scale[rows], shift[rows]).view_as(current)
-            state = states[k - 1] if k else torch.zeros_like(y[0], dtype=kernels.carry_dtype(y.dtype))
-            _, membrane = block.lif_ops.lif_chunk_forward(y, state, tau, v_threshold, block.lif.reset, True)
-            del y
+            carry = kernels.carry_dtype(current.dtype)
+            state = states[k - 1] if k else torch.zeros_like(current[0], dtype=carry)
             if grad_state is None:
-                grad_state = torch.zeros_like(membrane[0], dtype=kernels.carry_dtype(membrane.dtype))
-            lif = block.lif
-            grad_y = block.lif_ops.lif_chunk_backward(grad_spikes[t0:t1], membrane, grad_state, tau, v_threshold,
-                                                      lif.spec, lif.reset, lif.detach_reset)
-            del membrane
-            grad_current, *terms = normalise_backward(
-                block.statistics_view(grad_y), steps, bn_weight, mean[rows], invstd[rows], ctx.count, block.sync,
-                block.bn_ops, per_step=True)
+                grad_state = torch.zeros_like(current[0], dtype=carry)
+            # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's rows
+            # where the pair has no convolution before it
+            into = grad_x[t0:t1] if conv is None and need_x else None
+            grad_y = block.fire_backward(grad_spikes[t0:t1], current, scale[rows].expand(t1 - t0, -1),
+                                         shift[rows].expand(t1 - t0, -1), state, grad_state, into)
+            view = block.statistics_view(grad_y)
+            grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
+                                                      block.sync, block.bn_ops, per_step=True, out=view)
             del grad_y, steps
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
                 if needed:
                     kept.append(term)
             if conv is None:
-                if need_x:
-                    grad_x[t0:t1] = grad_current.view_as(current)
                 continue
             dtype = current.dtype
             gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -215,14 +227,17 @@ def _leans(bn, lif) -> bool:
     return isinstance(bn, TemporalBatchNorm) and isinstance(lif, LIF) and lif.backend != "reference"
 
 
-def lean_applies(modules, x: torch.Tensor) -> bool:
+def lean_applies(modules, x: torch.Tensor, fused_only: bool = False) -> bool:
     """``modules`` are a BatchNorm with per-step statistics and a LIF that :func:`lean_bn_lif` runs, on ``x``'s
     device: the CPU, or CUDA where the Triton BatchNorm runs the per-step statistics (by default torch's
-    ``batch_norm`` does, see :mod:`.batchnorm`)."""
+    ``batch_norm`` does, see :mod:`.batchnorm`). ``fused_only``: and one kernel fuses the pair for ``x``."""
     if len(modules) != 2 or not _leans(*modules) or x.dim() < 3 or x.device.type not in ("cpu", "cuda"):
         return False
-    bn = modules[0]
-    return bn.mode == "per_step" and not _torch_batch_norm_applies(x, bn.sync and synchronised())
+    bn, lif = modules
+    if bn.mode != "per_step" or _torch_batch_norm_applies(x, bn.sync and synchronised()):
+        return False
+    ops = lif.kernels(x.device)
+    return not fused_only or (ops is _batchnorm_kernels(x.device) and ops.fuses_bn_lif(x))
 
 
 def default_chunk(T: int) -> int:
@@ -254,17 +269,18 @@ def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif
 
 
 class SpikingSequential(nn.Sequential):
-    """``nn.Sequential`` (same children, same state_dict keys) that, once :func:`set_recompute` has switched it
-    on, runs in training each conv-BN-LIF block through :func:`recomputed_block` and each other BatchNorm-LIF
-    pair through :func:`lean_bn_lif` (``lean`` alone switches on the pairs only)."""
+    """``nn.Sequential`` (same children, same state_dict keys) that runs in training each BatchNorm-LIF pair
+    through :func:`lean_bn_lif` where one kernel fuses it (``lean`` None, the default; True: wherever the pair
+    runs leanly, False: never), and once :func:`set_recompute` has switched it on, each conv-BN-LIF block
+    through :func:`recomputed_block`."""
 
     recompute = False
-    lean = False
+    lean: bool | None = None
     recompute_chunk: int | None = None  # timesteps per recomputed chunk; None: default_chunk(T)
 
     def forward(self, x):
-        if not (self.recompute or self.lean) or not (self.training and torch.is_grad_enabled()) \
-                or torch.compiler.is_compiling():
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
+                or (self.lean is False and not self.recompute):
             return super().forward(x)  # compiled: the layers' operators, one opaque node each
         modules = list(self)
         i = 0
@@ -272,7 +288,7 @@ class SpikingSequential(nn.Sequential):
             if self.recompute and recomputable(modules[i:i + 3]):
                 x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk or default_chunk(x.shape[0]))
                 i += 3
-            elif lean_applies(modules[i:i + 2], x):
+            elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
                 x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]))
                 i += 2
             else:
@@ -282,14 +298,14 @@ class SpikingSequential(nn.Sequential):
 
 
 def set_recompute(model: nn.Module, enabled: bool = True, chunk: int | None = None) -> int:
-    """Switch recomputation on (``chunk`` timesteps at a time, by default :func:`default_chunk`) or off in every
-    :class:`SpikingSequential` of ``model``; returns how many conv-BN-LIF blocks it covers."""
+    """Switch recomputation on (``chunk`` timesteps at a time, by default :func:`default_chunk`) or off (back to the
+    default path) in every :class:`SpikingSequential` of ``model``; returns how many conv-BN-LIF blocks it covers."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"recompute chunk: must be at least 1 timestep, got {chunk}")
     blocks = 0
     for module in model.modules():
         if isinstance(module, SpikingSequential):
-            module.recompute = module.lean = enabled
+            module.recompute, module.lean = enabled, (True if enabled else None)
             module.recompute_chunk = chunk
             children = list(module)
             blocks += sum(recomputable(children[i:i + 3]) for i in range(len(children)))

@@ -208,3 +208,27 @@ def test_model_recompute_in_the_config_reaches_the_model():
     cfg.model.recompute = True
     model = build_model_from_config(cfg, in_channels=2, num_classes=10)
     assert {m.recompute for m in model.modules() if isinstance(m, SpikingSequential)} == {True}
+
+
+def test_a_hooked_or_subclassed_batchnorm_or_lif_runs_its_own_forward():
+    """The fused pair computes a LIF's output without calling it: where a hook or an overridden forward would
+    see the call, the pair runs one by one, so analyze grads' forward hooks see every layer."""
+    from msgcli.snn import LIF
+
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, input_size=16)
+    x = torch.rand(2, 4, 2, 16, 16).round()
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    seen = []
+    handle = lifs[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    model(x).sum().backward()
+    assert len(seen) == 1
+    handle.remove()
+
+    class Doubled(LIF):
+        def forward(self, current):
+            seen.append("doubled")
+            return super().forward(current * 2)
+
+    lifs[1].__class__ = Doubled
+    model(x).sum().backward()
+    assert seen[-1] == "doubled"

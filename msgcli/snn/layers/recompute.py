@@ -38,7 +38,7 @@ from msgcli.snn import kernels, packing
 from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward
 from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
 from msgcli.snn.layers.folded import Folded
-from msgcli.snn.layers.spike_conv import takes_spike_codes
+from msgcli.snn.layers.spike_conv import takes_spike_codes, unhooked
 from msgcli.snn.layers.sync import synchronised
 from msgcli.snn.memory import step_layout
 from msgcli.snn.neuron import LIF, levels_of, mark_levels
@@ -224,7 +224,10 @@ def recomputable(modules) -> bool:
 
 
 def _leans(bn, lif) -> bool:
-    return isinstance(bn, TemporalBatchNorm) and isinstance(lif, LIF) and lif.backend != "reference"
+    """A TemporalBatchNorm and a LIF off the reference backend, each with its own forward and no hooks (which
+    the fused pair would not call)."""
+    return (isinstance(bn, TemporalBatchNorm) and isinstance(lif, LIF) and lif.backend != "reference"
+            and unhooked(bn, TemporalBatchNorm) and unhooked(lif, LIF))
 
 
 def lean_applies(modules, x: torch.Tensor, fused_only: bool = False) -> bool:

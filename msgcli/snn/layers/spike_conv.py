@@ -16,15 +16,22 @@ from torch import nn
 from msgcli.snn import packing
 
 
+def unhooked(module: nn.Module, cls: type) -> bool:
+    """``module`` runs ``cls``'s own forward with no hook of its own or of every module to call: a path that
+    computes its output without calling it (a fused kernel) gives what calling it would."""
+    from torch.nn.modules import module as module_globals
+
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+             module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
+    return type(module).forward is cls.forward and not any(hooks)
+
+
 def takes_spike_codes(conv: nn.Conv2d) -> bool:
     """:class:`SpikeInputConv` reproduces ``conv(x)`` exactly: a plain ``Conv2d`` forward, zero padding
     given as numbers, no hooks."""
-    from torch.nn.modules import module as module_globals
-
-    return (type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not conv._forward_hooks
-            and not conv._forward_pre_hooks and not module_globals._global_forward_hooks
-            and not module_globals._global_forward_pre_hooks)
+    return (unhooked(conv, nn.Conv2d) and type(conv)._conv_forward is nn.Conv2d._conv_forward
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
 def pooled_levels(pool: nn.AvgPool2d, levels: int) -> int | None:

@@ -174,12 +174,13 @@ def test_per_step_batchnorm_equals_a_loop_over_timesteps(monkeypatch, request, f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("opts", OPTIONS)
-def test_fused_batchnorm_lif_equals_the_two_kernels_bit_for_bit(dtype, layout, opts):
+@pytest.mark.parametrize("C", [5, 16])
+def test_fused_batchnorm_lif_equals_the_two_kernels_bit_for_bit(dtype, layout, opts, C):
     """One kernel for BatchNorm's affine map and the LIF (forward: only spikes written; backward: the membrane
     recomputed from the BatchNorm's input) gives the numbers and MSG masks of bn_apply + lif_forward +
     lif_backward, over two chunks of timesteps carrying the membrane and its gradient."""
     g = torch.Generator().manual_seed(1)
-    T, B, C, H, W = 6, 3, 5, 7, 3  # a block of neurons spans several channels and a chunk boundary of B*C*H*W
+    T, B, H, W = 6, 3, 7, 3  # blocks of 512 neurons: channels gathered (C = 5), or whole rows of channels (16)
     x = (torch.randn(T, B, C, H, W, generator=g) * 2 + 0.3).to(dtype)
     up = torch.randn(x.shape, generator=g).to(dtype)
     if layout == "channels_last":
@@ -253,7 +254,20 @@ def test_pool_reuses_freed_buffers_and_never_live_ones():
     d = pool.empty_like(like)
     del d  # grad mode on: not kept
     assert pool.cached == like.numel() * 4
-    pool.clear()
+
+    class FreesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            taken = pool.empty_like(like)  # the cached block serves it
+            assert not torch.is_grad_enabled() and pool.cached == 0
+            del taken  # freed during autograd's backward: kept, it would stay resident through the next step
+            return grad
+
+    FreesInBackward.apply(torch.ones(2, requires_grad=True)).sum().backward()
     assert pool.cached == 0
 
 

@@ -188,16 +188,17 @@ class Kernels:
         return kernels is not None and hasattr(kernels, op) and kernels.takes(op, *args)
 
     def bn_lif_chunk_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, state: torch.Tensor,
-                             tau: float, v_threshold: float, reset_mode: str,
-                             bn_ops: "Kernels | None" = None) -> torch.Tensor:
+                             tau: float, v_threshold: float, reset_mode: str, bn_ops: "Kernels | None" = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
         """Spikes of :meth:`lif_chunk_forward` fed ``bn_ops`` (default: these kernels)' :meth:`bn_apply` of ``x``:
         in one kernel where the fused family has it and both run here (the current and the membrane never
-        written out), else those two operations."""
+        written out), else those two operations. Written into ``out`` (laid out like ``x``) when given."""
         bn_ops = bn_ops or self
         if bn_ops is self and self._fuses("bn_lif_chunk_forward", x, scale, shift, state):
-            return self._run("bn_lif_chunk_forward", x, scale, shift, state, tau, v_threshold, reset_mode)
+            return self._run("bn_lif_chunk_forward", x, scale, shift, state, tau, v_threshold, reset_mode, out)
         y = bn_ops.bn_apply(x, scale, shift)
-        return self.lif_chunk_forward(y, state, tau, v_threshold, reset_mode, False)[0]
+        spikes = self.lif_chunk_forward(y, state, tau, v_threshold, reset_mode, False)[0]
+        return spikes if out is None else out.copy_(spikes)
 
     def bn_lif_chunk_backward(self, grad_spikes: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                               shift: torch.Tensor, state: torch.Tensor, grad_state: torch.Tensor, tau: float,

@@ -119,30 +119,36 @@ __attribute__((constructor)) static void init_lut(void) {
     }
 }
 
-/* g[i] = 0 where bit i of row is clear (row starts at a byte boundary): AVX-512 masked moves
-   where the compiler targets it, bit tests for the rest */
+/* g[i] = 0 where bit i of row is clear, for n <= BLK (row starts at a byte boundary): AVX-512 masked
+   moves where the compiler targets it; elsewhere the bits expanded to bytes and a select the compiler
+   vectorises (a bit test per entry would branch on random bits: a misprediction every other entry) */
 #ifdef __AVX512F__
 #include <immintrin.h>
-#endif
 #define KEEP_ZERO_REST(g, row, i, n) for (; i < n; i++) if (!((row[i >> 3] >> (i & 7)) & 1)) g[i] = 0
 static void keep_zero_float(float* restrict g, const uint8_t* restrict row, int n) {
     int i = 0;
-#ifdef __AVX512F__
     for (; i + 16 <= n; i += 16) {
         __mmask16 m = (__mmask16)(row[i >> 3] | (row[(i >> 3) + 1] << 8));
         _mm512_storeu_ps(g + i, _mm512_maskz_mov_ps(m, _mm512_loadu_ps(g + i)));
     }
-#endif
     KEEP_ZERO_REST(g, row, i, n);
 }
 static void keep_zero_double(double* restrict g, const uint8_t* restrict row, int n) {
     int i = 0;
-#ifdef __AVX512F__
     for (; i + 8 <= n; i += 8)
         _mm512_storeu_pd(g + i, _mm512_maskz_mov_pd((__mmask8)row[i >> 3], _mm512_loadu_pd(g + i)));
-#endif
     KEEP_ZERO_REST(g, row, i, n);
 }
+#else
+#define DEF_KEEP_ZERO(ct)                                                                     \
+static void keep_zero_##ct(ct* restrict g, const uint8_t* restrict row, int n) {             \
+    uint8_t kb[BLK + 8];                                                                      \
+    for (int j = 0; j < (n + 7) / 8; j++) memcpy(kb + 8 * j, &LUT[row[j]], 8);                \
+    for (int i = 0; i < n; i++) g[i] = kb[i] ? g[i] : (ct)0;                                  \
+}
+DEF_KEEP_ZERO(float)
+DEF_KEEP_ZERO(double)
+#endif
 
 /* ------------------------------------------------------------------ LIF */
 
@@ -282,15 +288,26 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx, c
    buffer) before running the LIF's backward over them: one float tensor (x) is all a BatchNorm-LIF
    pair keeps, and the numbers are those of bn_apply, lif_fwd and lif_bwd, bit for bit. vc (read only
    in backward) and gvc as in DEF_LIF, never NULL here. Returns 1 when a work space cannot be allocated. */
-/* The channel of each of the n neurons of a block starting at p0 (the timestep's physical order). */
-static void bnlif_channels(int* restrict ci, int64_t p0, int n, int64_t C, int64_t L, int nlc) {
+/* The channel of each of the n neurons of a block starting at p0 (the timestep's physical order);
+   returns the block's rows of C channels when it holds whole ones (channels-last, C dividing BLK), for
+   a loop over channels that needs no gather, else 0. */
+static int bnlif_channels(int* restrict ci, int64_t p0, int n, int64_t C, int64_t L, int nlc) {
+    if (nlc && p0 % C == 0 && n % C == 0) return (int)(n / C);
     for (int i = 0; i < n; i++) ci[i] = (int)(nlc ? (p0 + i) % C : ((p0 + i) / L) % C);
+    return 0;
 }
 
 #define DEF_BNLIF(S, st, ct, LD, ST)                                                          \
 static void bnlif_current_##S(const st* restrict xt, const ct* restrict a, const ct* restrict sh, \
-                              const int* restrict ci, ct* restrict y, int n) {                \
-    for (int i = 0; i < n; i++) y[i] = LD(ST(LD(xt[i]) * a[ci[i]] + sh[ci[i]]));              \
+                              const int* restrict ci, int rows, int64_t C, ct* restrict y, int n) { \
+    if (rows) {                                                                               \
+        for (int r = 0; r < rows; r++) {                                                      \
+            const st* restrict xr = xt + r * C; ct* restrict yr = y + r * C;                  \
+            for (int64_t c = 0; c < C; c++) yr[c] = LD(ST(LD(xr[c]) * a[c] + sh[c]));         \
+        }                                                                                     \
+    } else {                                                                                  \
+        for (int i = 0; i < n; i++) y[i] = LD(ST(LD(xt[i]) * a[ci[i]] + sh[ci[i]]));          \
+    }                                                                                         \
 }                                                                                             \
                                                                                               \
 static ct* bnlif_coefficients_##S(const double* scale, const double* shift, int64_t TC) {      \
@@ -312,10 +329,10 @@ int bnlif_fwd_##S(const st* restrict x, st* restrict s, const double* restrict s
         const int64_t p0 = b * BLK;                                                           \
         const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                     \
         ct v[BLK], y[BLK]; int ci[BLK];                                                       \
-        bnlif_channels(ci, p0, n, C, L, nlc);                                                 \
+        const int rows = bnlif_channels(ci, p0, n, C, L, nlc);                                \
         for (int i = 0; i < n; i++) v[i] = vc[p0 + i];                                        \
         for (int64_t t = 0; t < T; t++) {                                                     \
-            bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, y, n);         \
+            bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, rows, C, y, n);         \
             lif_fwd_step_##S(y, s + t * N + p0, 0, v, n, tau, vth, hard);                     \
         }                                                                                     \
         for (int i = 0; i < n; i++) vc[p0 + i] = v[i];                                        \
@@ -348,10 +365,10 @@ int bnlif_bwd_##S(const st* restrict gs, const st* restrict x, st* restrict gx, 
             const int n = (int)(N - p0 < BLK ? N - p0 : BLK);                                 \
             ct v[BLK], y[BLK], gv[BLK]; int ci[BLK];                                          \
             st sink[BLK];  /* the recomputed spikes: not needed */                            \
-            bnlif_channels(ci, p0, n, C, L, nlc);                                             \
+            const int rows = bnlif_channels(ci, p0, n, C, L, nlc);                            \
             for (int i = 0; i < n; i++) { v[i] = vc[p0 + i]; gv[i] = gvc[p0 + i]; }           \
             for (int64_t t = 0; t < T; t++) {                                                 \
-                bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, y, n);     \
+                bnlif_current_##S(x + t * N + p0, co + t * C, co + TC + t * C, ci, rows, C, y, n);     \
                 lif_membrane_step_##S(y, sink, hall + t * BLK, v, n, tau, vth, hard);          \
             }                                                                                 \
             for (int64_t t = T - 1; t >= 0; t--)                                              \

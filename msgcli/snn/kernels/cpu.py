@@ -374,11 +374,12 @@ class CpuKernels:
     # ---------------------------------------------------------------- BatchNorm's affine map and the LIF, fused
 
     def bn_lif_chunk_forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, state: torch.Tensor,
-                             tau: float, v_threshold: float, reset_mode: str) -> torch.Tensor:
-        """Spikes of the LIF fed ``x * scale + shift``, laid out like ``x``; neither that current nor the membrane
-        is written out."""
+                             tau: float, v_threshold: float, reset_mode: str,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Spikes of the LIF fed ``x * scale + shift``, laid out like ``x`` (into ``out`` if given); neither that
+        current nor the membrane is written out."""
         T, B, C, L = _bcl(x)
-        spikes = pool.empty_like(x)
+        spikes = pool.empty_like(x) if out is None else out
         if x.numel():
             self._bn("bnlif_fwd", x, x, spikes, _double(scale), _double(shift), state, T, B, C, L, tau, v_threshold,
                      int(reset_mode == "hard"))

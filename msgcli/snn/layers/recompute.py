@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn import kernels, packing
+from msgcli.snn import kernels, memory, packing
 from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward
 from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
 from msgcli.snn.layers.folded import Folded
@@ -79,11 +79,11 @@ class _Block:
         scale, shift = affine(weight, bias, mean, invstd)
         return scale.expand(steps, -1), shift.expand(steps, -1)
 
-    def fire(self, current, scale, shift, state) -> torch.Tensor:
-        """The LIF's spikes from the normalised ``current``, ``state`` carried."""
+    def fire(self, current, scale, shift, state, out) -> torch.Tensor:
+        """The LIF's spikes from the normalised ``current`` into ``out``, ``state`` carried."""
         lif = self.lif
         return self.lif_ops.bn_lif_chunk_forward(current, scale, shift, state, lif.tau, lif.v_threshold, lif.reset,
-                                                 self.bn_ops)
+                                                 self.bn_ops, out)
 
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None) -> torch.Tensor:
         """The gradient of :meth:`fire`'s normalised current (into ``out`` if given), its membrane recomputed from
@@ -125,15 +125,10 @@ class RecomputedBlock(torch.autograd.Function):
                 state = torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
             else:
                 states.append(state.clone())
-            spikes = block.fire(current, *block.coefficients(bn_weight, bn_bias, mean, invstd, t1 - t0), state)
+            if out is None:  # the spikes, laid out like the current
+                out = memory.empty_strided((T, *current.shape[1:]), current.stride(), current.dtype, current.device)
+            block.fire(current, *block.coefficients(bn_weight, bn_bias, mean, invstd, t1 - t0), state, out[t0:t1])
             del current
-            if size >= T:
-                out = spikes
-            else:
-                if out is None:
-                    out = torch.empty_strided((T, *spikes.shape[1:]), (spikes.stride(0), *spikes.stride()[1:]),
-                                              dtype=spikes.dtype, device=spikes.device)
-                out[t0:t1] = spikes
             means.append(mean)
             invstds.append(invstd)
             variances.append(unbiased)
@@ -157,7 +152,7 @@ class RecomputedBlock(torch.autograd.Function):
         conv = block.conv
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         scale, shift = affine(bn_weight, bn_bias, mean, invstd)
-        grad_x = torch.empty_strided(flat_shape, flat_stride, dtype=x_dtype, device=grad_spikes.device) if need_x else None
+        grad_x = memory.empty_strided(flat_shape, flat_stride, x_dtype, grad_spikes.device) if need_x else None
         grads = [None, None]  # conv weight, conv bias
         bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
         grad_state = None

@@ -21,7 +21,7 @@ network). Each runs once, in that order, with one of these expectations:
   a download attempt and a traceback of ours.
 * ``no-cuda``: GPU-only commands on a machine without CUDA must stop with one line naming CUDA.
 
-``python -m pytest -q`` is the step of ``.ci/run`` just before this one and is not repeated.
+``python -m pytest -q -n 2`` is the step of ``.ci/run`` just before this one and is not repeated.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ PROGRAMS = ("msgsnn", "python", "torchrun", "pip", "bash")
 GPU_SCRIPTS = ("benchmarks/gpu.sh",)  # need CUDA whatever their flags
 EXAMPLES = "examples/"  # files of the repository that documented commands name from the user's own folder
 MAIN_JOB = "msgsnn train --preset digits-dvs"
-TEST_COMMAND = "python -m pytest -q"
+TEST_COMMAND = "python -m pytest -q -n 2"
 TOLERANCE = 1.0  # points of test accuracy between the main job here and the README's figure
 README_ACCURACY = re.compile(r"reached \*\*([\d.]+)% test accuracy\*\*")
 TINY = {

@@ -80,7 +80,7 @@ def test_ci_smoke_plans_every_readme_command(cuda, tmp_path, monkeypatch):
         assert planned[inline].expect == "ok", inline
     for gpu_only in GPU_ONLY:  # run where CUDA is, a one-line stop elsewhere
         assert planned[gpu_only].expect == ("ok" if cuda else "no-cuda"), gpu_only
-    assert planned["python -m pytest -q"] is None  # .ci/run's own step
+    assert planned["python -m pytest -q -n 2"] is None  # .ci/run's own step
     for command in planned:  # prose must not quote a fragment such as `pip install` as if it were a command
         assert len(shlex.split(command)) >= (3 if command.startswith(("pip", "python -m")) else 2), command
     main_job = planned["msgsnn train --preset digits-dvs"]

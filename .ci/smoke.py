@@ -126,6 +126,15 @@ def strip_comment(line: str) -> str:
     return line.strip()
 
 
+def shortened(args: list[str]) -> list[str]:
+    """A documented ``msgsnn train`` or ``sweep`` at 3 batches an epoch; a sweep two runs at a time unless it says
+    (its runs are then mostly process start-up, which one core does)."""
+    extra = ["--limit-batches", "3"]
+    if args[1] == "sweep" and "--jobs" not in args:
+        extra += ["--jobs", "2"]
+    return [*args, *extra]
+
+
 def plan(section: str, command: str, cuda: bool) -> Step | None:
     """What CI runs for ``command``; None for the test command, run by ``.ci/run`` itself."""
     if command == TEST_COMMAND:
@@ -137,14 +146,14 @@ def plan(section: str, command: str, cuda: bool) -> Step | None:
         step.args = [sys.executable if arg == "python" else str(REPO / arg) if arg.startswith(EXAMPLES) else arg
                      for arg in args]
         if args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
-            step.args += ["--limit-batches", "3"]
+            step.args = shortened(step.args)
         return step
     if args[0] == "pip":
         step.cwd = REPO
     elif args[0] == "python":  # scripts and test paths are relative to the repository
         step.args, step.cwd = [sys.executable, *args[1:], *TINY.get(args[1], [])], REPO
     elif command != MAIN_JOB and args[:2] in (["msgsnn", "train"], ["msgsnn", "sweep"]):
-        step.args = [*args, "--limit-batches", "3"]
+        step.args = shortened(args)
     elif args[0] == "bash":  # scripts write to $OUT: keep it out of the repository
         step.args, step.env = ["bash", str(REPO / args[1]), *args[2:]], {"OUT": str(Path.cwd() / "bash-out")}
     needs_cuda = args[1] in GPU_SCRIPTS or ("--device" in args and args[args.index("--device") + 1] == "cuda")

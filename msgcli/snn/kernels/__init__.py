@@ -18,7 +18,9 @@ tensors; ``[T, C]`` statistics):
 
 Three implementations, each with every operation: torch operators (:mod:`.torch_ops`, any
 device, the yardstick), the C kernels (:mod:`.cpu`, CPU tensors, built at first use) and the
-Triton kernels (:mod:`.cuda`, CUDA tensors). :func:`for_device` gives the :class:`Kernels` of a
+Triton kernels (:mod:`.cuda`, CUDA tensors). The BatchNorm-LIF pair (``bn_lif_chunk_*``) is one kernel in C
+alone; everywhere else :class:`Kernels` composes it from ``bn_apply`` and the LIF's chunk operations,
+with the same numbers. :func:`for_device` gives the :class:`Kernels` of a
 device: ``CPU`` (C kernels), ``CUDA`` (Triton), ``TORCH`` elsewhere.
 
 The fallback rule, here and nowhere else. A family of fused kernels (C, Triton) that cannot be

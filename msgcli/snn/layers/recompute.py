@@ -287,7 +287,9 @@ class SpikingSequential(nn.Sequential):
                 x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk or default_chunk(x.shape[0]))
                 i += 3
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
-                x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]))
+                # in one chunk unless recomputing: the pair's gradients are written in place, so chunks would
+                # only add the membranes kept where they start
+                x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]) if self.recompute else x.shape[0])
                 i += 2
             else:
                 x = modules[i](x)

@@ -93,6 +93,15 @@ def test_the_command_line_loads_without_torch_pandas_or_matplotlib():
     assert done.stdout.strip() == "[]"
 
 
+def test_event_training_loads_neither_torchvision_nor_dynamo():
+    """torchvision's import pulls in torch._dynamo and triton (seconds per process, on every rank and worker);
+    only the image datasets need it, and they import it when built."""
+    code = ("import sys, msgcli.cli.train, msgcli.engine.train, msgcli.data, msgcli.snn; "
+            "print(sorted({'torchvision', 'torch._dynamo', 'triton'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_python_dash_m_msgcli_is_the_msgsnn_command():
     done = subprocess.run([sys.executable, "-m", "msgcli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "Usage: msgsnn" in done.stdout and "train" in done.stdout, done.stdout + done.stderr

@@ -15,14 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torchvision
-from torchvision import transforms as tv
 
 from msgcli.config import RunConfig
 from msgcli.errors import BadSample, ConfigError, DatasetMissing
 
 from .custom import EventFiles, register_dataset
-from .images import IMAGENET_MEAN_STD, train_transform
+from .images import IMAGENET_MEAN_STD, torchvision, train_transform
 from .registry import SPLITS, DataBundle, DatasetInfo, LabelledSubset, register, resolve_root
 from .split import split_per_class
 
@@ -161,15 +159,16 @@ def build_image_folder(cfg: RunConfig, progress: bool = False, splits: tuple[str
         raise ConfigError("data.augment.normalize: image-folder normalises with ImageNet's mean and std; "
                           "'measured' applies to CIFAR only")
     classes, files = folder_layout("image-folder", cfg, "*.png|jpg")
+    tv, image_folder = torchvision().transforms, torchvision().datasets.ImageFolder
     resize = tv.Resize((size, size))
     geometry = [resize] + ([tv.RandomCrop(size, padding=augment.crop_padding)] if augment.crop else [])
     train_tf = train_transform(augment, geometry, *IMAGENET_MEAN_STD)
     test_tf = tv.Compose([resize, tv.ToTensor(), tv.Normalize(*IMAGENET_MEAN_STD)])
     root = resolve_root(cfg.data.root)
 
-    def folder(path: Path, transform) -> torchvision.datasets.ImageFolder:
+    def folder(path: Path, transform):
         try:
-            return torchvision.datasets.ImageFolder(str(path), transform=transform)
+            return image_folder(str(path), transform=transform)
         except (FileNotFoundError, OSError) as err:
             raise DatasetMissing(f"image-folder: {err}") from None
 

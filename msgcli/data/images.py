@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch.utils.data import Dataset
-from torchvision import transforms as tv
 
 from msgcli.config import AugmentConfig, RunConfig
 
@@ -28,6 +26,14 @@ from .registry import SPLITS, DataBundle, DatasetInfo, register, resolve_root
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RELEASE_COLOR_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
+
+
+def torchvision():
+    """torchvision, imported on first use: importing it loads torch._dynamo and triton (about 3 s of every
+    command's start here), which event datasets never need."""
+    import torchvision
+
+    return torchvision
 
 
 class Cutout:
@@ -53,6 +59,7 @@ def train_transform(augment: AugmentConfig, geometry: list[Callable], mean: tupl
     """``geometry`` (crop), flip, ColorJitter and ``policy`` on the PIL image, then to a tensor with
     Cutout before Normalize (``cutout_fill: black``: a black patch, the release) or after it
     (``mean``: a patch at the dataset's mean colour)."""
+    tv = torchvision().transforms
     steps = list(geometry)
     if augment.flip:
         steps.append(tv.RandomHorizontalFlip())
@@ -69,6 +76,7 @@ def train_transform(augment: AugmentConfig, geometry: list[Callable], mean: tupl
 
 def cifar_policy(augment: AugmentConfig) -> Callable | None:
     """The configured CIFAR10 AutoAugment policy: the release's own, or torchvision's."""
+    tv = torchvision().transforms
     if not augment.autoaugment:
         return None
     if augment.autoaugment_policy == "release":
@@ -78,6 +86,7 @@ def cifar_policy(augment: AugmentConfig) -> Callable | None:
 
 def cifar_transforms(augment: AugmentConfig, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
     """Train: RandomCrop(32, pad) + flip + AutoAugment + Cutout + normalise; test: normalise."""
+    tv = torchvision().transforms
     crop = [tv.RandomCrop(32, padding=augment.crop_padding)] if augment.crop else []
     test = tv.Compose([tv.ToTensor(), tv.Normalize(mean, std)])
     return train_transform(augment, crop, mean, std, cifar_policy(augment)), test
@@ -85,6 +94,7 @@ def cifar_transforms(augment: AugmentConfig, mean: tuple, std: tuple) -> tuple[C
 
 def imagenet_transforms(augment: AugmentConfig) -> tuple[Callable, Callable]:
     """Train: RandomResizedCrop(224) + flip + ColorJitter + Cutout + normalise; test: Resize(256) + CenterCrop(224) + normalise."""
+    tv = torchvision().transforms
     normalise = [tv.ToTensor(), tv.Normalize(*IMAGENET_MEAN_STD)]
     train = train_transform(augment, [tv.RandomResizedCrop(224)], *IMAGENET_MEAN_STD)
     return train, tv.Compose([tv.Resize(256), tv.CenterCrop(224)] + normalise)
@@ -96,8 +106,12 @@ class CifarSource:
     ``measured`` (per-channel mean and std of the training set's pixels), each ``(mean, std)``."""
 
     name: str
-    torchvision_class: type
+    torchvision_name: str  # the class in torchvision.datasets
     normalize: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]]
+
+    @property
+    def torchvision_class(self) -> type:
+        return getattr(torchvision().datasets, self.torchvision_name)
 
     def files(self) -> list[str]:
         cls = self.torchvision_class
@@ -105,11 +119,11 @@ class CifarSource:
 
 
 CIFARS = [
-    CifarSource("cifar10", torchvision.datasets.CIFAR10, {
+    CifarSource("cifar10", "CIFAR10", {
         "release": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
         "measured": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     }),
-    CifarSource("cifar100", torchvision.datasets.CIFAR100, {
+    CifarSource("cifar100", "CIFAR100", {
         "release": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
         "measured": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     }),
@@ -181,12 +195,13 @@ def build_imagenet(cfg: RunConfig, progress: bool = False, splits: tuple[str, ..
     check_imagenet(cfg)
     root = resolve_root(cfg.data.root) / "imagenet"
     train_tf, test_tf = imagenet_transforms(cfg.data.augment)
+    image_folder = torchvision().datasets.ImageFolder
     try:
-        train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf) if "train" in splits else None
-        test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf) if "test" in splits else None
+        train = image_folder(str(root / "train"), transform=train_tf) if "train" in splits else None
+        test = image_folder(str(root / "val"), transform=test_tf) if "test" in splits else None
     except OSError as err:
         raise _imagenet_missing(cfg, str(err)) from None
-    plain = torchvision.datasets.ImageFolder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction and train else None
+    plain = image_folder(str(root / "train"), transform=test_tf) if cfg.data.val_fraction and train else None
     classes = list((train or test).classes)
     return DataBundle(train, test, _image_info("imagenet", classes, 224, None, _length(train), _length(test)),
                       train_plain=plain)

@@ -177,9 +177,64 @@ def check_batchnorm_kernels(device):
     torch.testing.assert_close(s2.cpu(), v.cpu().var(1, correction=0), rtol=1e-5, atol=1e-5)
 
 
+def _pair_inputs(device, dtype, layout, seed=0):
+    """A BatchNorm input, upstream gradient and [T, C] coefficients whose currents ``x * scale + shift`` are exact
+    even in bfloat16 (7 significant bits), so any rounding (an FMA or not, the interpreter's) gives the same."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (7, 3, 6) if layout == "rows" else (7, 3, 6, 4, 5)
+    x = torch.randint(-8, 13, shape, generator=g) / 4
+    up = torch.randn(shape, generator=g)
+    if layout == "channels_last":
+        x, up = (t.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(shape) for t in (x, up))
+    scale = torch.randint(1, 9, (7, 6), generator=g) / 8
+    shift = torch.randint(-4, 5, (7, 6), generator=g) / 8
+    return x.to(device, dtype), up.to(device, dtype), scale.to(device), shift.to(device)
+
+
+def check_bn_lif_pair(device):
+    """The BatchNorm-LIF pair kernels equal the LIF kernels fed ``x * scale + shift``: the same spikes, the same
+    gradient bit for bit and, under one seed, the same MSG mask; over chunks of timesteps (the membrane and its
+    gradient carried) the same as over the whole sequence."""
+    tl_mod = _triton()
+    specs = [SpikeSpec(), SpikeSpec("arctan", mask_p=0.5), SpikeSpec("sigmoid", mask_p=0.5, mask_mode="channel")]
+    for dtype, layout, reset, detach, spec in itertools.product(
+            (torch.float32, torch.bfloat16), ("contiguous", "channels_last", "rows"), ("hard", "soft"),
+            (False, True), specs):
+        case = (dtype, layout, reset, detach, spec)
+        x, up, scale, shift = _pair_inputs(device, dtype, layout)
+        expand = (slice(None), None, slice(None)) + (None,) * (x.dim() - 3)
+        current = (x.float() * scale[expand] + shift[expand]).to(dtype)
+        spikes_ref, membrane = tl_mod.lif_forward(current, 2.0, 0.5, reset, True)
+        state = torch.zeros_like(x[0], dtype=torch.float32)
+        assert tl_mod.takes("bn_lif_chunk_forward", x, scale, shift, state, 2.0, 0.5, reset, None), case
+        spikes = tl_mod.bn_lif_chunk_forward(x, scale, shift, state, 2.0, 0.5, reset)
+        assert torch.equal(spikes, spikes_ref) and spikes.stride() == x.stride(), case
+        torch.manual_seed(7)
+        grad_ref = tl_mod.lif_backward(up, membrane, 2.0, 0.5, spec, reset, detach)
+        torch.manual_seed(7)
+        zero = torch.zeros_like(state)
+        grad = tl_mod.bn_lif_chunk_backward(up, x, scale, shift, zero, zero.clone(), 2.0, 0.5, spec, reset, detach)
+        assert torch.equal(grad, grad_ref) and grad.stride() == x.stride(), case
+        if spec.mask_p:
+            continue
+        # chunks [0, 3) and [3, 7): forward carries the membrane, backward (latest first) its gradient
+        state, starts, out = torch.zeros_like(state), [], torch.empty_like(x)
+        for t0, t1 in ((0, 3), (3, 7)):
+            starts.append(state.clone())
+            tl_mod.bn_lif_chunk_forward(x[t0:t1], scale[t0:t1], shift[t0:t1], state, 2.0, 0.5, reset, out[t0:t1])
+        assert torch.equal(out, spikes_ref), case
+        grad_state, into = torch.zeros_like(state), torch.empty_like(x)
+        for (t0, t1), start in zip(((3, 7), (0, 3)), starts[::-1]):
+            tl_mod.bn_lif_chunk_backward(up[t0:t1], x[t0:t1], scale[t0:t1], shift[t0:t1], start, grad_state, 2.0, 0.5,
+                                         spec, reset, detach, into[t0:t1])
+        assert torch.equal(into, grad_ref), case
+    assert not tl_mod.takes("bn_lif_chunk_forward", x, scale, shift, state.double())  # the carried state is float32
+
+
 def run_checks(device):
     for check in (check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
-                  check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels):
+                  check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels,
+                  check_bn_lif_pair):
         check(device)
 
 
@@ -188,7 +243,8 @@ def run_checks(device):
 
 @cuda
 @pytest.mark.parametrize("check", [check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
-                                   check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels])
+                                   check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels,
+                                   check_bn_lif_pair])
 def test_triton_kernel(check):
     check("cuda")
 
@@ -253,6 +309,44 @@ def test_per_step_batchnorm_on_cuda_equals_a_loop(monkeypatch, triton_bn):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tbn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tbn.running_var, bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_lean_pairs_on_cuda_run_the_triton_pair_kernels_and_equal_the_layers_one_by_one(monkeypatch):
+    """With the Triton BatchNorm (``MSGSNN_TRITON_BN=1``) the default path runs each BatchNorm-LIF pair in the pair
+    kernels, saving the BatchNorm's input alone: the logits and gradients of the layers run one by one, the same
+    MSG masks (one seed per LIF backward, drawn in the same order), less saved memory."""
+    import copy
+
+    from msgcli.snn.layers import SpikingSequential
+    from tests.test_perf_memory import saved_bytes
+
+    monkeypatch.setenv("MSGSNN_TRITON_BN", "1")
+    tl_mod = _triton()
+    calls = []
+    real = tl_mod.bn_lif_chunk_forward
+    monkeypatch.setattr(tl_mod, "bn_lif_chunk_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    lean = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, mask_p=0.5, input_size=32).cuda()
+    plain = copy.deepcopy(lean)
+    for module in plain.modules():
+        if isinstance(module, SpikingSequential):
+            module.lean = False
+    x = torch.rand(3, 4, 2, 32, 32, device="cuda").round()
+    lean_bytes, _ = saved_bytes(lean, x)
+    assert calls
+    plain_bytes, _ = saved_bytes(plain, x)
+    assert lean_bytes < 0.8 * plain_bytes
+    results = []
+    for model in (lean, plain):
+        model.zero_grad()
+        torch.manual_seed(5)
+        logits = model(x)
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for n, g in results[1][1].items():
+        torch.testing.assert_close(results[0][1][n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
 
 
 @cuda

@@ -42,7 +42,7 @@ SURROGATES = tuple(s.name for s in BUILTIN)  # the surrogates the kernels comput
 MASK_FILLS = (ZERO_FILL,) + SURROGATES
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
-LIF_KERNELS = ("_lif_forward_kernel", "_lif_backward_kernel")
+LIF_KERNELS = ("_lif_forward_kernel", "_lif_backward_kernel", "_bn_lif_forward_kernel", "_bn_lif_backward_kernel")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,12 @@ def recorded_launches() -> list[Launch]:
                     cuda.lif_forward(x, 2.0, 0.5, reset, keep)
                 for spec in specs:
                     cuda.lif_backward(x, x, 2.0, 0.5, spec, reset, detach)
+                # the BatchNorm-LIF pair
+                state = torch.empty_like(x[0], dtype=torch.float32)
+                stat = torch.empty(10, 16, device="meta")
+                cuda.bn_lif_chunk_forward(x, stat, stat, state, 2.0, 0.5, reset)
+                for spec in specs:
+                    cuda.bn_lif_chunk_backward(x, x, stat, stat, state, state, 2.0, 0.5, spec, reset, detach)
             for channels in sorted(blocks.values()):
                 x = _meta((10, 4, channels, 6, 6), dtype, True)
                 stat = torch.empty(10, channels, device="meta")
@@ -232,7 +238,8 @@ def _check(results: dict[Launch, dict], target: str) -> None:
 def test_launches_cover_every_option(launches):
     """The recording sees every switch value the launchers can produce, and folds options that are run-time values."""
     by_kernel = {k: [launch for launch in launches if launch.kernel == k] for k in {launch.kernel for launch in launches}}
-    assert set(by_kernel) == {"_lif_forward_kernel", "_lif_backward_kernel", "_bn_sums_kernel", "_bn_map_kernel"}
+    assert set(by_kernel) == {"_lif_forward_kernel", "_lif_backward_kernel", "_bn_sums_kernel", "_bn_map_kernel",
+                              "_bn_lif_forward_kernel", "_bn_lif_backward_kernel"}
     values = lambda kernel, name: {dict(launch.switches)[name] for launch in by_kernel[kernel]}  # noqa: E731
     assert values("_lif_backward_kernel", "SURR") == {s.kernel_id for s in BUILTIN}
     assert values("_lif_backward_kernel", "MASK") == {options.NO_MASK, *range(len(MASK_MODES))}
@@ -242,6 +249,8 @@ def test_launches_cover_every_option(launches):
     # per dtype: 2 resets x 2 detach x 4 surrogates x (no mask, element, timestep, channel x 2 layouts)
     assert len(by_kernel["_lif_backward_kernel"]) == 3 * 2 * 2 * 4 * 5
     assert len(by_kernel["_lif_forward_kernel"]) == 3 * 2 * 2
+    assert len(by_kernel["_bn_lif_backward_kernel"]) == len(by_kernel["_lif_backward_kernel"])
+    assert len(by_kernel["_bn_lif_forward_kernel"]) == 3 * 2  # no membrane to keep
     assert len(by_kernel["_bn_sums_kernel"]) == len(by_kernel["_bn_map_kernel"]) == 3 * 7 * 2
 
 

@@ -25,6 +25,7 @@ from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 
 from msgcli.snn import LIF, TemporalBatchNorm, kernels  # noqa: E402
 from msgcli.snn.kernels import cuda  # noqa: E402
+from msgcli.snn.layers.recompute import lean_bn_lif  # noqa: E402
 from msgcli.snn.msg import SpikeSpec  # noqa: E402
 from tests.test_cuda import run_in_interpreter  # noqa: E402
 
@@ -170,12 +171,14 @@ PLACES = {  # a launch that fails: the kernel, and the switches that single out 
     "BN normalisation": ("_bn_map_kernel", {"BACKWARD": False}),
     "BN backward sums": ("_bn_sums_kernel", {"PRODUCT": True}),
     "BN input gradient": ("_bn_map_kernel", {"BACKWARD": True}),
+    "pair forward": ("_bn_lif_forward_kernel", {}),
+    "pair backward": ("_bn_lif_backward_kernel", {}),
 }
 
 
 def _layer_output_and_grad(place: str, spec: SpikeSpec = SpikeSpec()):
-    """A LIF or per-step BatchNorm layer's output and input gradient on a channels-last CPU tensor, through the
-    CPU's kernels (which the callers point at Triton's, or at none)."""
+    """A LIF, per-step BatchNorm or BatchNorm-LIF pair's output and input gradient on a channels-last CPU tensor,
+    through the CPU's kernels (which the callers point at Triton's, or at none)."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 2, 4, 3, 3)
     x = (torch.randn(shape, generator=g) * 0.8 + 0.4).flatten(0, 1).contiguous(memory_format=torch.channels_last)
@@ -183,6 +186,8 @@ def _layer_output_and_grad(place: str, spec: SpikeSpec = SpikeSpec()):
     up = torch.randn(shape, generator=g)
     if place.startswith("LIF"):
         y = LIF(surrogate=spec.surrogate, mask_p=spec.mask_p)(x)
+    elif place.startswith("pair"):
+        y = lean_bn_lif(x, TemporalBatchNorm(4), LIF(surrogate=spec.surrogate, mask_p=spec.mask_p), shape[0])
     else:
         y = TemporalBatchNorm(4)(x)
     y.backward(up)
@@ -266,7 +271,8 @@ def check_every_launch_is_guarded() -> None:
         mp.setattr(kernels.CPU, "fused", triton_family())
         for name in names:
             mp.setattr(cuda, name, Checked(getattr(cuda, name)))
-        for place, spec in (("LIF", SpikeSpec()), ("LIF", SpikeSpec(mask_p=0.5)), ("BN", SpikeSpec())):
+        for place, spec in (("LIF", SpikeSpec()), ("LIF", SpikeSpec(mask_p=0.5)), ("BN", SpikeSpec()),
+                            ("pair", SpikeSpec(mask_p=0.5))):
             _layer_output_and_grad(place, spec)
     assert launched == names == set(n for n, _ in PLACES.values()), (launched, names)
 

@@ -19,8 +19,8 @@ tensors; ``[T, C]`` statistics):
 Three implementations, each with every operation: torch operators (:mod:`.torch_ops`, any
 device, the yardstick), the C kernels (:mod:`.cpu`, CPU tensors, built at first use) and the
 Triton kernels (:mod:`.cuda`, CUDA tensors). The BatchNorm-LIF pair (``bn_lif_chunk_*``) is one kernel in C
-alone; everywhere else :class:`Kernels` composes it from ``bn_apply`` and the LIF's chunk operations,
-with the same numbers. :func:`for_device` gives the :class:`Kernels` of a
+and in Triton; on torch operators :class:`Kernels` composes it from ``bn_apply`` and the LIF's chunk
+operations, with the same numbers. :func:`for_device` gives the :class:`Kernels` of a
 device: ``CPU`` (C kernels), ``CUDA`` (Triton), ``TORCH`` elsewhere.
 
 The fallback rule, here and nowhere else. A family of fused kernels (C, Triton) that cannot be
@@ -140,7 +140,8 @@ class Kernels:
         """The fused kernels that calls would reach now, or None (torch operators)."""
         return self.fused.get() if self.fused is not None else None
 
-    def _run(self, op: str, *args):
+    def _run(self, op: str, *args, fallback: Callable | None = None):
+        """``op`` on the fused kernels where they take the call, else on ``fallback`` (default: torch's ``op``)."""
         kernels = self.fused_kernels()
         if kernels is not None and kernels.takes(op, *args):
             try:
@@ -153,7 +154,7 @@ class Kernels:
             raise ValueError(f"backend: '{self.name}' has no kernel for this call ({op}); it needs a CUDA tensor of "
                              "float32/float16/bfloat16, the triton package and a built-in surrogate; use 'auto' to "
                              "fall back to torch operators")
-        return getattr(torch_ops, op)(*args)
+        return (fallback or getattr(torch_ops, op))(*args)
 
     def lif_forward(self, current: torch.Tensor, tau: float, v_threshold: float, reset_mode: str,
                     keep_membrane: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,11 +197,16 @@ class Kernels:
         in one kernel where the fused family has it and both run here (the current and the membrane never
         written out), else those two operations. Written into ``out`` (laid out like ``x``) when given."""
         bn_ops = bn_ops or self
+
+        def composed(x, scale, shift, state, tau, v_threshold, reset_mode, out):
+            spikes = self.lif_chunk_forward(bn_ops.bn_apply(x, scale, shift), state, tau, v_threshold, reset_mode,
+                                            False)[0]
+            return spikes if out is None else out.copy_(spikes)
+
+        args = x, scale, shift, state, tau, v_threshold, reset_mode, out
         if bn_ops is self and self._fuses("bn_lif_chunk_forward", x, scale, shift, state):
-            return self._run("bn_lif_chunk_forward", x, scale, shift, state, tau, v_threshold, reset_mode, out)
-        y = bn_ops.bn_apply(x, scale, shift)
-        spikes = self.lif_chunk_forward(y, state, tau, v_threshold, reset_mode, False)[0]
-        return spikes if out is None else out.copy_(spikes)
+            return self._run("bn_lif_chunk_forward", *args, fallback=composed)  # composed if it cannot be built
+        return composed(*args)
 
     def bn_lif_chunk_backward(self, grad_spikes: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                               shift: torch.Tensor, state: torch.Tensor, grad_state: torch.Tensor, tau: float,
@@ -211,15 +217,20 @@ class Kernels:
         family has it, else by :meth:`lif_chunk_forward`. The same numbers and MSG masks either way. Written into
         ``out`` (laid out like ``x``) when given."""
         bn_ops = bn_ops or self
-        args = tau, v_threshold, spec, reset_mode, detach_reset
-        if bn_ops is self and self._fuses("bn_lif_chunk_backward", grad_spikes, x, scale, shift, state, grad_state,
-                                          tau, v_threshold, spec):
-            return self._run("bn_lif_chunk_backward", grad_spikes, x, scale, shift, state, grad_state, *args, out)
-        y = bn_ops.bn_apply(x, scale, shift)
-        _, membrane = self.lif_chunk_forward(y, state.clone(), tau, v_threshold, reset_mode, True)
-        del y
-        grad = self.lif_chunk_backward(grad_spikes, membrane, grad_state, *args)
-        return grad if out is None else out.copy_(grad)
+
+        def composed(grad_spikes, x, scale, shift, state, grad_state, tau, v_threshold, spec, reset_mode,
+                     detach_reset, out):
+            y = bn_ops.bn_apply(x, scale, shift)
+            _, membrane = self.lif_chunk_forward(y, state.clone(), tau, v_threshold, reset_mode, True)
+            del y
+            grad = self.lif_chunk_backward(grad_spikes, membrane, grad_state, tau, v_threshold, spec, reset_mode,
+                                           detach_reset)
+            return grad if out is None else out.copy_(grad)
+
+        args = grad_spikes, x, scale, shift, state, grad_state, tau, v_threshold, spec, reset_mode, detach_reset, out
+        if bn_ops is self and self._fuses("bn_lif_chunk_backward", *args[:9]):
+            return self._run("bn_lif_chunk_backward", *args, fallback=composed)
+        return composed(*args)
 
     def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""

@@ -20,7 +20,11 @@ mask mode are compile-time switches (:func:`lif_forward_switches`,
 so one compiled kernel serves all of them.
 
 BatchNorm: see the section below; :mod:`msgcli.snn.layers.batchnorm` uses these kernels on CUDA
-only where ``MSGSNN_TRITON_BN=1`` asks for them.
+only where ``MSGSNN_TRITON_BN=1`` asks for them, and then the default path runs each BatchNorm-LIF
+pair in the pair kernels: forward writes the spikes alone from the BatchNorm's input; backward
+recomputes the current and ``H`` into its own output buffer, then runs the LIF backward over it
+in place, so the pair keeps one float tensor and allocates no membrane. The pair draws its mask
+as the LIF backward does, so under one seed it gives the layers' own gradients bit for bit.
 
 Every launch goes through :func:`_launch`, which launches on the device of the kernel's first
 tensor (a model on ``cuda:1`` runs there whatever the current device is) and turns a kernel that
@@ -49,6 +53,7 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LIF_BLOCK = 1024  # neurons per program
 LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
+PAIR_BACKWARD_WARPS = 16  # 2 neurons per thread, about 40 registers (at 8 warps ptxas aims at 32 and spills)
 BN_ROWS = 64  # rows of [M, C] per tile
 BN_MAX_CHANNELS = 64  # channels per tile at most
 BN_WARPS = 8
@@ -86,9 +91,30 @@ def takes(op: str, *args) -> bool:
         return bn_supports(args[0])
     if op in ("bn_backward_sums", "bn_backward_input"):
         return bn_supports(args[1])
+    if op == "bn_lif_chunk_forward":
+        return fuses_bn_lif(args[0]) and _carries(args[0], args[3]) and _laid_out_as(args[0], args[7:])
+    if op == "bn_lif_chunk_backward":
+        return (fuses_bn_lif(args[1]) and _carries(args[1], args[4]) and _carries(args[1], args[5])
+                and args[8].kernel_ids() is not None and _laid_out_as(args[1], args[11:]))
     if op in ("encode", "decode", "lif_chunk_forward", "lif_chunk_backward"):
-        return False  # spike codes are a CPU matter; the carried chunks of recompute run on torch operators
+        return False  # spike codes are a CPU matter; the LIF's carried chunks alone run on torch operators
     raise ValueError(f"unknown operation {op!r}")
+
+
+def fuses_bn_lif(x: torch.Tensor) -> bool:
+    """The BatchNorm-LIF pair kernels take a BatchNorm input ``x``: one the LIF kernels take, each timestep dense."""
+    return supports(x) and step_layout(x) is not None
+
+
+def _carries(x: torch.Tensor, state: torch.Tensor) -> bool:
+    """``state`` is a float32 membrane laid out like one timestep of ``x``."""
+    return state.dtype == torch.float32 and state.device == x.device and state.stride() == x[0].stride()
+
+
+def _laid_out_as(x: torch.Tensor, out: tuple) -> bool:
+    """The optional output argument (``out``: empty, or one tensor or None) is absent or laid out like ``x``."""
+    out = out[0] if out else None
+    return out is None or (out.dtype == x.dtype and out.stride() == x.stride() and out.shape == x.shape)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -179,6 +205,18 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _lif_step(x, v, tau, vth, ty, HARD: tl.constexpr):
+        """One forward step from the input ``x`` and membrane ``v`` (float32): ``H`` rounded to the sequence's
+        dtype ``ty`` (what backward reads back), the spike, the membrane after the reset."""
+        h = (v + (x - v) / tau).to(ty).to(tl.float32)
+        spike = (h >= vth).to(tl.float32)
+        if HARD:
+            v = tl.where(h >= vth, 0.0, h)
+        else:
+            v = (h - vth * spike).to(ty).to(tl.float32)
+        return h, spike, v
+
+    @triton.jit
     def _lif_forward_kernel(x_ptr, s_ptr, h_ptr, N, T, tau, vth,
                             HARD: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
@@ -188,17 +226,10 @@ if triton is not None:
         for t in range(T):
             step = t * n64
             x = tl.load(x_ptr + step + offs, mask=inb, other=0.0).to(tl.float32)
-            h = v + (x - v) / tau
-            h = h.to(s_ptr.dtype.element_ty).to(tl.float32)  # what backward will read back
-            fired = h >= vth
-            spike = fired.to(tl.float32)
+            h, spike, v = _lif_step(x, v, tau, vth, s_ptr.dtype.element_ty, HARD)
             tl.store(s_ptr + step + offs, spike.to(s_ptr.dtype.element_ty), mask=inb)
             if SAVE_H:
                 tl.store(h_ptr + step + offs, h.to(h_ptr.dtype.element_ty), mask=inb)
-            if HARD:
-                v = tl.where(fired, 0.0, h)
-            else:
-                v = (h - vth * spike).to(s_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _lif_step_backward(g_ptrs, h_ptrs, o_ptrs, inb, gv, rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
@@ -222,13 +253,9 @@ if triton is not None:
         return gh * leak
 
     @triton.jit
-    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed_ptr, tau, leak, vth, alpha, p, keep_scale, fill_kind,
-                             HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr,
-                             NLC: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
-        inb = offs < N
-        # the index of each element's draw within a timestep: MASK is options.MASK_MODES' index of
-        # element, (sample, channel) or sample, or options.NO_MASK
+    def _draw_index(offs, C, L, MASK: tl.constexpr, NLC: tl.constexpr):
+        """The index of each element's MASK draw within a timestep: MASK is options.MASK_MODES' index of element,
+        (sample, channel) or sample (or options.NO_MASK); NLC: channels-last."""
         if MASK == 1:
             if NLC:
                 ridx = (offs // (C * L)) * C + offs % C
@@ -238,9 +265,16 @@ if triton is not None:
             ridx = offs // (C * L)
         else:
             ridx = offs
-        gv = tl.zeros([BLOCK], dtype=tl.float32)
-        zero = tl.zeros([BLOCK], dtype=tl.int32)
-        seed = tl.load(seed_ptr)
+        return ridx
+
+    @triton.jit
+    def _lif_backward_loop(g_ptr, h_ptr, o_ptr, offs, inb, gv, ridx, seed, N, T, tau, leak, vth, alpha, p,
+                           keep_scale, fill_kind, HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr,
+                           MASK: tl.constexpr):
+        """Timesteps T-1 .. 0 from the membrane gradient ``gv``: the input gradients into ``o_ptr`` (which may be
+        ``h_ptr``: each ``H`` is read before its place is written); returns the gradient of the initial membrane.
+        The keep-mask of timestep t comes from Philox draw (T-1-t) % 4 of key ``seed + (T-1-t) // 4``."""
+        zero = tl.zeros_like(ridx)
         for gi in range(0, (T + 3) // 4):
             if MASK >= 0:
                 r0, r1, r2, r3 = tl.randint4x(seed + gi, ridx)
@@ -261,6 +295,68 @@ if triton is not None:
                     gv = _lif_step_backward(g_ptr + step + offs, h_ptr + step + offs, o_ptr + step + offs, inb, gv,
                                             rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
                                             HARD, DETACH, SURR, MASK)
+        return gv
+
+    @triton.jit
+    def _lif_backward_kernel(g_ptr, h_ptr, o_ptr, N, T, C, L, seed_ptr, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                             HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr,
+                             NLC: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a timestep holds < 2**31 elements
+        inb = offs < N
+        gv = tl.zeros([BLOCK], dtype=tl.float32)
+        _lif_backward_loop(g_ptr, h_ptr, o_ptr, offs, inb, gv, _draw_index(offs, C, L, MASK, NLC), tl.load(seed_ptr),
+                           N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD, DETACH, SURR, MASK)
+
+    # ------------------------------------------------------------ the BatchNorm-LIF pair from the BatchNorm's input
+    # The current of timestep t is x * scale[t, c] + shift[t, c], rounded to x's dtype as bn_apply rounds it;
+    # the membrane starts from (and, forward, ends in) the carried float32 state. An element's channel is
+    # (offset // channel_stride) % C: channel_stride is 1 channels-last, else the positions per channel.
+
+    @triton.jit
+    def _bn_current(x_ptr, scale_ptr, shift_ptr, t, step, offs, chan, inb, C):
+        x = tl.load(x_ptr + step + offs, mask=inb, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + t * C + chan, mask=inb, other=0.0)
+        shift = tl.load(shift_ptr + t * C + chan, mask=inb, other=0.0)
+        return (x * scale + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _bn_lif_forward_kernel(x_ptr, scale_ptr, shift_ptr, v_ptr, s_ptr, N, T, C, channel_stride, tau, vth,
+                               HARD: tl.constexpr, BLOCK: tl.constexpr):
+        """Spikes alone (neither the current nor the membrane is written); the last membrane into the state."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        chan = (offs // channel_stride) % C
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+        n64 = N.to(tl.int64)
+        for t in range(T):
+            step = t * n64
+            y = _bn_current(x_ptr, scale_ptr, shift_ptr, t, step, offs, chan, inb, C)
+            h, spike, v = _lif_step(y, v, tau, vth, s_ptr.dtype.element_ty, HARD)
+            tl.store(s_ptr + step + offs, spike.to(s_ptr.dtype.element_ty), mask=inb)
+        tl.store(v_ptr + offs, v, mask=inb)
+
+    @triton.jit
+    def _bn_lif_backward_kernel(g_ptr, x_ptr, o_ptr, scale_ptr, shift_ptr, v_ptr, gv_ptr, N, T, C, L, channel_stride,
+                                seed_ptr, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD: tl.constexpr,
+                                DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr, NLC: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        """The current's gradient into ``o_ptr``, which first holds the recomputed ``H`` (so no membrane is ever
+        allocated); the membrane's gradient carried in and out by ``gv_ptr``, the state only read."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        chan = (offs // channel_stride) % C
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+        n64 = N.to(tl.int64)
+        for t in range(T):
+            step = t * n64
+            y = _bn_current(x_ptr, scale_ptr, shift_ptr, t, step, offs, chan, inb, C)
+            h, spike, v = _lif_step(y, v, tau, vth, x_ptr.dtype.element_ty, HARD)
+            tl.store(o_ptr + step + offs, h.to(o_ptr.dtype.element_ty), mask=inb)
+        gv = tl.load(gv_ptr + offs, mask=inb, other=0.0)
+        gv = _lif_backward_loop(g_ptr, o_ptr, o_ptr, offs, inb, gv, _draw_index(offs, C, L, MASK, NLC),
+                                tl.load(seed_ptr), N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                                HARD, DETACH, SURR, MASK)
+        tl.store(gv_ptr + offs, gv, mask=inb)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -291,25 +387,72 @@ def lif_forward(current: torch.Tensor, tau: float, v_threshold: float, reset_mod
     return spikes, (membrane if keep_membrane else None)
 
 
+def _geometry(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """``T``, the neurons of a timestep ``N``, channels ``C`` and positions per channel ``L`` of ``x [T, B, C, ...]``."""
+    T, N = x.shape[0], x[0].numel()
+    C = x.shape[2] if x.dim() > 2 else 1
+    return T, N, C, N // (x.shape[1] * C)
+
+
+def _channel_stride(x: torch.Tensor) -> int:
+    """How many consecutive elements of a timestep of ``x`` share a channel (1 channels-last)."""
+    return 1 if step_layout(x) == "nlc" else _geometry(x)[3]
+
+
+def _backward_arguments(like: torch.Tensor, spec, reset_mode: str, detach_reset: bool,
+                        seed: torch.Tensor | None = None):
+    """A LIF backward kernel's mask seed (``seed``, else drawn now where it masks), its run-time values ``alpha`` to
+    ``fill_kind`` and its compile-time switches."""
+    switches = lif_backward_switches(spec, reset_mode, detach_reset, step_layout(like) == "nlc" and like.dim() == 5)
+    if seed is None:
+        masks = switches["MASK"] != options.NO_MASK
+        seed = mask_seed(like.device) if masks else like.new_zeros(1, dtype=torch.int64)
+    keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
+    return seed, (float(spec.alpha), float(spec.mask_p), keep_scale, spec.kernel_ids()[1]), switches
+
+
 def lif_backward(grad: torch.Tensor, membrane: torch.Tensor, tau: float, v_threshold: float, spec, reset_mode: str,
                  detach_reset: bool, seed: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient w.r.t. the input from ``H``, the MSG mask drawn in the kernel from ``seed`` (an int64 tensor on the
     device; a fresh :func:`mask_seed` when None), never stored."""
-    T, N = membrane.shape[0], membrane[0].numel()
+    T, N, C, L = _geometry(membrane)
     grad = _laid_like(membrane, grad)
     out = torch.empty_like(membrane)
-    B = membrane.shape[1]
-    C = membrane.shape[2] if membrane.dim() > 2 else 1
-    L = N // (B * C)
-    switches = lif_backward_switches(spec, reset_mode, detach_reset,
-                                     step_layout(membrane) == "nlc" and membrane.dim() == 5)
-    if seed is None:
-        seed = mask_seed(membrane.device) if switches["MASK"] != options.NO_MASK else membrane.new_zeros(1, dtype=torch.int64)
-    keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
-    fill_kind = spec.kernel_ids()[1]
+    seed, values, switches = _backward_arguments(membrane, spec, reset_mode, detach_reset, seed)
     _launch(_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, membrane, out, N, T, C, L, seed, float(tau),
-            1.0 - 1.0 / float(tau), float(v_threshold), float(spec.alpha), float(spec.mask_p), keep_scale, fill_kind,
-            num_warps=LIF_WARPS, **switches)
+            1.0 - 1.0 / float(tau), float(v_threshold), *values, num_warps=LIF_WARPS, **switches)
+    return out
+
+
+def _coefficients(scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scale.float().contiguous(), shift.float().contiguous()
+
+
+def bn_lif_chunk_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, state: torch.Tensor, tau: float,
+                         v_threshold: float, reset_mode: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spikes of the LIF fed ``x * scale + shift`` from the membrane ``state`` (left at the chunk's end), laid out
+    like ``x`` (into ``out`` if given): one pass over ``x``, neither the current nor the membrane written."""
+    T, N, C, L = _geometry(x)
+    spikes = torch.empty_like(x) if out is None else out
+    _launch(_bn_lif_forward_kernel, (cdiv(N, LIF_BLOCK),), x, *_coefficients(scale, shift), state, spikes, N, T, C,
+            _channel_stride(x), float(tau), float(v_threshold), num_warps=LIF_WARPS, HARD=reset_mode == "hard",
+            BLOCK=LIF_BLOCK)
+    return spikes
+
+
+def bn_lif_chunk_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                          state: torch.Tensor, grad_state: torch.Tensor, tau: float, v_threshold: float, spec,
+                          reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of the current of :func:`bn_lif_chunk_forward` (into ``out`` if given), the membrane recomputed
+    in the kernel into the output's own memory. The mask is drawn as :func:`lif_backward` draws it, so under one
+    seed a pair and its two layers run one by one get the same mask (a chunk: masks of its own timesteps)."""
+    T, N, C, L = _geometry(x)
+    grad = _laid_like(x, grad)
+    out = torch.empty_like(x) if out is None else out
+    seed, values, switches = _backward_arguments(x, spec, reset_mode, detach_reset)
+    _launch(_bn_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, x, out, *_coefficients(scale, shift), state,
+            grad_state, N, T, C, L, _channel_stride(x), seed, float(tau), 1.0 - 1.0 / float(tau), float(v_threshold), *values,
+            num_warps=PAIR_BACKWARD_WARPS, **switches)
     return out
 
 

@@ -21,12 +21,15 @@ recomputes is what forward computed, so the gradients are those of plain autogra
 kernels (to float rounding where chunks add the weight gradients in another order).
 
 Where the BatchNorm and the LIF run on one family of fused kernels that has the pair in one kernel
-(the C kernels), the pair's forward writes only the spikes and its backward recomputes the current
+(the C kernels; the Triton kernels on CUDA where ``MSGSNN_TRITON_BN=1`` puts the BatchNorm on them), the
+pair's forward writes only the spikes and its backward recomputes the current
 and the membrane inside the LIF's backward kernel, so a pair costs no more time than the two layers
 run one by one, and the default path runs every BatchNorm-LIF pair leanly there: one float tensor
 per spiking layer, with the convolutions keeping their input spikes as bits and average pools of
-spikes keeping nothing (:mod:`.spike_conv`). Elsewhere (torch operators, CUDA) recomputing costs
-passes of its own, so the default path runs the layers one by one.
+spikes keeping nothing (:mod:`.spike_conv`). Elsewhere (torch operators; CUDA with torch's
+``batch_norm``, its default) recomputing costs passes of its own, so the default path runs the layers
+one by one. On CUDA the Triton pair draws its MSG mask from a seed per call: over chunks of timesteps
+(``recompute``) each chunk draws its own, so masks there match the one-chunk path in distribution only.
 """
 
 from __future__ import annotations

@@ -231,10 +231,31 @@ def check_bn_lif_pair(device):
     assert not tl_mod.takes("bn_lif_chunk_forward", x, scale, shift, state.double())  # the carried state is float32
 
 
+def check_packing(device):
+    """The Triton packing kernels give numpy's planes (one code bit per plane, 8 entries a byte, memory order) and
+    unpack them into the values and strides packed, for any level count up to a byte and sizes off the blocks."""
+    from msgcli.snn.kernels import torch_ops
+
+    tl_mod = _triton()
+    g = torch.Generator().manual_seed(0)
+    for levels, shape, channels_last in itertools.product((1, 2, 4, 9, 255), ((5, 3, 7, 9), (2, 2049)), (False, True)):
+        x = torch.randint(0, levels + 1, shape, generator=g).float() / levels
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        flat = x.as_strided((x.numel(),), (1,))
+        planes = tl_mod.pack_bits(x.to(device), levels)
+        assert torch.equal(planes.cpu(), torch_ops.planes_numpy(torch_ops.encode(flat, levels), levels.bit_length()))
+        # bfloat16 where the values are exact in it (Triton's interpreter truncates where a GPU rounds to nearest)
+        for dtype in (torch.float32, torch.bfloat16) if levels & (levels - 1) == 0 else (torch.float32,):
+            y = tl_mod.unpack_bits(planes, tuple(x.shape), x.stride(), levels, dtype)
+            assert torch.equal(y.cpu(), torch_ops.decode(torch_ops.encode(x, levels), levels, dtype)), (levels, dtype)
+            assert y.stride() == x.stride()
+
+
 def run_checks(device):
     for check in (check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
                   check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels,
-                  check_bn_lif_pair):
+                  check_bn_lif_pair, check_packing):
         check(device)
 
 
@@ -244,7 +265,7 @@ def run_checks(device):
 @cuda
 @pytest.mark.parametrize("check", [check_p0_matches_reference, check_mask_statistics, check_mask_is_fresh_and_seeded,
                                    check_rescale_and_fill, check_half_precision, check_no_grad, check_batchnorm_kernels,
-                                   check_bn_lif_pair])
+                                   check_bn_lif_pair, check_packing])
 def test_triton_kernel(check):
     check("cuda")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msgcli.snn import build_model, packing
-from msgcli.snn.kernels import CPU, TORCH, carry_dtype
+from msgcli.snn.kernels import CPU, TORCH, carry_dtype, torch_ops
 from msgcli.snn.layers import SpikingSequential, TemporalBatchNorm, set_recompute
 from msgcli.snn.msg import SpikeSpec
 from tests.test_perf_memory import saved_bytes
@@ -156,9 +156,10 @@ def test_packing_restores_spikes_and_their_averages_exactly(levels, channels_las
 def test_packing_in_torch_operators_equals_numpys():
     """The planes other devices pack with torch operators are the ones numpy packs on the CPU."""
     codes = torch.randint(0, 5, (1003,), dtype=torch.uint8)
-    planes = packing._planes_numpy(codes, 3)
-    assert torch.equal(packing._planes_torch(codes, 3), planes)
-    assert torch.equal(packing._codes_torch(planes, 1003), codes) and torch.equal(packing._codes_numpy(planes, 1003), codes)
+    planes = torch_ops.planes_numpy(codes, 3)
+    assert torch.equal(torch_ops.planes_torch(codes, 3), planes)
+    assert torch.equal(torch_ops.codes_torch(planes, 1003), codes)
+    assert torch.equal(torch_ops.codes_numpy(planes, 1003), codes)
 
 
 @pytest.mark.parametrize("ops", [CPU, TORCH], ids=["c", "torch"])

@@ -125,6 +125,9 @@ def recorded_launches() -> list[Launch]:
                 cuda.bn_lif_chunk_forward(x, stat, stat, state, 2.0, 0.5, reset)
                 for spec in specs:
                     cuda.bn_lif_chunk_backward(x, x, stat, stat, state, state, 2.0, 0.5, spec, reset, detach)
+            for levels in (1, 2, 4, 8, 16, 32, 64, 128):  # spikes and their exact averages (spike_conv.pooled_levels)
+                planes = cuda.pack_bits(x, levels)
+                cuda.unpack_bits(planes, tuple(x.shape), x.stride(), levels, dtype)
             for channels in sorted(blocks.values()):
                 x = _meta((10, 4, channels, 6, 6), dtype, True)
                 stat = torch.empty(10, channels, device="meta")
@@ -239,7 +242,7 @@ def test_launches_cover_every_option(launches):
     """The recording sees every switch value the launchers can produce, and folds options that are run-time values."""
     by_kernel = {k: [launch for launch in launches if launch.kernel == k] for k in {launch.kernel for launch in launches}}
     assert set(by_kernel) == {"_lif_forward_kernel", "_lif_backward_kernel", "_bn_sums_kernel", "_bn_map_kernel",
-                              "_bn_lif_forward_kernel", "_bn_lif_backward_kernel"}
+                              "_bn_lif_forward_kernel", "_bn_lif_backward_kernel", "_pack_kernel", "_unpack_kernel"}
     values = lambda kernel, name: {dict(launch.switches)[name] for launch in by_kernel[kernel]}  # noqa: E731
     assert values("_lif_backward_kernel", "SURR") == {s.kernel_id for s in BUILTIN}
     assert values("_lif_backward_kernel", "MASK") == {options.NO_MASK, *range(len(MASK_MODES))}
@@ -251,6 +254,7 @@ def test_launches_cover_every_option(launches):
     assert len(by_kernel["_lif_forward_kernel"]) == 3 * 2 * 2
     assert len(by_kernel["_bn_lif_backward_kernel"]) == len(by_kernel["_lif_backward_kernel"])
     assert len(by_kernel["_bn_lif_forward_kernel"]) == 3 * 2  # no membrane to keep
+    assert len(by_kernel["_pack_kernel"]) == 3 * 8 and len(by_kernel["_unpack_kernel"]) == 3 * 8  # dtype x bits
     assert len(by_kernel["_bn_sums_kernel"]) == len(by_kernel["_bn_map_kernel"]) == 3 * 7 * 2
 
 

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 from triton.runtime.errors import OutOfResources, PTXASError  # noqa: E402
 
-from msgcli.snn import LIF, TemporalBatchNorm, kernels  # noqa: E402
+from msgcli.snn import LIF, TemporalBatchNorm, kernels, packing  # noqa: E402
 from msgcli.snn.kernels import cuda  # noqa: E402
 from msgcli.snn.layers.recompute import lean_bn_lif  # noqa: E402
 from msgcli.snn.msg import SpikeSpec  # noqa: E402
@@ -173,12 +173,15 @@ PLACES = {  # a launch that fails: the kernel, and the switches that single out 
     "BN input gradient": ("_bn_map_kernel", {"BACKWARD": True}),
     "pair forward": ("_bn_lif_forward_kernel", {}),
     "pair backward": ("_bn_lif_backward_kernel", {}),
+    "pack": ("_pack_kernel", {}),
+    "unpack": ("_unpack_kernel", {}),
 }
 
 
 def _layer_output_and_grad(place: str, spec: SpikeSpec = SpikeSpec()):
     """A LIF, per-step BatchNorm or BatchNorm-LIF pair's output and input gradient on a channels-last CPU tensor,
-    through the CPU's kernels (which the callers point at Triton's, or at none)."""
+    through the CPU's kernels (which the callers point at Triton's, or at none); for packing, spikes packed into bits
+    and unpacked, twice."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 2, 4, 3, 3)
     x = (torch.randn(shape, generator=g) * 0.8 + 0.4).flatten(0, 1).contiguous(memory_format=torch.channels_last)
@@ -186,6 +189,10 @@ def _layer_output_and_grad(place: str, spec: SpikeSpec = SpikeSpec()):
     up = torch.randn(shape, generator=g)
     if place.startswith("LIF"):
         y = LIF(surrogate=spec.surrogate, mask_p=spec.mask_p)(x)
+    elif place in ("pack", "unpack"):
+        spikes = (x.detach() > 0.4).float()
+        y = packing.unpack(packing.pack(spikes, 1), torch.float32)
+        return y, packing.unpack(packing.pack(spikes, 1), torch.float32)
     elif place.startswith("pair"):
         y = lean_bn_lif(x, TemporalBatchNorm(4), LIF(surrogate=spec.surrogate, mask_p=spec.mask_p), shape[0])
     else:
@@ -272,7 +279,7 @@ def check_every_launch_is_guarded() -> None:
         for name in names:
             mp.setattr(cuda, name, Checked(getattr(cuda, name)))
         for place, spec in (("LIF", SpikeSpec()), ("LIF", SpikeSpec(mask_p=0.5)), ("BN", SpikeSpec()),
-                            ("pair", SpikeSpec(mask_p=0.5))):
+                            ("pair", SpikeSpec(mask_p=0.5)), ("pack", SpikeSpec())):
             _layer_output_and_grad(place, spec)
     assert launched == names == set(n for n, _ in PLACES.values()), (launched, names)
 

@@ -15,6 +15,8 @@ tensors; ``[T, C]`` statistics):
 * ``bn_backward_sums(dy, x, mean)`` -> sums of ``dy`` and ``dy * (x - mean)``;
   ``bn_backward_input(dy, x, mean, q, a, r, out)`` -> ``(dy - (x - mean) q) a - r`` (into ``out`` if given)
 * ``encode(x, levels)`` -> uint8 codes of ``x * levels``; ``decode(codes, levels, dtype)`` -> ``x``
+* ``pack_bits(x, levels)`` -> bit planes of those codes in ``x``'s memory order;
+  ``unpack_bits(planes, shape, stride, levels, dtype)`` -> ``x`` again, laid out by ``stride``
 
 Three implementations, each with every operation: torch operators (:mod:`.torch_ops`, any
 device, the yardstick), the C kernels (:mod:`.cpu`, CPU tensors, built at first use) and the
@@ -257,11 +259,35 @@ class Kernels:
         """``codes / levels`` as ``dtype``."""
         return self._run("decode", codes, levels, dtype)
 
+    def pack_bits(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """uint8 ``[bits(levels), ceil(n / 8)]``: bit ``i`` of plane ``b`` is bit ``b`` of the code of a dense ``x``'s
+        ``i``-th entry in memory order; one kernel where the fused family has it, else :meth:`encode` and planes."""
+        def composed(x, levels):
+            codes = self.encode(x, levels)
+            return torch_ops.bit_planes(_memory_order(codes), int(levels).bit_length())
+
+        return self._run("pack_bits", x, levels, fallback=composed)
+
+    def unpack_bits(self, planes: torch.Tensor, shape: tuple, stride: tuple, levels: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """The ``dtype`` tensor of ``shape`` and (dense) ``stride`` whose codes :meth:`pack_bits` packed."""
+        def composed(planes, shape, stride, levels, dtype):
+            codes = torch.empty_strided(shape, stride, dtype=torch.uint8, device=planes.device)
+            _memory_order(codes).copy_(torch_ops.codes_of(planes, codes.numel()))
+            return self.decode(codes, levels, dtype)
+
+        return self._run("unpack_bits", planes, shape, stride, levels, dtype, fallback=composed)
+
 
 CPU = Kernels("cpu", C_KERNELS)
 CUDA = Kernels("cuda", TRITON_KERNELS)
 TRITON = Kernels("triton", TRITON_KERNELS, strict=True)
 TORCH = Kernels("torch")
+
+
+def _memory_order(x: torch.Tensor) -> torch.Tensor:
+    """The entries of a dense ``x`` as a 1-D view in the order they sit in memory."""
+    return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
 
 def for_device(device: torch.device) -> Kernels:

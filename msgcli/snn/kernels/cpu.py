@@ -286,6 +286,8 @@ class CpuKernels:
             return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
         if op == "decode":
             return args[0].device.type == "cpu" and args[2] in _DTYPES and _dense(args[0])
+        if op in ("pack_bits", "unpack_bits"):
+            return False  # encode or decode here, the planes by numpy
         raise ValueError(f"unknown operation {op!r}")
 
     @staticmethod

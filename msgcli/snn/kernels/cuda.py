@@ -19,6 +19,9 @@ mask mode are compile-time switches (:func:`lif_forward_switches`,
 :func:`lif_backward_switches`); the mask's fill and rescaling are run-time values,
 so one compiled kernel serves all of them.
 
+Spikes as bits (:mod:`msgcli.snn.packing`): one kernel packs a dense tensor's codes straight into
+bit planes, one unpacks them into a tensor of the original strides; no byte code is ever stored.
+
 BatchNorm: see the section below; :mod:`msgcli.snn.layers.batchnorm` uses these kernels on CUDA
 only where ``MSGSNN_TRITON_BN=1`` asks for them, and then the default path runs each BatchNorm-LIF
 pair in the pair kernels: forward writes the spikes alone from the BatchNorm's input; backward
@@ -96,8 +99,12 @@ def takes(op: str, *args) -> bool:
     if op == "bn_lif_chunk_backward":
         return (fuses_bn_lif(args[1]) and _carries(args[1], args[4]) and _carries(args[1], args[5])
                 and args[8].kernel_ids() is not None and _laid_out_as(args[1], args[11:]))
+    if op == "pack_bits":
+        return supports(args[0]) and args[0].dim() > 0
+    if op == "unpack_bits":
+        return triton is not None and (args[0].is_cuda or _interpreting()) and args[4] in DTYPES
     if op in ("encode", "decode", "lif_chunk_forward", "lif_chunk_backward"):
-        return False  # spike codes are a CPU matter; the LIF's carried chunks alone run on torch operators
+        return False  # codes alone: pack_bits/unpack_bits instead; the LIF's carried chunks alone: torch operators
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -604,3 +611,56 @@ def bn_backward_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor):
 
 def bn_backward_input(dy, x, mean, q, a, r, out=None) -> torch.Tensor:
     return _bn_map(_laid_like(x, dy), x, [mean, q, a, r], backward=True, out=out)
+
+
+# --------------------------------------------------------------------------- spikes as bit planes
+# An entry's code is x * levels (an integer: the entries are multiples of 1 / levels); plane b holds bit b of
+# every code, 8 entries a byte, in the tensor's memory order.
+
+PACK_BYTES = 512  # bytes of a plane per program (4096 entries)
+UNPACK_BLOCK = 2048  # entries per program
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_kernel(x_ptr, p_ptr, n, nbytes, levels, BITS: tl.constexpr, BLOCK: tl.constexpr):
+        byte = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        lane = tl.arange(0, 8)
+        entry = byte.to(tl.int64)[:, None] * 8 + lane[None, :]
+        x = tl.load(x_ptr + entry, mask=entry < n, other=0.0).to(tl.float32)
+        code = tl.floor(x * levels + 0.5).to(tl.int32)
+        for b in tl.static_range(BITS):
+            packed = tl.sum(((code >> b) & 1) << lane[None, :], axis=1)
+            tl.store(p_ptr + b * nbytes + byte, packed.to(tl.uint8), mask=byte < nbytes)
+
+    @triton.jit
+    def _unpack_kernel(out_ptr, p_ptr, n, nbytes, inv_levels, BITS: tl.constexpr, BLOCK: tl.constexpr):
+        entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = entry < n
+        byte, lane = entry // 8, (entry % 8).to(tl.int32)
+        code = tl.zeros([BLOCK], dtype=tl.int32)
+        for b in tl.static_range(BITS):
+            plane = tl.load(p_ptr + b * nbytes + byte, mask=inb, other=0).to(tl.int32)
+            code = code | (((plane >> lane) & 1) << b)
+        tl.store(out_ptr + entry, (code.to(tl.float32) * inv_levels).to(out_ptr.dtype.element_ty), mask=inb)
+
+
+def pack_bits(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """The bit planes of a dense ``x``'s codes, in memory order: ``[bits(levels), ceil(n / 8)]`` uint8."""
+    n, k = x.numel(), int(levels).bit_length()
+    nbytes = cdiv(n, 8)
+    planes = torch.empty(k, nbytes, dtype=torch.uint8, device=x.device)
+    flat = x.as_strided((n,), (1,), x.storage_offset())
+    _launch(_pack_kernel, (cdiv(nbytes, PACK_BYTES),), flat, planes, n, nbytes, float(levels), num_warps=4,
+            BITS=k, BLOCK=PACK_BYTES)
+    return planes
+
+
+def unpack_bits(planes: torch.Tensor, shape: tuple, stride: tuple, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The ``dtype`` tensor of ``shape`` and dense ``stride`` whose codes :func:`pack_bits` packed into ``planes``."""
+    out = torch.empty_strided(shape, stride, dtype=dtype, device=planes.device)
+    n = out.numel()
+    _launch(_unpack_kernel, (cdiv(n, UNPACK_BLOCK),), out.as_strided((n,), (1,)), planes, n, planes.shape[1],
+            1.0 / levels, num_warps=4, BITS=planes.shape[0], BLOCK=UNPACK_BLOCK)
+    return out
+

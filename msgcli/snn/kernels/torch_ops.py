@@ -8,6 +8,7 @@ timestep T-1 first, as the reference's autograd draws it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from msgcli.snn.memory import step_layout
@@ -128,3 +129,41 @@ def encode(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 def decode(codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
     return codes.to(dtype).mul_(1.0 / levels)
+
+
+# ------------------------------------------- bit planes of codes (numpy on the CPU, torch operators elsewhere)
+
+
+def bit_planes(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 ``[k, ceil(n / 8)]``: bit ``i`` of plane ``b`` is bit ``b`` of ``codes[i]`` (1-D uint8)."""
+    return planes_numpy(codes, k) if codes.device.type == "cpu" else planes_torch(codes, k)
+
+
+def codes_of(planes: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` codes whose bits ``planes`` hold: the inverse of :func:`bit_planes`."""
+    return codes_numpy(planes, n) if planes.device.type == "cpu" else codes_torch(planes, n)
+
+
+def planes_numpy(codes: torch.Tensor, k: int) -> torch.Tensor:
+    array = codes.numpy()
+    return torch.from_numpy(np.stack([np.packbits((array >> b) & 1 if b else array & 1, bitorder="little")
+                                      for b in range(k)]))
+
+
+def planes_torch(codes: torch.Tensor, k: int) -> torch.Tensor:
+    codes = torch.nn.functional.pad(codes, (0, -codes.numel() % 8)).view(-1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=codes.device)
+    return torch.stack([(((codes >> b) & 1) * weights).sum(1, dtype=torch.uint8) for b in range(k)])
+
+
+def codes_numpy(planes: torch.Tensor, n: int) -> torch.Tensor:
+    array = planes.numpy()
+    codes = np.unpackbits(array[0], count=n, bitorder="little")
+    for b in range(1, planes.shape[0]):
+        codes |= np.unpackbits(array[b], count=n, bitorder="little") << b
+    return torch.from_numpy(codes)
+
+
+def codes_torch(planes: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    return sum((((planes[b, :, None] >> shifts) & 1) << b) for b in range(planes.shape[0])).flatten()[:n]

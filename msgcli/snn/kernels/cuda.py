@@ -327,19 +327,31 @@ if triton is not None:
         return (x * scale + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _bn_lif_forward_kernel(x_ptr, scale_ptr, shift_ptr, v_ptr, s_ptr, N, T, C, channel_stride, tau, vth,
-                               HARD: tl.constexpr, BLOCK: tl.constexpr):
-        """Spikes alone (neither the current nor the membrane is written); the last membrane into the state."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < N
+    def _bn_lif_forward_loop(x_ptr, scale_ptr, shift_ptr, v_ptr, out_ptr, offs, inb, N, T, C, channel_stride, tau,
+                             vth, HARD: tl.constexpr, STORE_H: tl.constexpr):
+        """The time loop from the state at ``v_ptr``, writing the spikes (``STORE_H``: ``H``) into ``out_ptr``;
+        returns the last membrane."""
         chan = (offs // channel_stride) % C
         v = tl.load(v_ptr + offs, mask=inb, other=0.0)
         n64 = N.to(tl.int64)
         for t in range(T):
             step = t * n64
             y = _bn_current(x_ptr, scale_ptr, shift_ptr, t, step, offs, chan, inb, C)
-            h, spike, v = _lif_step(y, v, tau, vth, s_ptr.dtype.element_ty, HARD)
-            tl.store(s_ptr + step + offs, spike.to(s_ptr.dtype.element_ty), mask=inb)
+            h, spike, v = _lif_step(y, v, tau, vth, x_ptr.dtype.element_ty, HARD)
+            if STORE_H:
+                tl.store(out_ptr + step + offs, h.to(out_ptr.dtype.element_ty), mask=inb)
+            else:
+                tl.store(out_ptr + step + offs, spike.to(out_ptr.dtype.element_ty), mask=inb)
+        return v
+
+    @triton.jit
+    def _bn_lif_forward_kernel(x_ptr, scale_ptr, shift_ptr, v_ptr, s_ptr, N, T, C, channel_stride, tau, vth,
+                               HARD: tl.constexpr, BLOCK: tl.constexpr):
+        """Spikes alone (neither the current nor the membrane is written); the last membrane into the state."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        v = _bn_lif_forward_loop(x_ptr, scale_ptr, shift_ptr, v_ptr, s_ptr, offs, inb, N, T, C, channel_stride, tau,
+                                 vth, HARD, False)
         tl.store(v_ptr + offs, v, mask=inb)
 
     @triton.jit
@@ -351,14 +363,8 @@ if triton is not None:
         allocated); the membrane's gradient carried in and out by ``gv_ptr``, the state only read."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
-        chan = (offs // channel_stride) % C
-        v = tl.load(v_ptr + offs, mask=inb, other=0.0)
-        n64 = N.to(tl.int64)
-        for t in range(T):
-            step = t * n64
-            y = _bn_current(x_ptr, scale_ptr, shift_ptr, t, step, offs, chan, inb, C)
-            h, spike, v = _lif_step(y, v, tau, vth, x_ptr.dtype.element_ty, HARD)
-            tl.store(o_ptr + step + offs, h.to(o_ptr.dtype.element_ty), mask=inb)
+        _bn_lif_forward_loop(x_ptr, scale_ptr, shift_ptr, v_ptr, o_ptr, offs, inb, N, T, C, channel_stride, tau, vth,
+                             HARD, True)
         gv = tl.load(gv_ptr + offs, mask=inb, other=0.0)
         gv = _lif_backward_loop(g_ptr, o_ptr, o_ptr, offs, inb, gv, _draw_index(offs, C, L, MASK, NLC),
                                 tl.load(seed_ptr), N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind,

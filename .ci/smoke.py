@@ -21,11 +21,18 @@ network). Each runs once, in that order, with one of these expectations:
   a download attempt and a traceback of ours.
 * ``no-cuda``: GPU-only commands on a machine without CUDA must stop with one line naming CUDA.
 
+Two lanes share the 2 cores: the commands that read or write the runs of the scratch folder run one
+after another in the documents' order; beside them, one at a time, the commands that touch neither
+(``independent``: the repository's scripts, run from it, and the commands expected to stop at once).
+A ``pip`` command waits for both lanes and runs alone, since it reinstalls what the others import.
+Each command's report prints when it ends.
+
 ``python -m pytest -q -n 2`` is the step of ``.ci/run`` just before this one and is not repeated.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -49,7 +56,7 @@ TINY = {
     "benchmarks/step.py": ["--batch", "2", "--T", "2", "--size", "16", "--warmup", "1", "--rounds", "1"],
     "benchmarks/data.py": ["--clips", "64", "--batch", "16", "--epochs", "1"],
     "benchmarks/epoch.py": ["--batch", "2", "--steps", "1", "--warmup", "0"],
-    "benchmarks/busy.py": ["--epochs", "1", "--rounds", "1", "--busy", "1"],
+    "benchmarks/busy.py": ["--epochs", "1", "--rounds", "1", "--busy", "1", "--limit-batches", "3"],
     "benchmarks/memory.py": ["--quick"],
 }
 
@@ -242,27 +249,47 @@ def compare_with_readme(summary: dict, readme: float) -> tuple[bool, str]:
                     f"{'within' if within else 'OUTSIDE'} the {TOLERANCE}-point tolerance for other CPUs")
 
 
+def independent(step: Step) -> bool:
+    """``step`` neither reads nor writes the scratch folder's runs: a script of the repository run from it, or a
+    command that must stop at once (missing data, no CUDA)."""
+    return step.expect != "ok" or (step.cwd == REPO and step.args[0] == sys.executable)
+
+
+def run(doc: str, step: Step, readme: str) -> bool:
+    """Run ``step``, print its report in one piece, and say whether it behaved as documented."""
+    start = time.time()
+    done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd, env={**os.environ, **step.env})
+    ok, why = passed(step, done)
+    tail = (done.stdout + done.stderr).strip().splitlines()[-6:]
+    report = [f"\n[{doc}: {step.section}] $ {step.command}", f"  runs: {shlex.join(step.args)}  (expect {step.expect})",
+              *(f"  | {line}" for line in tail), f"  -> {'ok' if ok else 'FAILED'} ({why}) in {time.time() - start:.0f}s"]
+    if step.command == MAIN_JOB and ok:
+        summary = Path("results/digits-dvs/summary.json").read_text()
+        ok, why = compare_with_readme(json.loads(summary), readme_accuracy(readme))
+        report.append(f"  main job summary: {summary}  -> {'ok' if ok else 'FAILED'}: {why}")
+    print("\n".join(report), flush=True)
+    return ok
+
+
 def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available()
     readme = (REPO / "README.md").read_text()
     steps = [(doc, s) for doc, s in ((doc, plan(sec, cmd, cuda)) for doc, sec, cmd in documented_commands()) if s]
-    failures = 0
-    for doc, step in steps:
-        print(f"\n[{doc}: {step.section}] $ {step.command}\n  runs: {shlex.join(step.args)}  (expect {step.expect})",
-              flush=True)
-        start = time.time()
-        done = subprocess.run(step.args, text=True, capture_output=True, cwd=step.cwd, env={**os.environ, **step.env})
-        ok, why = passed(step, done)
-        tail = (done.stdout + done.stderr).strip().splitlines()[-6:]
-        print("\n".join(f"  | {line}" for line in tail))
-        print(f"  -> {'ok' if ok else 'FAILED'} ({why}) in {time.time() - start:.0f}s", flush=True)
-        if step.command == MAIN_JOB and ok:
-            summary = Path("results/digits-dvs/summary.json").read_text()
-            ok, why = compare_with_readme(json.loads(summary), readme_accuracy(readme))
-            print(f"  main job summary: {summary}  -> {'ok' if ok else 'FAILED'}: {why}", flush=True)
-        failures += not ok
+    results: list[bool] = []
+    beside: list[concurrent.futures.Future] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as lane:
+        for doc, step in steps:
+            if step.args[0] == "pip":  # alone: the other lane's commands import what it reinstalls
+                results += [future.result() for future in beside]
+                beside.clear()
+            if independent(step):
+                beside.append(lane.submit(run, doc, step, readme))
+            else:
+                results.append(run(doc, step, readme))
+        results += [future.result() for future in beside]
+    failures = results.count(False)
     print(f"\nsmoke: {len(steps) - failures} of {len(steps)} documented commands behaved as documented")
     return 1 if failures else 0
 

@@ -23,12 +23,14 @@ from pathlib import Path
 POLICIES = ("PASSIVE", "ACTIVE")
 
 
-def train_seconds(epochs: int, policy: str, scratch: Path) -> float:
+def train_seconds(epochs: int, policy: str, scratch: Path, limit_batches: int | None = None) -> float:
     env = {**os.environ, "OMP_WAIT_POLICY": policy, "MSGSNN_CACHE": str(scratch / "cache"),
            "MSGSNN_DATA": str(scratch / "data")}
     env.pop("GOMP_SPINCOUNT", None)
     command = [sys.executable, "-m", "msgcli", "train", "--preset", "digits-dvs", "--epochs", str(epochs),
                "--out", str(scratch / "runs"), "--overwrite"]
+    if limit_batches:
+        command += ["--limit-batches", str(limit_batches)]
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="processes that keep a core busy")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--limit-batches", type=int, default=None,
+                        help="batches per epoch (a quick check of the script; the timings then mean little)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +55,8 @@ def main() -> None:
             try:
                 for _ in range(args.rounds):
                     for policy in POLICIES:
-                        times.setdefault((load, policy), []).append(train_seconds(args.epochs, policy, scratch))
+                        seconds = train_seconds(args.epochs, policy, scratch, args.limit_batches)
+                        times.setdefault((load, policy), []).append(seconds)
             finally:
                 for spinner in spinners:
                     spinner.kill()

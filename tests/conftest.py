@@ -20,6 +20,17 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """``exhaustive`` tests run only with ``MSGSNN_EXHAUSTIVE=1``: each repeats, over every combination, a check
+    that a covering subset of the combinations makes in every run (minutes of CPU the suite can spare)."""
+    if os.environ.get("MSGSNN_EXHAUSTIVE", "0") not in ("0", ""):
+        return
+    skip = pytest.mark.skip(reason="exhaustive: set MSGSNN_EXHAUSTIVE=1 to run every combination")
+    for item in items:
+        if "exhaustive" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny_config(tmp_path, **overrides):
     """The digits-dvs preset shrunk to seconds on the synthetic dataset, caches under tmp_path."""
     values = dict(TINY, **{"data.root": str(tmp_path / "data"), "data.cache_dir": str(tmp_path / "cache")})

@@ -11,7 +11,8 @@ ptxas reports its registers, spills and shared memory (printed with ``pytest -s`
 LIF kernel fails the test.
 
 ``test_every_switch_compiles`` compiles, per target and dtype, a subset in which every value of
-every switch occurs at least once; ``test_every_launch_compiles_for_sm90`` (slow) compiles all.
+every switch occurs at least once; ``test_every_launch_compiles_for_sm90`` (``exhaustive``: run with
+``MSGSNN_EXHAUSTIVE=1``, a few minutes of CPU) compiles all.
 Compiles run in one worker process per CPU core; results are shared within the session.
 """
 
@@ -269,6 +270,6 @@ def test_every_switch_compiles(launches, compiler, target):
     _check(compiler(subset, target), target)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_every_launch_compiles_for_sm90(launches, compiler):
     _check(compiler(launches, "sm_90"), "sm_90")

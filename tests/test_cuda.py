@@ -194,7 +194,7 @@ def _pair_inputs(device, dtype, layout, seed=0):
 def check_bn_lif_pair(device):
     """The BatchNorm-LIF pair kernels equal the LIF kernels fed ``x * scale + shift``: the same spikes, the same
     gradient bit for bit and, under one seed, the same MSG mask; over chunks of timesteps (the membrane and its
-    gradient carried) the same as over the whole sequence."""
+    gradient carried, one mask key) the same as over the whole sequence, masks included."""
     tl_mod = _triton()
     specs = [SpikeSpec(), SpikeSpec("arctan", mask_p=0.5), SpikeSpec("sigmoid", mask_p=0.5, mask_mode="channel")]
     for dtype, layout, reset, detach, spec in itertools.product(
@@ -215,9 +215,12 @@ def check_bn_lif_pair(device):
         zero = torch.zeros_like(state)
         grad = tl_mod.bn_lif_chunk_backward(up, x, scale, shift, zero, zero.clone(), 2.0, 0.5, spec, reset, detach)
         assert torch.equal(grad, grad_ref) and grad.stride() == x.stride(), case
-        if spec.mask_p:
-            continue
-        # chunks [0, 3) and [3, 7): forward carries the membrane, backward (latest first) its gradient
+        # chunks [0, 3) and [3, 7): forward carries the membrane, backward (latest first) its gradient, and
+        # under one mask key each chunk draws the masks of its timesteps in the whole sequence
+        key = tl_mod.mask_key(x, spec)
+        if key is not None:
+            grad_ref = tl_mod.bn_lif_chunk_backward(up, x, scale, shift, zero, zero.clone(), 2.0, 0.5, spec, reset,
+                                                    detach, key=key)
         state, starts, out = torch.zeros_like(state), [], torch.empty_like(x)
         for t0, t1 in ((0, 3), (3, 7)):
             starts.append(state.clone())
@@ -226,7 +229,7 @@ def check_bn_lif_pair(device):
         grad_state, into = torch.zeros_like(state), torch.empty_like(x)
         for (t0, t1), start in zip(((3, 7), (0, 3)), starts[::-1]):
             tl_mod.bn_lif_chunk_backward(up[t0:t1], x[t0:t1], scale[t0:t1], shift[t0:t1], start, grad_state, 2.0, 0.5,
-                                         spec, reset, detach, into[t0:t1])
+                                         spec, reset, detach, into[t0:t1], key, 7 - t1)
         assert torch.equal(into, grad_ref), case
     assert not tl_mod.takes("bn_lif_chunk_forward", x, scale, shift, state.double())  # the carried state is float32
 

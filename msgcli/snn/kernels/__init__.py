@@ -213,15 +213,17 @@ class Kernels:
     def bn_lif_chunk_backward(self, grad_spikes: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                               shift: torch.Tensor, state: torch.Tensor, grad_state: torch.Tensor, tau: float,
                               v_threshold: float, spec, reset_mode: str, detach_reset: bool,
-                              bn_ops: "Kernels | None" = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                              bn_ops: "Kernels | None" = None, out: torch.Tensor | None = None,
+                              key: torch.Tensor | None = None, after: int = 0) -> torch.Tensor:
         """The gradient of the current of :meth:`bn_lif_chunk_forward` started from ``state`` (not changed), the
         membrane's gradient carried by ``grad_state``: the membrane recomputed inside one kernel where the fused
         family has it, else by :meth:`lif_chunk_forward`. The same numbers and MSG masks either way. Written into
-        ``out`` (laid out like ``x``) when given."""
+        ``out`` (laid out like ``x``) when given. A chunk followed by ``after`` timesteps passes the sequence's
+        :meth:`mask_key` as ``key``."""
         bn_ops = bn_ops or self
 
         def composed(grad_spikes, x, scale, shift, state, grad_state, tau, v_threshold, spec, reset_mode,
-                     detach_reset, out):
+                     detach_reset, out, key, after):
             y = bn_ops.bn_apply(x, scale, shift)
             _, membrane = self.lif_chunk_forward(y, state.clone(), tau, v_threshold, reset_mode, True)
             del y
@@ -229,10 +231,18 @@ class Kernels:
                                            detach_reset)
             return grad if out is None else out.copy_(grad)
 
-        args = grad_spikes, x, scale, shift, state, grad_state, tau, v_threshold, spec, reset_mode, detach_reset, out
+        args = (grad_spikes, x, scale, shift, state, grad_state, tau, v_threshold, spec, reset_mode, detach_reset, out,
+                key, after)
         if bn_ops is self and self._fuses("bn_lif_chunk_backward", *args[:9]):
             return self._run("bn_lif_chunk_backward", *args, fallback=composed)
         return composed(*args)
+
+    def mask_key(self, like: torch.Tensor, spec) -> torch.Tensor | None:
+        """One key for the MSG masks of a LIF sequence that :meth:`bn_lif_chunk_backward` runs in chunks, where the
+        fused kernels draw masks from keys (Triton); None where they come from torch's generator (C kernels, torch
+        operators), whose stream the chunks, latest first, continue as one call would."""
+        kernels = self.fused_kernels()
+        return kernels.mask_key(like, spec) if kernels is not None and hasattr(kernels, "mask_key") else None
 
     def bn_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per (t, c) of a dense ``x [T, B, C, ...]``: ``[T, C]`` each."""

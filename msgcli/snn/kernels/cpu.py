@@ -389,9 +389,11 @@ class CpuKernels:
 
     def bn_lif_chunk_backward(self, grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                               state: torch.Tensor, grad_state: torch.Tensor, tau: float, v_threshold: float, spec,
-                              reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+                              reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None, key=None,
+                              after: int = 0) -> torch.Tensor:
         """The gradient of the current ``x * scale + shift`` (into ``out``, laid out like ``x``, if given), its
-        membrane recomputed inside the kernel."""
+        membrane recomputed inside the kernel; the mask from torch's generator (``key`` and ``after``, the Triton
+        kernel's, are not used: chunks drawn latest first continue the stream as one call would)."""
         T, B, C, L = _bcl(x)
         grad = _laid_like(x, grad)
         out = pool.empty_like(x) if out is None else out

@@ -275,20 +275,22 @@ if triton is not None:
         return ridx
 
     @triton.jit
-    def _lif_backward_loop(g_ptr, h_ptr, o_ptr, offs, inb, gv, ridx, seed, N, T, tau, leak, vth, alpha, p,
+    def _lif_backward_loop(g_ptr, h_ptr, o_ptr, offs, inb, gv, ridx, seed, after, N, T, tau, leak, vth, alpha, p,
                            keep_scale, fill_kind, HARD: tl.constexpr, DETACH: tl.constexpr, SURR: tl.constexpr,
                            MASK: tl.constexpr):
         """Timesteps T-1 .. 0 from the membrane gradient ``gv``: the input gradients into ``o_ptr`` (which may be
         ``h_ptr``: each ``H`` is read before its place is written); returns the gradient of the initial membrane.
-        The keep-mask of timestep t comes from Philox draw (T-1-t) % 4 of key ``seed + (T-1-t) // 4``."""
+        These T steps are followed by ``after`` more in the sequence (a chunk's), and the keep-mask of the one
+        ``r`` steps from the sequence's end comes from Philox draw r % 4 of key ``seed + r // 4``: the same
+        masks whether the sequence runs in one call or in chunks under one key."""
         zero = tl.zeros_like(ridx)
-        for gi in range(0, (T + 3) // 4):
+        for gi in range(after // 4, (after + T + 3) // 4):
             if MASK >= 0:
                 r0, r1, r2, r3 = tl.randint4x(seed + gi, ridx)
             else:
                 r0, r1, r2, r3 = zero, zero, zero, zero
             for k in tl.static_range(4):
-                t = T - 1 - 4 * gi - k
+                t = T - 1 - (4 * gi + k - after)
                 if k == 0:
                     rnd = r0
                 elif k == 1:
@@ -297,7 +299,7 @@ if triton is not None:
                     rnd = r2
                 else:
                     rnd = r3
-                if t >= 0:
+                if t >= 0 and t < T:
                     step = t.to(tl.int64) * N
                     gv = _lif_step_backward(g_ptr + step + offs, h_ptr + step + offs, o_ptr + step + offs, inb, gv,
                                             rnd, tau, leak, vth, alpha, p, keep_scale, fill_kind,
@@ -312,7 +314,7 @@ if triton is not None:
         inb = offs < N
         gv = tl.zeros([BLOCK], dtype=tl.float32)
         _lif_backward_loop(g_ptr, h_ptr, o_ptr, offs, inb, gv, _draw_index(offs, C, L, MASK, NLC), tl.load(seed_ptr),
-                           N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD, DETACH, SURR, MASK)
+                           0, N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD, DETACH, SURR, MASK)
 
     # ------------------------------------------------------------ the BatchNorm-LIF pair from the BatchNorm's input
     # The current of timestep t is x * scale[t, c] + shift[t, c], rounded to x's dtype as bn_apply rounds it;
@@ -354,9 +356,9 @@ if triton is not None:
                                  vth, HARD, False)
         tl.store(v_ptr + offs, v, mask=inb)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["after"])
     def _bn_lif_backward_kernel(g_ptr, x_ptr, o_ptr, scale_ptr, shift_ptr, v_ptr, gv_ptr, N, T, C, L, channel_stride,
-                                seed_ptr, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD: tl.constexpr,
+                                seed_ptr, after, tau, leak, vth, alpha, p, keep_scale, fill_kind, HARD: tl.constexpr,
                                 DETACH: tl.constexpr, SURR: tl.constexpr, MASK: tl.constexpr, NLC: tl.constexpr,
                                 BLOCK: tl.constexpr):
         """The current's gradient into ``o_ptr``, which first holds the recomputed ``H`` (so no membrane is ever
@@ -367,7 +369,7 @@ if triton is not None:
                              HARD, True)
         gv = tl.load(gv_ptr + offs, mask=inb, other=0.0)
         gv = _lif_backward_loop(g_ptr, o_ptr, o_ptr, offs, inb, gv, _draw_index(offs, C, L, MASK, NLC),
-                                tl.load(seed_ptr), N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind,
+                                tl.load(seed_ptr), after, N, T, tau, leak, vth, alpha, p, keep_scale, fill_kind,
                                 HARD, DETACH, SURR, MASK)
         tl.store(gv_ptr + offs, gv, mask=inb)
 
@@ -453,18 +455,26 @@ def bn_lif_chunk_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     return spikes
 
 
+def mask_key(like: torch.Tensor, spec) -> torch.Tensor | None:
+    """One key for the MSG masks of a sequence run backward in chunks (None without a mask): each chunk's call
+    then draws the masks one call over the whole sequence would."""
+    return mask_seed(like.device) if options.mask_mode_id(spec.mask_mode, spec.mask_p) != options.NO_MASK else None
+
+
 def bn_lif_chunk_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                           state: torch.Tensor, grad_state: torch.Tensor, tau: float, v_threshold: float, spec,
-                          reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+                          reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None,
+                          key: torch.Tensor | None = None, after: int = 0) -> torch.Tensor:
     """The gradient of the current of :func:`bn_lif_chunk_forward` (into ``out`` if given), the membrane recomputed
     in the kernel into the output's own memory. The mask is drawn as :func:`lif_backward` draws it, so under one
-    seed a pair and its two layers run one by one get the same mask (a chunk: masks of its own timesteps)."""
+    seed a pair and its two layers run one by one get the same mask; a chunk followed by ``after`` timesteps,
+    under the sequence's :func:`mask_key` ``key``, gets the masks of its timesteps in the whole sequence."""
     T, N, C, L = _geometry(x)
     grad = _laid_like(x, grad)
     out = torch.empty_like(x) if out is None else out
-    seed, values, switches = _backward_arguments(x, spec, reset_mode, detach_reset)
+    seed, values, switches = _backward_arguments(x, spec, reset_mode, detach_reset, key)
     _launch(_bn_lif_backward_kernel, (cdiv(N, LIF_BLOCK),), grad, x, out, *_coefficients(scale, shift), state,
-            grad_state, N, T, C, L, _channel_stride(x), seed, float(tau), 1.0 - 1.0 / float(tau), float(v_threshold), *values,
+            grad_state, N, T, C, L, _channel_stride(x), seed, int(after), float(tau), 1.0 - 1.0 / float(tau), float(v_threshold), *values,
             num_warps=PAIR_BACKWARD_WARPS, **switches)
     return out
 

@@ -28,8 +28,8 @@ run one by one, and the default path runs every BatchNorm-LIF pair leanly there:
 per spiking layer, with the convolutions keeping their input spikes as bits and average pools of
 spikes keeping nothing (:mod:`.spike_conv`). Elsewhere (torch operators; CUDA with torch's
 ``batch_norm``, its default) recomputing costs passes of its own, so the default path runs the layers
-one by one. On CUDA the Triton pair draws its MSG mask from a seed per call: over chunks of timesteps
-(``recompute``) each chunk draws its own, so masks there match the one-chunk path in distribution only.
+one by one. The Triton pair draws its MSG masks from a key: a block's chunks share one, each drawing
+its timesteps' masks of the whole sequence, so chunks change no mask there either.
 """
 
 from __future__ import annotations
@@ -88,13 +88,14 @@ class _Block:
         return self.lif_ops.bn_lif_chunk_forward(current, scale, shift, state, lif.tau, lif.v_threshold, lif.reset,
                                                  self.bn_ops, out)
 
-    def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None) -> torch.Tensor:
+    def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,
+                      after: int = 0) -> torch.Tensor:
         """The gradient of :meth:`fire`'s normalised current (into ``out`` if given), its membrane recomputed from
-        ``state`` (kept)."""
+        ``state`` (kept); a chunk followed by ``after`` timesteps, under the sequence's mask ``key``."""
         lif = self.lif
         return self.lif_ops.bn_lif_chunk_backward(grad_spikes, current, scale, shift, state, grad_state, lif.tau,
                                                   lif.v_threshold, lif.spec, lif.reset, lif.detach_reset, self.bn_ops,
-                                                  out)
+                                                  out, key, after)
 
 
 class RecomputedBlock(torch.autograd.Function):
@@ -160,6 +161,8 @@ class RecomputedBlock(torch.autograd.Function):
         bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
         grad_state = None
         chunks = _chunks(T, block.chunk or T)
+        # one key for all chunks, where the pair's kernels draw masks from keys: the masks of one call over T
+        key = block.lif_ops.mask_key(grad_spikes, block.lif.spec) if block.bn_ops is block.lif_ops else None
         for k in reversed(range(len(chunks))):
             t0, t1 = chunks[k]
             if conv is None:
@@ -180,7 +183,7 @@ class RecomputedBlock(torch.autograd.Function):
             # where the pair has no convolution before it
             into = grad_x[t0:t1] if conv is None and need_x else None
             grad_y = block.fire_backward(grad_spikes[t0:t1], current, scale[rows].expand(t1 - t0, -1),
-                                         shift[rows].expand(t1 - t0, -1), state, grad_state, into)
+                                         shift[rows].expand(t1 - t0, -1), state, grad_state, into, key, T - t1)
             view = block.statistics_view(grad_y)
             grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
                                                       block.sync, block.bn_ops, per_step=True, out=view)

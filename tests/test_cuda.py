@@ -374,6 +374,31 @@ def test_lean_pairs_on_cuda_run_the_triton_pair_kernels_and_equal_the_layers_one
 
 
 @cuda
+def test_recompute_on_cuda_gives_the_default_paths_logits_and_gradients_masks_included(monkeypatch):
+    """Recomputed blocks in chunks of 2 of T = 6 on the Triton pair kernels: each LIF draws one mask key, as the
+    default path's lean pairs draw one seed each, so the masks are the same and the gradients equal to rounding."""
+    import copy
+
+    from msgcli.snn.layers import set_recompute
+
+    monkeypatch.setenv("MSGSNN_TRITON_BN", "1")
+    torch.manual_seed(0)
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=6, mask_p=0.5, input_size=32).cuda()
+    recomputed = copy.deepcopy(model)
+    assert set_recompute(recomputed, True, 2) > 0
+    x = torch.rand(3, 6, 2, 32, 32, device="cuda").round()
+    results = []
+    for net in (model, recomputed):
+        torch.manual_seed(5)
+        logits = net(x)
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+
+
+@cuda
 @pytest.mark.parametrize("amp", [False, True])
 def test_training_step_on_cuda(amp):
     model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, mask_p=0.5).cuda()

@@ -420,8 +420,9 @@ def _backward_arguments(like: torch.Tensor, spec, reset_mode: str, detach_reset:
     ``fill_kind`` and its compile-time switches."""
     switches = lif_backward_switches(spec, reset_mode, detach_reset, step_layout(like) == "nlc" and like.dim() == 5)
     if seed is None:
-        masks = switches["MASK"] != options.NO_MASK
-        seed = mask_seed(like.device) if masks else like.new_zeros(1, dtype=torch.int64)
+        seed = mask_key(like, spec)
+    if seed is None:  # no mask: the kernel reads a key it never uses
+        seed = like.new_zeros(1, dtype=torch.int64)
     keep_scale = 1.0 / (1.0 - spec.mask_p) if spec.rescale and 0 < spec.mask_p < 1 else 1.0
     return seed, (float(spec.alpha), float(spec.mask_p), keep_scale, spec.kernel_ids()[1]), switches
 

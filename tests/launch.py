@@ -4,9 +4,11 @@ a launch (with every process below it) when it runs past its time."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +48,8 @@ def free_slurm_job_id() -> str:
 def clean_environment(**extra: str) -> dict[str, str]:
     """This environment without any launcher's or test fault's variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
-    return dict(env, PYTHONPATH=os.getcwd(), **extra)
+    # a launch killed for its time first prints every thread's stack (faulthandler on SIGABRT): where it waited
+    return dict(env, PYTHONPATH=os.getcwd(), PYTHONFAULTHANDLER="1", **extra)
 
 
 def msgsnn(*args: str, fault: str | None = None) -> list[str]:
@@ -102,12 +105,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_all(processes: list[subprocess.Popen]) -> None:
-    for pid in [pid for p in processes for pid in [*descendants(p.pid), p.pid]]:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+def kill_all(processes: list[subprocess.Popen], dump_stacks: bool = False) -> None:
+    """Kill ``processes`` and every process below them; ``dump_stacks``: after each has printed its threads'
+    stacks (SIGABRT, which faulthandler answers in the processes of :func:`clean_environment`)."""
+    pids = [pid for p in processes for pid in [*descendants(p.pid), p.pid]]  # before any dies and orphans the rest
+    for sig in ([signal.SIGABRT] if dump_stacks else []) + [signal.SIGKILL]:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGABRT:
+            time.sleep(5)
 
 
 def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -116,8 +125,9 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
     try:
         output = process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        kill_all([process])
-        pytest.fail(f"{process.args[:4]}... did not finish within {timeout} s; output so far:\n{process.communicate()[0]}")
+        kill_all([process], dump_stacks=True)
+        pytest.fail(f"{process.args[:4]}... did not finish within {timeout} s; output so far, with every process's "
+                    f"stacks:\n{process.communicate()[0]}")
     return process.returncode, output
 
 

@@ -161,6 +161,8 @@ def available(case: str, args) -> str | None:
             return "no --release PATH to the authors' code"
         if not (Path(args.release) / "snn_model.py").is_file():
             return f"--release {args.release}: no snn_model.py there"
+        if args.network != "vggsnn" or args.size != 48:
+            return "the release's VGGNet is VGGSNN for 48x48 input (--network vggsnn --size 48)"
         return None
     if case in ("spikingjelly", "snntorch"):
         return _step_script().available(case)

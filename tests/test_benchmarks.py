@@ -110,7 +110,7 @@ def test_step_benchmark_names_the_implementation_each_case_ran_on():
     assert step.backend_used("spikingjelly", cpu) == "torch-reference"  # SpikingJelly 2.0's own name for it
 
 
-def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budget():
+def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budget(tmp_path):
     memory = load_script("benchmarks/memory.py")
     mib = 2**20
     small = {"batch": 4, "peak_bytes": 1000 * mib, "times": [9.0]}
@@ -122,6 +122,11 @@ def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budg
     args = memory.parse_args(["--release", "/nonexistent"])
     assert "no snn_model.py" in memory.available("release", args)
     assert "--release" in memory.available("release", memory.parse_args([]))
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "snn_model.py").write_text("")
+    assert memory.available("release", memory.parse_args(["--release", str(release)])) is None
+    assert "48x48" in memory.available("release", memory.parse_args(["--release", str(release), "--quick"]))
 
 
 def test_memory_benchmark_quick_runs_recompute_in_fresh_processes(tmp_path, capsys):

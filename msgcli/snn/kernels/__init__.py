@@ -237,6 +237,12 @@ class Kernels:
             return self._run("bn_lif_chunk_backward", *args, fallback=composed)
         return composed(*args)
 
+    def gradient_in_place(self) -> bool:
+        """Whether :meth:`bn_lif_chunk_backward` may be given ``grad_spikes`` itself as ``out``: the C kernel reads
+        each entry before writing its gradient there and torch operators copy a finished result in, but the Triton
+        kernel uses ``out`` as its work space first."""
+        return getattr(self.fused_kernels(), "gradient_in_place", True)
+
     def mask_key(self, like: torch.Tensor, spec) -> torch.Tensor | None:
         """One key for the MSG masks of a LIF sequence that :meth:`bn_lif_chunk_backward` runs in chunks, where the
         fused kernels draw masks from keys (Triton); None where they come from torch's generator (C kernels, torch

@@ -203,7 +203,7 @@ static inline void NAME(const ct* restrict y, st* restrict sp, ht* restrict hp, 
 DEF_LIF_FWD_STEP(lif_fwd_step_##S, st, ct, LD, ST, st, ST)                                    \
 DEF_LIF_FWD_STEP(lif_membrane_step_##S, st, ct, LD, ST, ct, ID)                               \
                                                                                               \
-static inline void lif_bwd_step_##S(const ct* restrict ha, const st* restrict gp, st* restrict op, \
+static inline void lif_bwd_step_##S(const ct* restrict ha, const st* gp, st* op,             \
                                     ct* restrict gv, const uint8_t* restrict row, int n,       \
                                     const lif_opts* o) {                                       \
     const ct tau = (ct)o->tau, vth = (ct)o->vth, leak = (ct)(1.0 - 1.0 / o->tau);             \
@@ -287,7 +287,8 @@ void lif_bwd_##S(const st* restrict gs, const st* restrict h, st* restrict gx, c
    the same x, recomputes y and the membrane H of a block of neurons over all T (into a per-thread
    buffer) before running the LIF's backward over them: one float tensor (x) is all a BatchNorm-LIF
    pair keeps, and the numbers are those of bn_apply, lif_fwd and lif_bwd, bit for bit. vc (read only
-   in backward) and gvc as in DEF_LIF, never NULL here. Returns 1 when a work space cannot be allocated. */
+   in backward) and gvc as in DEF_LIF, never NULL here. Backward's gx may be gs itself: each entry of gs is
+   read before its gradient is written in its place. Returns 1 when a work space cannot be allocated. */
 /* The channel of each of the n neurons of a block starting at p0 (the timestep's physical order);
    returns the block's rows of C channels when it holds whole ones (channels-last, C dividing BLK), for
    a loop over channels that needs no gather, else 0. */
@@ -341,7 +342,7 @@ int bnlif_fwd_##S(const st* restrict x, st* restrict s, const double* restrict s
     return 0;                                                                                 \
 }                                                                                             \
                                                                                               \
-int bnlif_bwd_##S(const st* restrict gs, const st* restrict x, st* restrict gx,               \
+int bnlif_bwd_##S(const st* gs, const st* restrict x, st* gx,                                 \
                   const double* restrict scale, const double* restrict shift,                 \
                   const ct* restrict vc, ct* restrict gvc, const uint8_t* restrict bits,       \
                   int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,               \

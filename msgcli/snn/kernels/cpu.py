@@ -239,6 +239,7 @@ class CpuKernels:
     """
 
     build_errors: tuple[type[Exception], ...] = ()  # every failure to build happens in build()
+    gradient_in_place = True  # bn_lif_chunk_backward may write over its grad_spikes (out=grad_spikes)
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib

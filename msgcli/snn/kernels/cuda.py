@@ -57,6 +57,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LIF_BLOCK = 1024  # neurons per program
 LIF_WARPS = 8  # 4 neurons per thread: about 70 registers in the masked backward, no spill
 PAIR_BACKWARD_WARPS = 16  # 2 neurons per thread, about 40 registers (at 8 warps ptxas aims at 32 and spills)
+gradient_in_place = False  # the pair backward uses its out as work space before it reads grad_spikes
 BN_ROWS = 64  # rows of [M, C] per tile
 BN_MAX_CHANNELS = 64  # channels per tile at most
 BN_WARPS = 8

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from msgcli.snn import build_model, packing
 from msgcli.snn.kernels import CPU, TORCH, carry_dtype, torch_ops
@@ -138,6 +139,45 @@ def test_recompute_saves_the_input_spikes_as_bits_and_the_chunk_boundaries():
         assert x.numel() / 8 + states + params <= nbytes <= x.numel() / 8 + 16 * T + states + params + stats
         spikes.sum().backward()
     assert nbytes - params < default / 20  # one chunk: the input's bits and the statistics
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The bytes of the largest storage any operator creates (the C kernels' buffers included: torch allocates
+    them)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_never_makes_a_whole_layers_spikes_or_their_gradient(chunk):
+    """A recomputed block pools its spikes inside (the average pool after it), one timestep at a time forward and
+    one chunk at a time backward, and convolves one timestep at a time: no tensor a step makes is larger than a
+    chunk of the widest layer. The layers one by one make the first layer's spikes and their gradient whole."""
+    T, B = 4, 3
+    widest = B * 32 * 32 * 32 * 4  # a timestep of the first block's current (32 channels at 32x32), float32 bytes
+    model, recomputed = _pair("vggsnn_tiny", chunk, T=T)
+    x = torch.rand(B, T, 2, 32, 32).round()
+    for net, bound in ((model, T * widest), (recomputed, chunk * widest)):
+        with _LargestTensor() as seen:
+            net(x).square().sum().backward()
+        assert seen.largest == bound
+
+
+def test_recompute_hands_the_heaps_free_pages_back_before_each_blocks_backward(monkeypatch):
+    from msgcli.snn import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "return_free_memory", lambda: calls.append(len(calls)))
+    _, recomputed = _pair("vggsnn_tiny", 2)
+    recomputed(torch.rand(2, 4, 2, 32, 32).round()).sum().backward()
+    assert len(calls) == 3  # one per conv-BN-LIF block
 
 
 @pytest.mark.parametrize("levels", [1, 2, 4, 16])

@@ -13,7 +13,12 @@ Two depths, one autograd Function (:class:`RecomputedBlock`):
 
 Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where each chunk of
 timesteps starts. Backward works one chunk at a time, latest first, so the largest tensors alive are
-a chunk's, not the layer's. Per-step statistics make a chunk self-contained (its timesteps'
+a chunk's, not the layer's: the chunk's current and its gradient, which takes the place of the spikes'
+gradient where the block owns that one. With per-step statistics a block convolves one timestep at a
+time, forward and backward, so neither its input nor its input's gradient exists in float for more
+than a timestep (beyond the input's gradient autograd passes on), and a block followed by an average
+pool (VGG's) runs the pool inside: only the pooled spikes leave the block, and the spikes' gradient
+exists one chunk at a time. Per-step statistics make a chunk self-contained (its timesteps'
 statistics are its own, saved from the forward, so the running statistics are updated once, in the
 forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
 backward, chunks latest first: the same draws in the same order as one call over T. What backward
@@ -41,7 +46,7 @@ from msgcli.snn import kernels, memory, packing
 from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward
 from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
 from msgcli.snn.layers.folded import Folded
-from msgcli.snn.layers.spike_conv import takes_spike_codes, unhooked
+from msgcli.snn.layers.spike_conv import avg_pool_backward, pooled_levels, takes_spike_codes, unhooked
 from msgcli.snn.layers.sync import synchronised
 from msgcli.snn.memory import step_layout
 from msgcli.snn.neuron import LIF, levels_of, mark_levels
@@ -55,11 +60,15 @@ class _Block:
     """The modules of one block and how this call runs them."""
 
     def __init__(self, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, levels: int | None, chunk: int,
-                 device: torch.device) -> None:
-        self.conv, self.bn, self.lif, self.levels = conv, bn, lif, levels
+                 device: torch.device, pool: nn.AvgPool2d | None = None) -> None:
+        self.conv, self.bn, self.lif, self.levels, self.pool = conv, bn, lif, levels, pool
         self.sync = bn.sync and synchronised()
         self.per_step = bn.mode == "per_step"
         self.chunk = chunk if self.per_step else None
+        # timesteps a convolution runs at once: one, where per-step statistics allow, so that its input, its
+        # output in forward and its input's gradient never exist for more than one timestep
+        self.piece = 1 if self.per_step and conv is not None else self.chunk
+        self.levels_out = 1 if pool is None else pooled_levels(pool, 1)
         self.bn_ops = _batchnorm_kernels(device)
         self.lif_ops = lif.kernels(device)
         amp = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
@@ -99,7 +108,8 @@ class _Block:
 
 
 class RecomputedBlock(torch.autograd.Function):
-    """``LIF(BN(conv(x)))`` of ``x [T, B, C, H, W]``, saving ``x`` packed and recomputing the rest in backward.
+    """``LIF(BN(conv(x)))`` of ``x [T, B, C, H, W]`` (average-pooled where the block has a pool), saving ``x``
+    packed and recomputing the rest in backward.
 
     Returns the spikes and the batch mean and unbiased variance (for the running statistics).
     """
@@ -111,27 +121,36 @@ class RecomputedBlock(torch.autograd.Function):
             flat = x if step_layout(x) is not None else x.contiguous()
         else:
             flat = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        size = block.chunk or T
+        starts = {t0 for t0, _ in _chunks(T, block.chunk or T)[1:]}  # where backward's chunks need the membrane
         saved_inputs, states, means, invstds, variances = [], [], [], [], []
         out, state, count = None, None, 0
         rows = 1 if block.conv is None else B
-        for t0, t1 in _chunks(T, size):
+        for t0, t1 in _chunks(T, block.piece or T):
+            if t0 in starts:
+                states.append(state.clone())
             xc = flat[t0 * rows: t1 * rows]
             if block.conv is not None:
                 saved_inputs.append(packing.pack(xc, block.levels).planes if block.levels else xc)
-            current = block.current(xc, conv_weight, conv_bias, t1 - t0)
-            current = dense(current)
+            current = dense(block.current(xc, conv_weight, conv_bias, t1 - t0))
             steps = block.statistics_view(current)
             _check_count(steps, block.sync)
             mean, unbiased, invstd, count = batch_statistics(steps, block.bn.eps, block.sync, block.bn_ops)
             del steps
             if state is None:
                 state = torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
-            else:
-                states.append(state.clone())
-            if out is None:  # the spikes, laid out like the current
-                out = memory.empty_strided((T, *current.shape[1:]), current.stride(), current.dtype, current.device)
-            block.fire(current, *block.coefficients(bn_weight, bn_bias, mean, invstd, t1 - t0), state, out[t0:t1])
+            coefficients = block.coefficients(bn_weight, bn_bias, mean, invstd, t1 - t0)
+            if block.pool is None:
+                if out is None:  # the spikes, laid out like the current
+                    out = memory.empty_strided((T, *current.shape[1:]), current.stride(), current.dtype, current.device)
+                block.fire(current, *coefficients, state, out[t0:t1])
+            else:  # only the pooled spikes outlive the piece
+                spikes = block.fire(current, *coefficients, state, None)
+                pooled = block.pool(spikes.flatten(0, 1))
+                pooled = pooled.view(t1 - t0, B, *pooled.shape[1:])
+                if out is None:
+                    out = memory.empty_strided((T, *pooled.shape[1:]), pooled.stride(), pooled.dtype, pooled.device)
+                out[t0:t1] = pooled
+                del spikes, pooled
             del current
             means.append(mean)
             invstds.append(invstd)
@@ -147,8 +166,10 @@ class RecomputedBlock(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_spikes, _grad_mean, _grad_var):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
         block = ctx.block
+        if grad_out.device.type == "cpu":
+            memory.return_free_memory()  # the blocks after this one freed their tensors: their pages go back
         T, B, flat_shape, flat_stride, x_dtype = ctx.shape
         saved = ctx.saved_tensors
         inputs, states = saved[:ctx.n_inputs], saved[ctx.n_inputs:ctx.n_inputs + ctx.n_states]
@@ -156,34 +177,59 @@ class RecomputedBlock(torch.autograd.Function):
         conv = block.conv
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         scale, shift = affine(bn_weight, bn_bias, mean, invstd)
-        grad_x = memory.empty_strided(flat_shape, flat_stride, x_dtype, grad_spikes.device) if need_x else None
-        grads = [None, None]  # conv weight, conv bias
+        grad_x = memory.empty_strided(flat_shape, flat_stride, x_dtype, grad_out.device) if need_x else None
+        grads = [None, None]  # conv weight, conv bias, summed in float32
         bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
         grad_state = None
+        piece = block.piece or T
+
+        def block_input(p: int) -> torch.Tensor:
+            """The convolution's input of piece ``p``, decoded from its bits."""
+            if not block.levels:
+                return inputs[p]
+            rows = (min(p * piece + piece, T) - p * piece) * B
+            return packing.unpack(packing.Packed(inputs[p], (rows, *flat_shape[1:]), flat_stride, block.levels),
+                                  x_dtype)
+
+        def recomputed_current(t0: int, t1: int) -> torch.Tensor:
+            if conv is None:
+                return dense(inputs[0][t0:t1])
+            current = None
+            for p in range(t0 // piece, -(-t1 // piece)):
+                s0, s1 = p * piece, min(p * piece + piece, T)
+                part = dense(block.current(block_input(p), conv_weight, conv.bias, s1 - s0))
+                if s1 - s0 == t1 - t0:
+                    return part
+                if current is None:
+                    current = memory.empty_strided((t1 - t0, *part.shape[1:]), part.stride(), part.dtype, part.device)
+                current[s0 - t0:s1 - t0] = part
+            return current
+
         chunks = _chunks(T, block.chunk or T)
         # one key for all chunks, where the pair's kernels draw masks from keys: the masks of one call over T
-        key = block.lif_ops.mask_key(grad_spikes, block.lif.spec) if block.bn_ops is block.lif_ops else None
+        key = block.lif_ops.mask_key(grad_out, block.lif.spec) if block.bn_ops is block.lif_ops else None
         for k in reversed(range(len(chunks))):
             t0, t1 = chunks[k]
-            if conv is None:
-                xc = inputs[0][t0:t1]
-            elif block.levels:
-                shape = (t1 - t0) * B, *flat_shape[1:]
-                xc = packing.unpack(packing.Packed(inputs[k], shape, flat_stride, block.levels), x_dtype)
-            else:
-                xc = inputs[k]
-            current = dense(block.current(xc, conv_weight, None if conv is None else conv.bias, t1 - t0))
+            current = recomputed_current(t0, t1)
             steps = block.statistics_view(current)
             rows = slice(t0, t1) if block.per_step else slice(0, 1)
             carry = kernels.carry_dtype(current.dtype)
             state = states[k - 1] if k else torch.zeros_like(current[0], dtype=carry)
             if grad_state is None:
                 grad_state = torch.zeros_like(current[0], dtype=carry)
-            # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's rows
-            # where the pair has no convolution before it
-            into = grad_x[t0:t1] if conv is None and need_x else None
-            grad_y = block.fire_backward(grad_spikes[t0:t1], current, scale[rows].expand(t1 - t0, -1),
+            if block.pool is None:
+                grad_spikes = grad_out[t0:t1]
+                # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's rows
+                # where the pair has no convolution before it
+                into = grad_x[t0:t1] if conv is None and need_x else None
+            else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
+                pooled = grad_out[t0:t1]
+                grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
+                                                current.flatten(0, 1)).view(current.shape)
+                into = grad_spikes if block.lif_ops.gradient_in_place() else None
+            grad_y = block.fire_backward(grad_spikes, current, scale[rows].expand(t1 - t0, -1),
                                          shift[rows].expand(t1 - t0, -1), state, grad_state, into, key, T - t1)
+            del grad_spikes
             view = block.statistics_view(grad_y)
             grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
                                                       block.sync, block.bn_ops, per_step=True, out=view)
@@ -194,15 +240,21 @@ class RecomputedBlock(torch.autograd.Function):
             if conv is None:
                 continue
             dtype = current.dtype
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad_current.reshape(current.shape).flatten(0, 1).to(dtype), xc.to(dtype), conv_weight.to(dtype),
-                None if conv.bias is None else list(conv.bias.shape), list(conv.stride), list(conv.padding),
-                list(conv.dilation), False, [0, 0], conv.groups, [need_x, need_w, conv.bias is not None and need_b])
-            if need_x:
-                grad_x[t0 * B: t1 * B] = gx
-            for i, g in enumerate((gw, gb)):
-                if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
+            grad_current = grad_current.reshape(current.shape)
+            del current
+            for p in reversed(range(t0 // piece, -(-t1 // piece))):
+                s0, s1 = p * piece, min(p * piece + piece, T)
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    grad_current[s0 - t0:s1 - t0].flatten(0, 1).to(dtype), block_input(p).to(dtype),
+                    conv_weight.to(dtype), None if conv.bias is None else list(conv.bias.shape), list(conv.stride),
+                    list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
+                    [need_x, need_w, conv.bias is not None and need_b])
+                if need_x:
+                    grad_x[s0 * B: s1 * B] = gx
+                del gx
+                for i, g in enumerate((gw, gb)):
+                    if g is not None:
+                        grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
         grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
         if conv is None:
             return grad_x, None, None, *grad_bn, None
@@ -250,13 +302,15 @@ def default_chunk(T: int) -> int:
     return -(-T // 2) if T > 4 else T
 
 
-def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
-    block = _Block(conv, bn, lif, levels_of(x), chunk, x.device)
+def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int,
+         pool: nn.AvgPool2d | None = None) -> torch.Tensor:
+    block = _Block(conv, bn, lif, levels_of(x), chunk, x.device, pool)
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
-    spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
+    with memory.pool.training():
+        spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
     if bn.track_running_stats and bn.running_mean is not None:
         bn._sequential_running_update(mean, var)
-    return mark_levels(spikes, 1)
+    return spikes if block.levels_out is None else mark_levels(spikes, block.levels_out)
 
 
 def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
@@ -265,11 +319,25 @@ def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int) ->
     return _run(x, None, bn, lif, chunk)
 
 
-def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
-    """Spikes of ``lif(bn(folded(x)))``, saving only ``x`` as bits; the running statistics updated once."""
+def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int,
+                     pool: Folded | None = None) -> torch.Tensor:
+    """Spikes of ``lif(bn(folded(x)))`` (and ``pool``'s average of them), saving only ``x`` as bits; the running
+    statistics updated once."""
     if x.dim() != 5:
         raise ValueError(f"recompute: expected a block input [T, B, C, H, W], got shape {tuple(x.shape)}")
-    return _run(x, folded.module, bn, lif, chunk)
+    return _run(x, folded.module, bn, lif, chunk, None if pool is None else pool.module)
+
+
+def _pooled_block(modules) -> bool:
+    """``modules`` are a recomputing :class:`SpikingSequential` of one conv-BN-LIF block and a folded average pool
+    of its spikes: the block then pools inside, so that the spikes' gradient exists one chunk at a time, not as
+    a whole float tensor passed between the two."""
+    if len(modules) != 2:
+        return False
+    block, pool = modules
+    return (isinstance(block, SpikingSequential) and block.recompute and recomputable(list(block))
+            and unhooked(block, SpikingSequential) and isinstance(pool, Folded) and unhooked(pool, Folded)
+            and type(pool.module) is nn.AvgPool2d and unhooked(pool.module, nn.AvgPool2d))
 
 
 class SpikingSequential(nn.Sequential):
@@ -289,7 +357,11 @@ class SpikingSequential(nn.Sequential):
         modules = list(self)
         i = 0
         while i < len(modules):
-            if self.recompute and recomputable(modules[i:i + 3]):
+            if self.recompute and _pooled_block(modules[i:i + 2]):
+                block = modules[i]
+                x = recomputed_block(x, *block, block.recompute_chunk or default_chunk(x.shape[0]), modules[i + 1])
+                i += 2
+            elif self.recompute and recomputable(modules[i:i + 3]):
                 x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk or default_chunk(x.shape[0]))
                 i += 3
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):

@@ -89,13 +89,17 @@ class SpikeInputPool(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        # torch's own backward reads its input for the shape and layout alone: an unwritten tensor of both serves
-        pool = ctx.pool
         like = torch.empty(ctx.shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
-        grad_x = torch.ops.aten.avg_pool2d_backward(grad_y, like, _pair(pool.kernel_size), _pair(pool.stride),
-                                                    _pair(pool.padding), pool.ceil_mode, pool.count_include_pad,
-                                                    pool.divisor_override)
-        return grad_x, None
+        return avg_pool_backward(ctx.pool, grad_y, like), None
+
+
+def avg_pool_backward(pool: nn.AvgPool2d, grad_y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``pool`` from ``grad_y [N, C, h, w]``, shaped and laid out like ``like``: torch's own
+    backward reads its input for the shape and layout alone, so any tensor of both serves (an unwritten one,
+    another of the same shape)."""
+    return torch.ops.aten.avg_pool2d_backward(grad_y, like, _pair(pool.kernel_size), _pair(pool.stride),
+                                              _pair(pool.padding), pool.ceil_mode, pool.count_include_pad,
+                                              pool.divisor_override)
 
 
 def _pair(value) -> list[int]:

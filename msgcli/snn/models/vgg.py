@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msgcli.snn.layers import Folded
+from msgcli.snn.layers import Folded, SpikingSequential
 from msgcli.snn.models.base import SpikingNet, conv_bn_lif, init_weights
 from msgcli.snn.models.registry import register_model
 
@@ -39,7 +39,7 @@ class ConvStack(SpikingNet):
                 channels = item
         if size < 1:
             raise ValueError(f"input_size: {input_size} is too small for {sum(i == POOL for i in layout)} pooling stages")
-        self.features = nn.Sequential(*layers)
+        self.features = SpikingSequential(*layers)  # recompute runs each pool inside the block before it
         if head == "avg":
             self.pool = Folded(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
             features = channels

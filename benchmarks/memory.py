@@ -100,7 +100,7 @@ def _release_model(args):
         def forward(self, x):
             return self.net(x).unsqueeze(0)  # the release averages over T itself
 
-    return TimeMean().to(memory_format=torch.channels_last)
+    return TimeMean()  # contiguous, as the release runs: its layers call .view, which channels-last tensors refuse
 
 
 def build(case: str, args):

@@ -9,7 +9,6 @@ folded batch produce).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -39,9 +38,8 @@ class BufferPool:
     storage keeps a small owner object alive whose finaliser returns the block) and
     serve the next request of the same size: evaluation and inference, and the
     chunks inside one operator's forward, reuse their blocks. Training does not keep
-    any: blocks freed while autograd records a graph (a training forward, the forwards
-    of autograd Functions in it included: :meth:`training`) or runs a backward go back
-    to the system, since blocks kept across a step stay resident
+    any: blocks freed while autograd records a graph (a training forward) or runs a
+    backward go back to the system, since blocks kept across a step stay resident
     through the next step's forward and backward and raise its peak (VGGSNN on the
     CPU: 0.83x the ReLU network's activation memory with them, 0.44x without, at the
     same step time; ``benchmarks/memory.py``). Like CUDA's caching allocator, free
@@ -57,7 +55,6 @@ class BufferPool:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._types: dict[int, type] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     def _lease_type(self, nbytes: int) -> type:
         kind = self._types.get(nbytes)
@@ -75,7 +72,7 @@ class BufferPool:
 
     def _give_back(self, block: torch.Tensor) -> None:
         nbytes = block.numel()
-        if torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1 or getattr(self._local, "training", False):
+        if torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return  # freed while a graph is recorded or autograd's backward runs: training keeps nothing
         with self._lock:
             if self.cached + nbytes <= self.limit:
@@ -105,17 +102,6 @@ class BufferPool:
         lease.block = block
         raw = torch.from_numpy(np.frombuffer(lease, dtype=np.uint8))
         return raw.view(dtype).as_strided(shape, stride)
-
-    @contextlib.contextmanager
-    def training(self, enabled: bool = True):
-        """Inside an autograd Function's forward that records a training step (``enabled``: some input needs a
-        gradient), where grad mode is off: the blocks freed there go back to the system as well."""
-        before = getattr(self._local, "training", False)
-        self._local.training = before or enabled
-        try:
-            yield
-        finally:
-            self._local.training = before
 
     def clear(self) -> None:
         with self._lock:
@@ -156,8 +142,9 @@ def return_free_memory() -> None:
 
     glibc serves blocks below its mmap threshold (which rises to 32 MiB as large blocks are freed) from a
     heap that keeps their pages resident after they are freed, so a backward that frees one layer's tensors
-    and allocates the next layer's peaks at both. Recomputed blocks call it before each backward, at the cost
-    of the page faults of touching those pages again.
+    and allocates the next layer's peaks at both. Recomputed conv-BN-LIF blocks call it before each backward, at
+    the cost of the page faults of touching those pages again (BatchNorm-LIF pairs do not: there it raised the
+    peak).
     """
     if _TRIM is not None:
         _TRIM(0)

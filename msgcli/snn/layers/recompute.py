@@ -168,7 +168,7 @@ class RecomputedBlock(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         block = ctx.block
-        if grad_out.device.type == "cpu":
+        if block.conv is not None and grad_out.device.type == "cpu":
             memory.return_free_memory()  # the blocks after this one freed their tensors: their pages go back
         T, B, flat_shape, flat_stride, x_dtype = ctx.shape
         saved = ctx.saved_tensors
@@ -306,8 +306,7 @@ def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int,
          pool: nn.AvgPool2d | None = None) -> torch.Tensor:
     block = _Block(conv, bn, lif, levels_of(x), chunk, x.device, pool)
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
-    with memory.pool.training():
-        spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
+    spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
     if bn.track_running_stats and bn.running_mean is not None:
         bn._sequential_running_update(mean, var)
     return spikes if block.levels_out is None else mark_levels(spikes, block.levels_out)

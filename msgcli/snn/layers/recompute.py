@@ -183,21 +183,23 @@ class RecomputedBlock(torch.autograd.Function):
         grad_state = None
         piece = block.piece or T
 
-        def block_input(p: int) -> torch.Tensor:
-            """The convolution's input of piece ``p``, decoded from its bits."""
+        def pieces(t0: int, t1: int) -> list[tuple[int, int, int]]:
+            """``(p, s0, s1)``: the forward's pieces (index, first and end timestep) that make up ``[t0, t1)``."""
+            return [(p, p * piece, min(p * piece + piece, T)) for p in range(t0 // piece, -(-t1 // piece))]
+
+        def block_input(p: int, s0: int, s1: int) -> torch.Tensor:
+            """The convolution's input of piece ``p`` (timesteps ``s0`` to ``s1``), decoded from its bits."""
             if not block.levels:
                 return inputs[p]
-            rows = (min(p * piece + piece, T) - p * piece) * B
-            return packing.unpack(packing.Packed(inputs[p], (rows, *flat_shape[1:]), flat_stride, block.levels),
-                                  x_dtype)
+            shape = ((s1 - s0) * B, *flat_shape[1:])
+            return packing.unpack(packing.Packed(inputs[p], shape, flat_stride, block.levels), x_dtype)
 
         def recomputed_current(t0: int, t1: int) -> torch.Tensor:
             if conv is None:
                 return dense(inputs[0][t0:t1])
             current = None
-            for p in range(t0 // piece, -(-t1 // piece)):
-                s0, s1 = p * piece, min(p * piece + piece, T)
-                part = dense(block.current(block_input(p), conv_weight, conv.bias, s1 - s0))
+            for p, s0, s1 in pieces(t0, t1):
+                part = dense(block.current(block_input(p, s0, s1), conv_weight, conv.bias, s1 - s0))
                 if s1 - s0 == t1 - t0:
                     return part
                 if current is None:
@@ -242,10 +244,9 @@ class RecomputedBlock(torch.autograd.Function):
             dtype = current.dtype
             grad_current = grad_current.reshape(current.shape)
             del current
-            for p in reversed(range(t0 // piece, -(-t1 // piece))):
-                s0, s1 = p * piece, min(p * piece + piece, T)
+            for p, s0, s1 in reversed(pieces(t0, t1)):
                 gx, gw, gb = torch.ops.aten.convolution_backward(
-                    grad_current[s0 - t0:s1 - t0].flatten(0, 1).to(dtype), block_input(p).to(dtype),
+                    grad_current[s0 - t0:s1 - t0].flatten(0, 1).to(dtype), block_input(p, s0, s1).to(dtype),
                     conv_weight.to(dtype), None if conv.bias is None else list(conv.bias.shape), list(conv.stride),
                     list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
                     [need_x, need_w, conv.bias is not None and need_b])

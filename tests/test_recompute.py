@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from msgcli.snn import build_model, packing
 from msgcli.snn.kernels import CPU, TORCH, carry_dtype, torch_ops
 from msgcli.snn.layers import SpikingSequential, TemporalBatchNorm, set_recompute
+from msgcli.snn.layers.spike_conv import avg_pool_backward
 from msgcli.snn.msg import SpikeSpec
 from tests.test_perf_memory import saved_bytes
 
@@ -168,6 +169,77 @@ def test_recompute_never_makes_a_whole_layers_spikes_or_their_gradient(chunk):
         with _LargestTensor() as seen:
             net(x).square().sum().backward()
         assert seen.largest == bound
+
+
+class _Created(TorchDispatchMode):
+    """The byte sizes of the new storages operators create (not views, not in-place or out= results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for t, declared in zip(results, func._schema.returns):
+            if isinstance(t, torch.Tensor) and declared.alias_info is None:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_recompute_backward_makes_only_the_current_of_a_chunk_for_the_whole_batch(chunk):
+    """In backward, the chunk's current is the one tensor of the widest block's chunk for all samples: the spikes'
+    gradient and the current's run a sample at a time, the latter written over the current. One a chunk, not two.
+    (T = 6 and chunks of 2 or 3 timesteps: no other tensor, a membrane or an input's gradient, has that size.)"""
+    T, B = 6, 3
+    widest = B * 32 * 32 * 32 * 4
+    _, recomputed = _pair("vggsnn_tiny", chunk, T=T)
+    loss = recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum()
+    with _Created() as seen:
+        loss.backward()
+    assert max(seen.sizes) == chunk * widest
+    assert seen.sizes.count(chunk * widest) == T // chunk
+
+
+@pytest.mark.parametrize("pool", [None, 2])
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint):
+    """Parts of two samples (12 neurons a sample: a part must start on a whole byte of the mask's bits), the
+    last part one sample: the current's gradient, the carried membrane gradient, the BatchNorm's terms and the
+    generator's state after the mask equal those of the LIF's and the BatchNorm's backward over the whole chunk."""
+    from msgcli.snn.kernels.ops import affine, batch_statistics, normalise_backward
+    from msgcli.snn.layers.recompute import _Block
+    from msgcli.snn.models.base import conv_bn_lif
+
+    steps, B, C, H, W = 3, 5, 3, 2, 2
+    folded, bn, lif = conv_bn_lif(2, C, {"mask_p": 0.5}, bn_mode="joint" if joint else "per_step")
+    block = _Block(folded.module, bn, lif, None, steps, torch.device("cpu"), pool and torch.nn.AvgPool2d(pool))
+    assert block.samples_per_part(torch.empty(steps, B, C, H, W)) == 2
+    torch.manual_seed(0)
+    current = torch.randn(steps * B, C, H, W).contiguous(memory_format=torch.channels_last).view(steps, B, C, H, W)
+    mean, _, invstd, count = batch_statistics(block.statistics_view(current), 1e-5, False, block.bn_ops)
+    rows = 1 if joint else steps
+    scale, shift = (c.expand(steps, -1) for c in affine(bn.weight, bn.bias, mean, invstd))
+    state, grad_state = torch.randn_like(current[0]), torch.randn_like(current[0])
+    grad_out = torch.randn(steps, B, C, H // (pool or 1), W // (pool or 1))
+    spikes_grad = grad_out if pool is None else avg_pool_backward(block.pool, grad_out.flatten(0, 1),
+                                                                   current.flatten(0, 1)).view(current.shape)
+    torch.manual_seed(1)
+    carried = grad_state.clone()
+    grad_y = block.fire_backward(spikes_grad.clone(), current, scale, shift, state, carried)
+    expected, *terms = normalise_backward(block.statistics_view(grad_y), block.statistics_view(current), bn.weight,
+                                          mean, invstd, count, False, block.bn_ops, per_step=True)
+    generator = torch.get_rng_state()
+    torch.manual_seed(1)
+    in_parts = current.clone()
+    terms_parts = block.backward_in_parts(grad_out, in_parts, scale, shift, state, grad_state, bn.weight, mean,
+                                          invstd, count, 2)
+    assert torch.equal(torch.get_rng_state(), generator) and mean.shape[0] == rows
+    torch.testing.assert_close(in_parts, expected.reshape(current.shape), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_state, carried, rtol=0, atol=0)
+    for a, b in zip(terms_parts, terms):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_recompute_hands_the_heaps_free_pages_back_before_each_blocks_backward(monkeypatch):

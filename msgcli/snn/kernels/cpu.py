@@ -347,11 +347,18 @@ class CpuKernels:
     def lif_chunk_backward(self, grad, membrane, grad_state, tau, v_threshold, spec, reset_mode, detach_reset):
         return self.lif_backward(grad, membrane, tau, v_threshold, spec, reset_mode, detach_reset, grad_state=grad_state)
 
-    def _gradient_options(self, like: torch.Tensor, spec, reset_mode: str, detach_reset: bool):
-        """The MSG keep bits of ``like``'s shape drawn now (None without a mask), their row length, and the
-        LIF backward kernels' trailing arguments from ``reset_mode`` on."""
+    def draw_chunk_mask(self, like: torch.Tensor, spec) -> tuple[torch.Tensor, int] | None:
+        """The MSG keep bits that :meth:`bn_lif_chunk_backward` of ``like`` would draw now, and their row length
+        (None without a mask): for calls on parts of ``like``'s batch (see ``mask`` there)."""
+        return self.draw_mask(like, spec.mask_mode, spec.mask_p) if spec.mask_p > 0 else None
+
+    def _gradient_options(self, like: torch.Tensor, spec, reset_mode: str, detach_reset: bool, mask=None):
+        """The MSG keep bits of ``like``'s shape (``mask``'s if given, else drawn now; None without a mask), their
+        row length, and the LIF backward kernels' trailing arguments from ``reset_mode`` on."""
         bits, rowbytes = None, 0
-        if spec.mask_p > 0:
+        if mask is not None:
+            bits, rowbytes = mask
+        elif spec.mask_p > 0:
             bits, rowbytes = self.draw_mask(like, spec.mask_mode, spec.mask_p)
         keep_div = (1.0 - spec.mask_p) if (spec.rescale and spec.mask_p < 1.0) else 0.0
         surrogate_id, fill_id = spec.kernel_ids()
@@ -391,16 +398,18 @@ class CpuKernels:
     def bn_lif_chunk_backward(self, grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                               state: torch.Tensor, grad_state: torch.Tensor, tau: float, v_threshold: float, spec,
                               reset_mode: str, detach_reset: bool, out: torch.Tensor | None = None, key=None,
-                              after: int = 0) -> torch.Tensor:
+                              after: int = 0, mask: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """The gradient of the current ``x * scale + shift`` (into ``out``, laid out like ``x``, if given), its
         membrane recomputed inside the kernel; the mask from torch's generator (``key`` and ``after``, the Triton
-        kernel's, are not used: chunks drawn latest first continue the stream as one call would)."""
+        kernel's, are not used: chunks drawn latest first continue the stream as one call would). ``mask``:
+        keep bits and row length drawn before by :meth:`draw_chunk_mask` for a whole batch of which ``x`` is
+        samples ``b0:b1``, the bits from sample ``b0``'s on (``b0 * C * L`` a multiple of 8)."""
         T, B, C, L = _bcl(x)
         grad = _laid_like(x, grad)
         out = pool.empty_like(x) if out is None else out
         if not x.numel():
             return out
-        bits, rowbytes, rest = self._gradient_options(x, spec, reset_mode, detach_reset)
+        bits, rowbytes, rest = self._gradient_options(x, spec, reset_mode, detach_reset, mask)
         self._bn("bnlif_bwd", x, grad, x, out, _double(scale), _double(shift), state, grad_state, bits, rowbytes,
                  T, B, C, L, tau, v_threshold, *rest)
         return out

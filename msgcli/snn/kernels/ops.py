@@ -176,22 +176,33 @@ def normalise_backward(grad_y, x, weight, mean, invstd, count, sync: bool, ops: 
     for the input gradient; the weight and bias gradients stay this rank's, as DDP then averages them. ``out``
     (laid out like ``x``, possibly ``grad_y`` itself): where ``grad_x`` is written."""
     x = dense(x)
-    sdy, sdyx = ops.bn_backward_sums(grad_y, x, mean)
+    grad_w, grad_b, coefficients = normalise_backward_from_sums(
+        *ops.bn_backward_sums(grad_y, x, mean), weight, mean, invstd, count, sync, per_step, input_grad)
+    if not input_grad:
+        return None, grad_w, grad_b
+    grad_x = ops.bn_backward_input(grad_y, x, *coefficients, out)
+    return (grad_x if out is not None else _laid_like(x, grad_x)), grad_w, grad_b
+
+
+def normalise_backward_from_sums(sdy, sdyx, weight, mean, invstd, count, sync: bool, per_step: bool = False,
+                                 input_grad: bool = True):
+    """:func:`normalise_backward` from the sums of ``grad_y`` and of ``grad_y * (x - mean)`` per row of ``mean``
+    (``bn_backward_sums``, here added up over parts of the batch where the caller made them so): the weight's and
+    bias's gradients and the ``(q, a, r)`` that ``bn_backward_input`` takes (None unless ``input_grad``)."""
     sdy, sdyx = sdy.to(mean.dtype), sdyx.to(mean.dtype)
     like = weight if weight is not None else mean
     grad_w, grad_b = sdyx * invstd, sdy
     if not per_step:
         grad_w, grad_b = grad_w.sum(0).to(like.dtype), grad_b.sum(0).to(like.dtype)
     if not input_grad:
-        return None, grad_w, grad_b
+        return grad_w, grad_b, None
     if sync:
         from msgcli.snn.layers.sync import all_reduce_sums  # layers import this module
 
         sdy, sdyx = all_reduce_sums(sdy, sdyx)
-    w, _ = _weight_bias(weight, None, x.shape[2], mean)
+    w, _ = _weight_bias(weight, None, mean.shape[-1], mean)
     a = w * invstd
-    grad_x = ops.bn_backward_input(grad_y, x, mean, invstd * invstd * sdyx / count, a, a * sdy / count, out)
-    return (grad_x if out is not None else _laid_like(x, grad_x)), grad_w, grad_b
+    return grad_w, grad_b, (mean, invstd * invstd * sdyx / count, a, a * sdy / count)
 
 
 @torch.library.custom_op("msgcli::batch_norm_per_step", mutates_args=())

@@ -39,11 +39,13 @@ its timesteps' masks of the whole sequence, so chunks change no mask there eithe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from msgcli.snn import kernels, memory, packing
-from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward
+from msgcli.snn.kernels.ops import affine, batch_statistics, dense, normalise_backward, normalise_backward_from_sums
 from msgcli.snn.layers.batchnorm import TemporalBatchNorm, _batchnorm_kernels, _check_count, _torch_batch_norm_applies
 from msgcli.snn.layers.folded import Folded
 from msgcli.snn.layers.spike_conv import avg_pool_backward, pooled_levels, takes_spike_codes, unhooked
@@ -96,6 +98,66 @@ class _Block:
         lif = self.lif
         return self.lif_ops.bn_lif_chunk_forward(current, scale, shift, state, lif.tau, lif.v_threshold, lif.reset,
                                                  self.bn_ops, out)
+
+    def samples_per_part(self, current: torch.Tensor) -> int | None:
+        """Samples per part of the batch in which :meth:`backward_in_parts` runs a chunk of ``current``; None where
+        it does not: a block without a convolution (its gradient is written into its input's, needed anyway) or
+        kernels that cannot take the chunk's MSG mask drawn beforehand (the C pair kernel can). A part starts on a
+        whole byte of the mask's bits."""
+        if self.conv is None or self.bn_ops is not self.lif_ops or not self.lif_ops.fuses_bn_lif(current):
+            return None
+        if not hasattr(self.lif_ops.fused_kernels(), "draw_chunk_mask"):
+            return None
+        return 8 // math.gcd(current[0, 0].numel(), 8)
+
+    def backward_in_parts(self, grad_out, current, scale, shift, state, grad_state, bn_weight, mean, invstd, count,
+                          samples: int):
+        """:meth:`fire_backward` and then the BatchNorm's backward of one chunk, ``samples`` at a time, the current's
+        gradient written over ``current``: neither the spikes' gradient nor the current's exists for the whole
+        batch beside the current. ``grad_out``: the chunk's gradient of the block's output (pooled or not).
+        Returns the BatchNorm weight's and bias's gradient terms.
+
+        The BatchNorm's input gradient needs sums over the whole batch of the gradient it is given, so the LIF's
+        backward runs twice for each part: for the sums, then for the gradient they make. The MSG mask is drawn
+        once, for the whole chunk, as one call would draw it, and each part reads its samples' bits."""
+        fused, lif = self.lif_ops.fused_kernels(), self.lif
+        mask = fused.draw_chunk_mask(current, lif.spec)
+        steps, B = current.shape[:2]
+        per_sample = current[0, 0].numel()
+
+        def gradient(b0: int, b1: int, grad_state_part: torch.Tensor):
+            """The part's current (a copy, laid out as the chunk's timesteps are) and the gradient of its
+            BatchNorm's output, laid out alike (the kernel writes it over its input)."""
+            shape = (steps, b1 - b0, *current.shape[2:])
+            x = memory.empty_strided(shape, ((b1 - b0) * per_sample, *current.stride()[1:]), current.dtype,
+                                     current.device).copy_(current[:, b0:b1])
+            grad = torch.empty_like(x)
+            if self.pool is None:
+                grad.copy_(grad_out[:, b0:b1])
+            else:
+                pooled = grad_out[:, b0:b1]
+                spread = avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), x.flatten(0, 1))
+                grad.copy_(spread.view(shape))
+                del spread
+            bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
+            fused.bn_lif_chunk_backward(grad, x, scale, shift, state[b0:b1], grad_state_part, lif.tau, lif.v_threshold,
+                                        lif.spec, lif.reset, lif.detach_reset, grad, mask=bits)
+            return x, grad
+
+        parts = [(b0, min(b0 + samples, B)) for b0 in range(0, B, samples)]
+        sums = None
+        for b0, b1 in parts:  # the membrane's gradient carried out of the chunk is the second pass's to write
+            x, grad = gradient(b0, b1, grad_state[b0:b1].clone())
+            part_sums = self.bn_ops.bn_backward_sums(self.statistics_view(grad), self.statistics_view(x), mean)
+            sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
+        grad_w, grad_b, coefficients = normalise_backward_from_sums(*sums, bn_weight, mean, invstd, count, self.sync,
+                                                                    per_step=True)
+        for b0, b1 in parts:
+            x, grad = gradient(b0, b1, grad_state[b0:b1])
+            view = self.statistics_view(grad)
+            self.bn_ops.bn_backward_input(view, self.statistics_view(x), *coefficients, out=view)
+            current[:, b0:b1] = grad
+        return grad_w, grad_b
 
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,
                       after: int = 0) -> torch.Tensor:
@@ -219,23 +281,31 @@ class RecomputedBlock(torch.autograd.Function):
             state = states[k - 1] if k else torch.zeros_like(current[0], dtype=carry)
             if grad_state is None:
                 grad_state = torch.zeros_like(current[0], dtype=carry)
-            if block.pool is None:
-                grad_spikes = grad_out[t0:t1]
-                # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's rows
-                # where the pair has no convolution before it
-                into = grad_x[t0:t1] if conv is None and need_x else None
-            else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
-                pooled = grad_out[t0:t1]
-                grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
-                                                current.flatten(0, 1)).view(current.shape)
-                into = grad_spikes if block.lif_ops.gradient_in_place() else None
-            grad_y = block.fire_backward(grad_spikes, current, scale[rows].expand(t1 - t0, -1),
-                                         shift[rows].expand(t1 - t0, -1), state, grad_state, into, key, T - t1)
-            del grad_spikes
-            view = block.statistics_view(grad_y)
-            grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
-                                                      block.sync, block.bn_ops, per_step=True, out=view)
-            del grad_y, steps
+            scale_rows, shift_rows = scale[rows].expand(t1 - t0, -1), shift[rows].expand(t1 - t0, -1)
+            samples = block.samples_per_part(current)
+            if samples is not None:
+                terms = block.backward_in_parts(grad_out[t0:t1], current, scale_rows, shift_rows, state, grad_state,
+                                                bn_weight, mean[rows], invstd[rows], ctx.count, samples)
+                grad_current = current
+            else:
+                if block.pool is None:
+                    grad_spikes = grad_out[t0:t1]
+                    # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's
+                    # rows where the pair has no convolution before it
+                    into = grad_x[t0:t1] if conv is None and need_x else None
+                else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
+                    pooled = grad_out[t0:t1]
+                    grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
+                                                    current.flatten(0, 1)).view(current.shape)
+                    into = grad_spikes if block.lif_ops.gradient_in_place() else None
+                grad_y = block.fire_backward(grad_spikes, current, scale_rows, shift_rows, state, grad_state, into, key,
+                                             T - t1)
+                del grad_spikes
+                view = block.statistics_view(grad_y)
+                grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
+                                                          block.sync, block.bn_ops, per_step=True, out=view)
+                del grad_y
+            del steps
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
                 if needed:
                     kept.append(term)

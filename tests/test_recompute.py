@@ -172,7 +172,8 @@ def test_recompute_never_makes_a_whole_layers_spikes_or_their_gradient(chunk):
 
 
 class _Created(TorchDispatchMode):
-    """The byte sizes of the new storages operators create (not views, not in-place or out= results)."""
+    """The byte sizes of the new storages operators create (not views, not in-place or out= results, not
+    shapes on the meta device)."""
 
     def __init__(self):
         super().__init__()
@@ -182,24 +183,25 @@ class _Created(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         results = out if isinstance(out, (tuple, list)) else (out,)
         for t, declared in zip(results, func._schema.returns):
-            if isinstance(t, torch.Tensor) and declared.alias_info is None:
+            if isinstance(t, torch.Tensor) and declared.alias_info is None and t.device.type != "meta":
                 self.sizes.append(t.untyped_storage().nbytes())
         return out
 
 
 @pytest.mark.parametrize("chunk", [2, 3])
-def test_recompute_backward_makes_only_the_current_of_a_chunk_for_the_whole_batch(chunk):
-    """In backward, the chunk's current is the one tensor of the widest block's chunk for all samples: the spikes'
-    gradient and the current's run a sample at a time, the latter written over the current. One a chunk, not two.
-    (T = 6 and chunks of 2 or 3 timesteps: no other tensor, a membrane or an input's gradient, has that size.)"""
+def test_recompute_backward_holds_a_blocks_current_for_the_whole_batch_a_timestep_at_a_time(chunk):
+    """In backward a chunk's current is recomputed one timestep at a time and stays in those pieces: the spikes'
+    gradient and the current's run a sample at a time, the latter written over the piece, which is freed once the
+    convolution's backward has used it. So nothing backward makes is larger than a timestep of the widest
+    block's current, bar the input gradient autograd passes to the block below (the second block's, at T = 6)."""
     T, B = 6, 3
     widest = B * 32 * 32 * 32 * 4
+    passed = T * B * 32 * 16 * 16 * 4
     _, recomputed = _pair("vggsnn_tiny", chunk, T=T)
     loss = recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum()
     with _Created() as seen:
         loss.backward()
-    assert max(seen.sizes) == chunk * widest
-    assert seen.sizes.count(chunk * widest) == T // chunk
+    assert max(size for size in seen.sizes if size != passed) == widest
 
 
 @pytest.mark.parametrize("pool", [None, 2])
@@ -233,7 +235,8 @@ def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint):
     generator = torch.get_rng_state()
     torch.manual_seed(1)
     in_parts = current.clone()
-    terms_parts = block.backward_in_parts(grad_out, in_parts, scale, shift, state, grad_state, bn.weight, mean,
+    pieces = [in_parts[:1], in_parts[1:]]  # as the forward made them: the current's gradient is written over them
+    terms_parts = block.backward_in_parts(grad_out, pieces, scale, shift, state, grad_state, bn.weight, mean,
                                           invstd, count, 2)
     assert torch.equal(torch.get_rng_state(), generator) and mean.shape[0] == rows
     torch.testing.assert_close(in_parts, expected.reshape(current.shape), rtol=1e-6, atol=1e-7)

@@ -110,34 +110,41 @@ class _Block:
             return None
         return 8 // math.gcd(current[0, 0].numel(), 8)
 
-    def backward_in_parts(self, grad_out, current, scale, shift, state, grad_state, bn_weight, mean, invstd, count,
-                          samples: int):
+    def backward_in_parts(self, grad_out, currents: list[torch.Tensor], scale, shift, state, grad_state, bn_weight,
+                          mean, invstd, count, samples: int):
         """:meth:`fire_backward` and then the BatchNorm's backward of one chunk, ``samples`` at a time, the current's
-        gradient written over ``current``: neither the spikes' gradient nor the current's exists for the whole
-        batch beside the current. ``grad_out``: the chunk's gradient of the block's output (pooled or not).
-        Returns the BatchNorm weight's and bias's gradient terms.
+        gradient written over the current: neither the spikes' gradient nor the current's exists for the whole
+        batch beside the current. ``currents``: the chunk's current as the forward's pieces made it (``[steps, B,
+        ...]`` each, in order), so that backward can free each piece once the convolution's backward has used its
+        gradient. ``grad_out``: the chunk's gradient of the block's output (pooled or not). Returns the BatchNorm
+        weight's and bias's gradient terms.
 
         The BatchNorm's input gradient needs sums over the whole batch of the gradient it is given, so the LIF's
         backward runs twice for each part: for the sums, then for the gradient they make. The MSG mask is drawn
         once, for the whole chunk, as one call would draw it, and each part reads its samples' bits."""
-        fused, lif = self.lif_ops.fused_kernels(), self.lif
-        mask = fused.draw_chunk_mask(current, lif.spec)
-        steps, B = current.shape[:2]
-        per_sample = current[0, 0].numel()
+        fused, lif, first = self.lif_ops.fused_kernels(), self.lif, currents[0]
+        B, per_step = first.shape[1], first[0].numel()
+        per_sample = per_step // B
+        steps = sum(c.shape[0] for c in currents)
+        shape = (steps, *first.shape[1:])
+        like = torch.empty_strided(shape, (per_step, *first.stride()[1:]), dtype=first.dtype, device="meta")
+        mask = fused.draw_chunk_mask(like, lif.spec)
+        starts = [sum(c.shape[0] for c in currents[:i]) for i in range(len(currents))]
 
         def gradient(b0: int, b1: int, grad_state_part: torch.Tensor):
             """The part's current (a copy, laid out as the chunk's timesteps are) and the gradient of its
             BatchNorm's output, laid out alike (the kernel writes it over its input)."""
-            shape = (steps, b1 - b0, *current.shape[2:])
-            x = memory.empty_strided(shape, ((b1 - b0) * per_sample, *current.stride()[1:]), current.dtype,
-                                     current.device).copy_(current[:, b0:b1])
+            part = (steps, b1 - b0, *first.shape[2:])
+            x = memory.empty_strided(part, ((b1 - b0) * per_sample, *first.stride()[1:]), first.dtype, first.device)
+            for s0, current in zip(starts, currents):
+                x[s0:s0 + current.shape[0]] = current[:, b0:b1]
             grad = torch.empty_like(x)
             if self.pool is None:
                 grad.copy_(grad_out[:, b0:b1])
             else:
                 pooled = grad_out[:, b0:b1]
                 spread = avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), x.flatten(0, 1))
-                grad.copy_(spread.view(shape))
+                grad.copy_(spread.view(part))
                 del spread
             bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
             fused.bn_lif_chunk_backward(grad, x, scale, shift, state[b0:b1], grad_state_part, lif.tau, lif.v_threshold,
@@ -156,7 +163,8 @@ class _Block:
             x, grad = gradient(b0, b1, grad_state[b0:b1])
             view = self.statistics_view(grad)
             self.bn_ops.bn_backward_input(view, self.statistics_view(x), *coefficients, out=view)
-            current[:, b0:b1] = grad
+            for s0, current in zip(starts, currents):
+                current[:, b0:b1] = grad[s0:s0 + current.shape[0]]
         return grad_w, grad_b
 
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,
@@ -256,16 +264,20 @@ class RecomputedBlock(torch.autograd.Function):
             shape = ((s1 - s0) * B, *flat_shape[1:])
             return packing.unpack(packing.Packed(inputs[p], shape, flat_stride, block.levels), x_dtype)
 
+        def recomputed_pieces(t0: int, t1: int) -> list[torch.Tensor]:
+            """The current of timesteps ``[t0, t1)``, one tensor per piece of the forward (``[s1 - s0, B, ...]``)."""
+            return [dense(block.current(block_input(p, s0, s1), conv_weight, conv.bias, s1 - s0))
+                    for p, s0, s1 in pieces(t0, t1)]
+
         def recomputed_current(t0: int, t1: int) -> torch.Tensor:
             if conv is None:
                 return dense(inputs[0][t0:t1])
-            current = None
-            for p, s0, s1 in pieces(t0, t1):
-                part = dense(block.current(block_input(p, s0, s1), conv_weight, conv.bias, s1 - s0))
-                if s1 - s0 == t1 - t0:
-                    return part
-                if current is None:
-                    current = memory.empty_strided((t1 - t0, *part.shape[1:]), part.stride(), part.dtype, part.device)
+            parts = recomputed_pieces(t0, t1)
+            if len(parts) == 1:
+                return parts[0]
+            current = memory.empty_strided((t1 - t0, *parts[0].shape[1:]), parts[0].stride(), parts[0].dtype,
+                                           parts[0].device)
+            for (_, s0, s1), part in zip(pieces(t0, t1), parts):
                 current[s0 - t0:s1 - t0] = part
             return current
 
@@ -274,20 +286,23 @@ class RecomputedBlock(torch.autograd.Function):
         key = block.lif_ops.mask_key(grad_out, block.lif.spec) if block.bn_ops is block.lif_ops else None
         for k in reversed(range(len(chunks))):
             t0, t1 = chunks[k]
-            current = recomputed_current(t0, t1)
-            steps = block.statistics_view(current)
+            # the parts' path keeps the forward's pieces apart, so that each is freed once its gradient is used
+            currents = recomputed_pieces(t0, t1) if conv is not None else [recomputed_current(t0, t1)]
+            samples = block.samples_per_part(currents[0])
+            if samples is None and len(currents) > 1:
+                currents = [recomputed_current(t0, t1)]
+            first = currents[0]
             rows = slice(t0, t1) if block.per_step else slice(0, 1)
-            carry = kernels.carry_dtype(current.dtype)
-            state = states[k - 1] if k else torch.zeros_like(current[0], dtype=carry)
+            carry = kernels.carry_dtype(first.dtype)
+            state = states[k - 1] if k else torch.zeros_like(first[0], dtype=carry)
             if grad_state is None:
-                grad_state = torch.zeros_like(current[0], dtype=carry)
+                grad_state = torch.zeros_like(first[0], dtype=carry)
             scale_rows, shift_rows = scale[rows].expand(t1 - t0, -1), shift[rows].expand(t1 - t0, -1)
-            samples = block.samples_per_part(current)
             if samples is not None:
-                terms = block.backward_in_parts(grad_out[t0:t1], current, scale_rows, shift_rows, state, grad_state,
+                terms = block.backward_in_parts(grad_out[t0:t1], currents, scale_rows, shift_rows, state, grad_state,
                                                 bn_weight, mean[rows], invstd[rows], ctx.count, samples)
-                grad_current = current
             else:
+                current = currents.pop()
                 if block.pool is None:
                     grad_spikes = grad_out[t0:t1]
                     # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's
@@ -302,30 +317,38 @@ class RecomputedBlock(torch.autograd.Function):
                                              T - t1)
                 del grad_spikes
                 view = block.statistics_view(grad_y)
-                grad_current, *terms = normalise_backward(view, steps, bn_weight, mean[rows], invstd[rows], ctx.count,
-                                                          block.sync, block.bn_ops, per_step=True, out=view)
-                del grad_y
-            del steps
+                grad_current, *terms = normalise_backward(view, block.statistics_view(current), bn_weight, mean[rows],
+                                                          invstd[rows], ctx.count, block.sync, block.bn_ops,
+                                                          per_step=True, out=view)
+                currents.append(grad_current.reshape(current.shape))
+                del grad_y, view, grad_current, current
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
                 if needed:
                     kept.append(term)
+            del first
             if conv is None:
                 continue
-            dtype = current.dtype
-            grad_current = grad_current.reshape(current.shape)
-            del current
-            for p, s0, s1 in reversed(pieces(t0, t1)):
+            # the current's gradient, piece by piece (one piece where the chunk ran whole), latest first
+            chunk_pieces = pieces(t0, t1)
+            apart = len(currents) == len(chunk_pieces)
+            for p, s0, s1 in reversed(chunk_pieces):
+                grad_current = currents[-1] if apart else currents[0][s0 - t0:s1 - t0]
+                dtype = grad_current.dtype
                 gx, gw, gb = torch.ops.aten.convolution_backward(
-                    grad_current[s0 - t0:s1 - t0].flatten(0, 1).to(dtype), block_input(p, s0, s1).to(dtype),
+                    grad_current.flatten(0, 1).to(dtype), block_input(p, s0, s1).to(dtype),
                     conv_weight.to(dtype), None if conv.bias is None else list(conv.bias.shape), list(conv.stride),
                     list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
                     [need_x, need_w, conv.bias is not None and need_b])
+                if apart:
+                    currents.pop()  # this piece's gradient is used: freed
+                del grad_current
                 if need_x:
                     grad_x[s0 * B: s1 * B] = gx
                 del gx
                 for i, g in enumerate((gw, gb)):
                     if g is not None:
                         grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
+            currents.clear()
         grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
         if conv is None:
             return grad_x, None, None, *grad_bn, None

@@ -204,14 +204,16 @@ def test_cuda_takes_torch_batch_norm_unless_triton_is_asked_for(monkeypatch):
     assert batchnorm._batchnorm_kernels(torch.device("cuda")) is kernels.CUDA
 
 
-@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(2, ceil_mode=True)])
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(2, ceil_mode=True),
+                                  nn.AvgPool2d(3), nn.AvgPool2d((2, 4))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_a_pool_of_spikes_saves_nothing_and_gives_autograds_gradient(pool, channels_last):
+@pytest.mark.parametrize("size", [(7, 9), (12, 12)])  # 12 x 12: the windows tile it, but for the padded pool
+def test_a_pool_of_spikes_saves_nothing_and_gives_autograds_gradient(pool, channels_last, size):
     from msgcli.snn.layers.spike_conv import SpikeInputPool
     from tests.test_perf_memory import saved_bytes
 
     torch.manual_seed(0)
-    x = (torch.rand(6, 4, 7, 9) > 0.7).float()
+    x = (torch.rand(6, 4, *size) > 0.7).float()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(pool(x))
@@ -223,3 +225,21 @@ def test_a_pool_of_spikes_saves_nothing_and_gives_autograds_gradient(pool, chann
     assert ours.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     nbytes, _ = saved_bytes(lambda t: SpikeInputPool.apply(t, pool), x.clone().requires_grad_())
     assert nbytes == 0
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(3), nn.AvgPool2d((2, 4))])
+@pytest.mark.parametrize("grad_channels_last", [False, True])
+def test_a_tiling_pools_gradient_written_into_a_given_tensor_equals_torchs(pool, grad_channels_last):
+    """The broadcast copy of a pool whose windows tile its input, into an ``out`` laid out like a channels-last
+    input: torch's ``avg_pool2d_backward`` bit for bit, whatever the layout of the gradient it is given."""
+    from msgcli.snn.layers.spike_conv import avg_pool_backward
+
+    like = torch.empty(5, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(pool(like).shape)
+    if grad_channels_last:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    kernel = list(pool.kernel_size) if isinstance(pool.kernel_size, tuple) else [pool.kernel_size] * 2
+    expected = torch.ops.aten.avg_pool2d_backward(grad, like, kernel, kernel, [0, 0], False, True, None)
+    out = torch.full_like(like, float("nan"))
+    assert avg_pool_backward(pool, grad, like, out) is out
+    assert torch.equal(out, expected) and out.stride() == like.stride()

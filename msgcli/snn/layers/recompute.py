@@ -143,9 +143,7 @@ class _Block:
                 grad.copy_(grad_out[:, b0:b1])
             else:
                 pooled = grad_out[:, b0:b1]
-                spread = avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), x.flatten(0, 1))
-                grad.copy_(spread.view(part))
-                del spread
+                avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), x.flatten(0, 1), grad.flatten(0, 1))
             bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
             fused.bn_lif_chunk_backward(grad, x, scale, shift, state[b0:b1], grad_state_part, lif.tau, lif.v_threshold,
                                         lif.spec, lif.reset, lif.detach_reset, grad, mask=bits)

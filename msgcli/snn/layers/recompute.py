@@ -18,7 +18,11 @@ gradient where the block owns that one. With per-step statistics a block convolv
 time, forward and backward, so neither its input nor its input's gradient exists in float for more
 than a timestep (beyond the input's gradient autograd passes on), and a block followed by an average
 pool (VGG's) runs the pool inside: only the pooled spikes leave the block, and the spikes' gradient
-exists one chunk at a time. Per-step statistics make a chunk self-contained (its timesteps'
+exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), a chunk's current stays in
+its one-timestep pieces and the LIF's and the BatchNorm's backward run a few samples at a time
+(:meth:`_Block.backward_in_parts`), writing the current's gradient over the pieces, each freed once
+the convolution's backward has used it: no gradient of the chunk then exists for the whole batch
+beside its current. Per-step statistics make a chunk self-contained (its timesteps'
 statistics are its own, saved from the forward, so the running statistics are updated once, in the
 forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
 backward, chunks latest first: the same draws in the same order as one call over T. What backward

@@ -58,6 +58,24 @@ def _lean(model, lean=True):
     return model
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_recompute_with_whole_chunks_gives_the_default_paths_logits_and_gradients(chunk, monkeypatch):
+    """The path of kernels that take no mask drawn beforehand (Triton, torch operators): each chunk's current
+    joined from its timesteps and run whole, for all samples at once. The same numbers as the default path."""
+    from msgcli.snn.layers import recompute
+
+    monkeypatch.setattr(recompute._Block, "samples_per_part", lambda block, current: None)
+    model, recomputed = _pair("vggsnn_tiny", chunk, T=4)
+    x = torch.rand(3, 4, 2, 32, 32).round()
+    logits, grads, buffers = _step(model, x)
+    logits_r, grads_r, buffers_r = _step(recomputed, x)
+    assert torch.equal(logits, logits_r)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_r[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+    for n, b in buffers.items():
+        assert torch.equal(buffers_r[n], b), n
+
+
 def test_the_default_path_runs_batchnorm_lif_pairs_leanly_where_one_kernel_fuses_them(monkeypatch):
     """By default (``lean`` None) the pairs run leanly on the C kernels, saving the BatchNorm's input alone, and one
     by one on torch operators, where recomputing would cost passes of its own."""

@@ -271,16 +271,16 @@ class RecomputedBlock(torch.autograd.Function):
             return [dense(block.current(block_input(p, s0, s1), conv_weight, conv.bias, s1 - s0))
                     for p, s0, s1 in pieces(t0, t1)]
 
-        def recomputed_current(t0: int, t1: int) -> torch.Tensor:
-            if conv is None:
-                return dense(inputs[0][t0:t1])
-            parts = recomputed_pieces(t0, t1)
-            if len(parts) == 1:
-                return parts[0]
-            current = memory.empty_strided((t1 - t0, *parts[0].shape[1:]), parts[0].stride(), parts[0].dtype,
-                                           parts[0].device)
-            for (_, s0, s1), part in zip(pieces(t0, t1), parts):
-                current[s0 - t0:s1 - t0] = part
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            """The pieces ``parts`` of a chunk's current as one tensor, each piece let go once copied."""
+            first = parts[0]
+            current = memory.empty_strided((sum(part.shape[0] for part in parts), *first.shape[1:]), first.stride(),
+                                           first.dtype, first.device)
+            start = 0
+            while parts:
+                part = parts.pop(0)
+                current[start:start + part.shape[0]] = part
+                start += part.shape[0]
             return current
 
         chunks = _chunks(T, block.chunk or T)
@@ -289,10 +289,10 @@ class RecomputedBlock(torch.autograd.Function):
         for k in reversed(range(len(chunks))):
             t0, t1 = chunks[k]
             # the parts' path keeps the forward's pieces apart, so that each is freed once its gradient is used
-            currents = recomputed_pieces(t0, t1) if conv is not None else [recomputed_current(t0, t1)]
+            currents = recomputed_pieces(t0, t1) if conv is not None else [dense(inputs[0][t0:t1])]
             samples = block.samples_per_part(currents[0])
             if samples is None and len(currents) > 1:
-                currents = [recomputed_current(t0, t1)]
+                currents = [joined(currents)]
             first = currents[0]
             rows = slice(t0, t1) if block.per_step else slice(0, 1)
             carry = kernels.carry_dtype(first.dtype)

@@ -13,6 +13,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import aedat
@@ -575,6 +577,21 @@ def test_digits_dvs_hard_trains_on_fewer_and_tests_on_the_same_digits(tmp_path, 
     assert len(easy_train) + len(easy_test) == 1797 and len(easy_test) == 179
     assert hard_test == easy_test
     assert set(hard_train) < set(easy_train) and 0.25 < len(hard_train) / len(easy_train) < 0.35
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it():
+    """The digits read from scikit-learn's file equal ``load_digits()``'s, bit for bit, in a process that then has
+    not imported scikit-learn (whose import costs every training process seconds)."""
+    code = ("import sys, pickle; from msgcli.data import digits; images, labels = digits.load_digits(); "
+            "sys.stdout.buffer.write(pickle.dumps((images, labels, 'sklearn' in sys.modules)))")
+    images, labels, imported = pickle.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                           check=True).stdout)
+    assert not imported
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, reference.target)
 
 
 def test_synthetic_is_deterministic_and_separable(tmp_path):

@@ -11,8 +11,11 @@ The recordings are fixed (the emulator's seed is part of the dataset, not of a r
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -42,12 +45,26 @@ VARIANTS = [
 ]
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits, ``images [N, 8, 8]`` (float64, 0 to 16) and ``labels`` (int64), equal to what
+    ``sklearn.datasets.load_digits`` returns: read from the file scikit-learn ships as it reads it, without
+    importing scikit-learn, whose import (scipy's) costs every training process seconds."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(folders[0], "datasets", "data", "digits.csv.gz") if folders else None
+    if path is None or not path.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits as sklearn_load_digits
+
+        digits = sklearn_load_digits()
+        return digits.images, digits.target.astype(np.int64)
+    with gzip.open(path, mode="rt", encoding="utf-8") as file:
+        data = np.loadtxt(file, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
 def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool, splits: tuple[str, ...] = SPLITS) -> DataBundle:
     """Split the digits per class in index order, emulate the recordings only if not cached."""
-    from sklearn.datasets import load_digits  # slow to import, and only needed here
-
-    digits = load_digits()
-    labels = digits.target.astype(np.int64)
+    images, labels = load_digits()
     keys = [f"{index:04d}" for index in range(len(labels))]
     train, test = split_per_class(keys, labels, cfg.data.train_fraction)
     if variant.train_share < 1:
@@ -57,7 +74,7 @@ def build_digits(variant: DigitsVariant, cfg: RunConfig, progress: bool, splits:
     @functools.cache
     def record_all() -> list[np.ndarray]:
         log.info("%s: recording %d digits with the emulated DVS", variant.name, len(labels))
-        return variant.sensor.record(digits.images / 16.0)
+        return variant.sensor.record(images / 16.0)
 
     source = {
         "images": "sklearn.datasets.load_digits",

@@ -100,6 +100,18 @@ def test_gpu_sh_runs_every_stage_on_the_cpu(tmp_path):
     assert "spiking layers (LIF + BatchNorm)" in (out / "gpu_model.txt").read_text()
 
 
+def test_an_eager_step_worker_leaves_the_cuda_graph_trees_unimported():
+    """Only a compiled case marks CUDA-graph steps: eagerly, the call would import inductor's CUDA graph trees (2 s)
+    inside a timed step."""
+    code = ("import sys; from tests.conftest import load_script; step = load_script('benchmarks/step.py'); "
+            "step.main(['--worker', 'msg', '--network', 'vggsnn_tiny', '--batch', '2', '--T', '2', '--size', '16', "
+            "'--steps', '1', '--warmup', '0']); "
+            "print('cudagraph_trees', 'torch._inductor.cudagraph_trees' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=README.parent, check=True)
+    assert done.stdout.splitlines()[-1] == "cudagraph_trees False"
+
+
 def test_step_benchmark_names_the_implementation_each_case_ran_on():
     step = load_script("benchmarks/step.py")
     cpu = torch.device("cpu")

@@ -53,7 +53,8 @@ TEST_COMMAND = "python -m pytest -q -n 2"
 TOLERANCE = 1.0  # points of test accuracy between the main job here and the README's figure
 README_ACCURACY = re.compile(r"reached \*\*([\d.]+)% test accuracy\*\*")
 TINY = {
-    "benchmarks/step.py": ["--batch", "2", "--T", "2", "--size", "16", "--warmup", "1", "--rounds", "1"],
+    "benchmarks/step.py": ["--network", "vggsnn_tiny", "--batch", "2", "--T", "2", "--size", "16", "--warmup", "1",
+                           "--rounds", "1"],
     "benchmarks/data.py": ["--clips", "64", "--batch", "16", "--epochs", "1"],
     "benchmarks/epoch.py": ["--batch", "2", "--steps", "1", "--warmup", "0"],
     "benchmarks/busy.py": ["--epochs", "1", "--rounds", "1", "--busy", "1", "--limit-batches", "3"],

@@ -594,6 +594,16 @@ def test_the_digits_are_scikit_learns_read_without_importing_it():
     assert labels.dtype == np.int64 and np.array_equal(labels, reference.target)
 
 
+def test_the_digits_fall_back_to_scikit_learns_loader_where_its_file_is_not_found(monkeypatch):
+    from msgcli.data import digits
+
+    read_from_file = digits.load_digits()
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: None)
+    images, labels = digits.load_digits()
+    assert np.array_equal(images, read_from_file[0]) and np.array_equal(labels, read_from_file[1])
+    assert labels.dtype == np.int64
+
+
 def test_synthetic_is_deterministic_and_separable(tmp_path):
     cfg = config(tmp_path, "synthetic", T=4, size=16)
     first, second = build_datasets(cfg), build_datasets(cfg)

@@ -35,7 +35,8 @@ def _pair(name, chunk, T=4, size=32, **options):
 
 @pytest.mark.parametrize("name, T, chunk, size", [("vggsnn_tiny", 4, 1, 32), ("vggsnn_tiny", 4, 3, 32),
                                                   ("vggsnn_tiny", 4, 2, 32), ("resnet18", 3, 2, 16),
-                                                  ("sew_resnet18", 2, 1, 16)])
+                                                  ("sew_resnet18", 2, 1, 16), ("vggsnn_tiny", 6, None, 32),
+                                                  ("resnet18", 3, None, 16)])
 def test_recompute_gives_the_default_paths_logits_gradients_and_running_statistics(name, T, chunk, size):
     model, recomputed = _pair(name, chunk, T=T, size=size)
     x = torch.rand(3, T, 2, size, size).round()
@@ -160,6 +161,47 @@ def test_recompute_saves_the_input_spikes_as_bits_and_the_chunk_boundaries():
     assert nbytes - params < default / 20  # one chunk: the input's bits and the statistics
 
 
+def test_by_default_blocks_with_cheap_convolutions_go_by_samples_and_the_rest_by_chunks(monkeypatch):
+    """No chunk asked for: a block whose convolution has at most RERUN_FAN_IN inputs per output runs its
+    backward by samples, the others by chunks of timesteps (ResNet18 has both)."""
+    from msgcli.snn.layers import recompute
+
+    blocks, by_samples = [], []
+    init, backward = recompute._Block.__init__, recompute._Block.backward_by_samples
+
+    def made(block, *args, **kwargs):
+        init(block, *args, **kwargs)
+        blocks.append(block)
+
+    def ran(block, *args, **kwargs):
+        by_samples.append(block)
+        return backward(block, *args, **kwargs)
+
+    monkeypatch.setattr(recompute._Block, "__init__", made)
+    monkeypatch.setattr(recompute._Block, "backward_by_samples", ran)
+    _, recomputed = _pair("resnet18", None, T=3, size=16)
+    recomputed(torch.rand(2, 3, 2, 16, 16).round()).square().sum().backward()
+    convs = [b for b in blocks if b.conv is not None]
+    cheap = [b for b in convs if b.conv.weight[0].numel() <= recompute.RERUN_FAN_IN]
+    assert 0 < len(cheap) < len(convs)
+    assert {id(b) for b in by_samples} == {id(b) for b in cheap} and len(by_samples) == len(cheap)
+
+
+def test_a_block_going_by_samples_keeps_no_membrane_at_any_T():
+    from msgcli.snn.neuron import mark_levels
+
+    T, B = 6, 4
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=32)
+    block = model.features[2]  # the 32 -> 64 channel block at 16x16: 288 inputs per output
+    x = torch.rand(T, B, 32, 16, 16).round()
+    params = sum(p.numel() * 4 for p in block.parameters())
+    set_recompute(block, True)
+    nbytes, spikes = saved_bytes(block, mark_levels(x.clone(), 1))
+    stats = 2 * T * 64 * 8
+    assert x.numel() / 8 + params <= nbytes <= x.numel() / 8 + 16 * T + params + stats
+    spikes.sum().backward()
+
+
 class _LargestTensor(TorchDispatchMode):
     """The bytes of the largest storage any operator creates (the C kernels' buffers included: torch allocates
     them)."""
@@ -222,6 +264,22 @@ def test_recompute_backward_holds_a_blocks_current_for_the_whole_batch_a_timeste
     assert max(size for size in seen.sizes if size != passed) == widest
 
 
+def test_backward_by_samples_makes_nothing_larger_than_a_parts_current():
+    """By samples (no chunk asked for, vggsnn_tiny's cheap convolutions), backward recomputes a part of two samples
+    over all T at a time (IMAGES_PER_PART = 16 images at T = 6): the largest tensor it makes is that part's current
+    of the widest block, a third of the batch's, bar nothing (the gradient passed on is smaller here)."""
+    from msgcli.snn.layers import recompute
+
+    T, B = 6, 6
+    part = recompute.IMAGES_PER_PART // T
+    assert part == 2
+    _, recomputed = _pair("vggsnn_tiny", None, T=T)
+    loss = recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum()
+    with _Created() as seen:
+        loss.backward()
+    assert max(seen.sizes) == T * part * 32 * 32 * 32 * 4
+
+
 @pytest.mark.parametrize("pool", [None, 2])
 @pytest.mark.parametrize("joint", [False, True])
 def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint):
@@ -234,7 +292,7 @@ def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint):
 
     steps, B, C, H, W = 3, 5, 3, 2, 2
     folded, bn, lif = conv_bn_lif(2, C, {"mask_p": 0.5}, bn_mode="joint" if joint else "per_step")
-    block = _Block(folded.module, bn, lif, None, steps, torch.device("cpu"), pool and torch.nn.AvgPool2d(pool))
+    block = _Block(folded.module, bn, lif, None, steps, steps, torch.device("cpu"), pool and torch.nn.AvgPool2d(pool))
     assert block.samples_per_part(torch.empty(steps, B, C, H, W)) == 2
     torch.manual_seed(0)
     current = torch.randn(steps * B, C, H, W).contiguous(memory_format=torch.channels_last).view(steps, B, C, H, W)

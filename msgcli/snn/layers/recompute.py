@@ -22,7 +22,12 @@ exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), a ch
 its one-timestep pieces and the LIF's and the BatchNorm's backward run a few samples at a time
 (:meth:`_Block.backward_in_parts`), writing the current's gradient over the pieces, each freed once
 the convolution's backward has used it: no gradient of the chunk then exists for the whole batch
-beside its current. Per-step statistics make a chunk self-contained (its timesteps'
+beside its current. Where no chunk size is asked for (the default), a block whose convolution is cheap to run
+again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by samples instead
+(:meth:`_Block.backward_by_samples`): its backward runs over all T a few samples at a time, recomputing each
+part's current twice (for the BatchNorm's sums over the batch, then for the gradients they make), so neither a
+chunk's current for the whole batch nor a membrane where a chunk starts is kept, for one more run of the
+convolution. Per-step statistics make a chunk self-contained (its timesteps'
 statistics are its own, saved from the forward, so the running statistics are updated once, in the
 forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
 backward, chunks latest first: the same draws in the same order as one call over T. What backward
@@ -58,19 +63,56 @@ from msgcli.snn.memory import step_layout
 from msgcli.snn.neuron import LIF, levels_of, mark_levels
 
 
+RERUN_FAN_IN = 576
+"""A convolution with at most this many inputs per output (64 channels of 3x3: VGGSNN's stem and second block,
+ResNet18's first stage) runs once more in backward rather than keep a chunk of its current: its block's backward
+goes by samples (:meth:`_Block.backward_by_samples`). These blocks have the widest currents for the least work."""
+
+IMAGES_PER_PART = 16
+"""Timesteps times samples that one part of :meth:`_Block.backward_by_samples` convolves at once, at least."""
+
+
 def _chunks(T: int, size: int) -> list[tuple[int, int]]:
     return [(t, min(t + size, T)) for t in range(0, T, size)]
+
+
+def _byte_unit(per_sample: int) -> int:
+    """The fewest samples of ``per_sample`` entries that fill whole bytes of bits: parts of a batch start there."""
+    return 8 // math.gcd(per_sample, 8)
+
+
+def _conv_backward(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs):
+    """``conv``'s input, weight and bias gradients (each None unless ``needs`` says so) for the output gradient
+    ``grad`` of input ``x`` (both ``[N, C, H, W]``), in ``grad``'s dtype."""
+    need_x, need_w, need_b = needs
+    dtype = grad.dtype
+    return torch.ops.aten.convolution_backward(
+        grad, x.to(dtype), weight.to(dtype), None if conv.bias is None else list(conv.bias.shape), list(conv.stride),
+        list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
+        [need_x, need_w, conv.bias is not None and need_b])
+
+
+def _accumulate(grads: list, gw, gb) -> None:
+    """Add a piece's convolution weight and bias gradients into ``grads``, in float32."""
+    for i, g in enumerate((gw, gb)):
+        if g is not None:
+            grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
 
 
 class _Block:
     """The modules of one block and how this call runs them."""
 
-    def __init__(self, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, levels: int | None, chunk: int,
-                 device: torch.device, pool: nn.AvgPool2d | None = None) -> None:
+    def __init__(self, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, levels: int | None,
+                 chunk: int | None, T: int, device: torch.device, pool: nn.AvgPool2d | None = None) -> None:
         self.conv, self.bn, self.lif, self.levels, self.pool = conv, bn, lif, levels, pool
         self.sync = bn.sync and synchronised()
         self.per_step = bn.mode == "per_step"
-        self.chunk = chunk if self.per_step else None
+        self.chunk = (chunk or default_chunk(T)) if self.per_step else None
+        # where no chunk was asked for and the convolution is cheap to run again, backward goes a few samples at
+        # a time over all T (:meth:`backward_by_samples`); confirmed on the first piece's current in forward
+        self.by_samples = (chunk is None and self.per_step and conv is not None
+                           and conv.weight[0].numel() <= RERUN_FAN_IN)
+        self.current_like = None  # a timestep's current: (shape [B, ...], strides), for backward's mask
         # timesteps a convolution runs at once: one, where per-step statistics allow, so that its input, its
         # output in forward and its input's gradient never exist for more than one timestep
         self.piece = 1 if self.per_step and conv is not None else self.chunk
@@ -112,7 +154,7 @@ class _Block:
             return None
         if not hasattr(self.lif_ops.fused_kernels(), "draw_chunk_mask"):
             return None
-        return 8 // math.gcd(current[0, 0].numel(), 8)
+        return _byte_unit(current[0, 0].numel())
 
     def backward_in_parts(self, grad_out, currents: list[torch.Tensor], scale, shift, state, grad_state, bn_weight,
                           mean, invstd, count, samples: int):
@@ -169,6 +211,68 @@ class _Block:
                 current[:, b0:b1] = grad[s0:s0 + current.shape[0]]
         return grad_w, grad_b
 
+    def backward_by_samples(self, grad_out, part_input, input_per_sample: int, weight, bias, scale, shift, bn_weight,
+                            mean, invstd, count, grad_x, needs):
+        """The block's backward over all T, a few samples at a time, each part's current recomputed twice: for the
+        BatchNorm's sums over the batch, then for the gradients they make. Instead of a chunk's current for the
+        whole batch (:meth:`backward_in_parts`) and the membranes where chunks start, a part's current lives, at
+        the price of one more run of the convolution: for convolutions cheap to run again (``RERUN_FAN_IN``).
+        ``part_input(b0, b1)``: the convolution's input of samples ``b0:b1``, ``[T * (b1 - b0), ...]``
+        timestep-major, of ``input_per_sample`` entries a sample and timestep. ``grad_x`` (None where not needed) takes the input's gradient. Returns the convolution
+        weight's and bias's gradients (float32, None where not needed) and the BatchNorm weight's and bias's
+        terms ``[T, C]``.
+
+        The MSG mask is drawn once, for the whole batch and T, as one call over the block would draw it, and each
+        part reads its samples' bits; each part starts on a whole byte of the mask's bits and of the input's."""
+        fused, lif, conv = self.lif_ops.fused_kernels(), self.lif, self.conv
+        T, B = grad_out.shape[:2]
+        step_shape, step_stride = self.current_like
+        per_sample = math.prod(step_shape[1:])
+        like = torch.empty_strided((T, *step_shape), (B * per_sample, *step_stride), dtype=grad_out.dtype,
+                                   device="meta")
+        mask = fused.draw_chunk_mask(like, lif.spec)
+        unit = math.lcm(_byte_unit(per_sample), _byte_unit(input_per_sample))
+        size = unit * -(-max(1, IMAGES_PER_PART // T) // unit)
+        parts = [(b0, min(b0 + size, B)) for b0 in range(0, B, size)]
+
+        def gradient(b0: int, b1: int):
+            """The part's convolution input, current, and the gradient of its BatchNorm's output."""
+            x = part_input(b0, b1)
+            current = dense(self.current(x, weight, bias, T))
+            grad = torch.empty_like(current)
+            if self.pool is None:
+                grad.copy_(grad_out[:, b0:b1])
+            else:
+                pooled = grad_out[:, b0:b1]
+                avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), current.flatten(0, 1),
+                                  grad.flatten(0, 1))
+            bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
+            carry = kernels.carry_dtype(current.dtype)
+            start = torch.zeros_like(current[0], dtype=carry)  # the membrane before t = 0 and its gradient after T
+            fused.bn_lif_chunk_backward(grad, current, scale, shift, start, torch.zeros_like(start), lif.tau,
+                                        lif.v_threshold, lif.spec, lif.reset, lif.detach_reset, grad, mask=bits)
+            return x, current, grad
+
+        sums = None
+        for b0, b1 in parts:
+            _, current, grad = gradient(b0, b1)
+            part_sums = self.bn_ops.bn_backward_sums(grad, current, mean)
+            sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
+            del current, grad
+        grad_w, grad_b, coefficients = normalise_backward_from_sums(*sums, bn_weight, mean, invstd, count, self.sync,
+                                                                    per_step=True)
+        conv_grads = [None, None]
+        for b0, b1 in parts:
+            x, current, grad = gradient(b0, b1)
+            self.bn_ops.bn_backward_input(grad, current, *coefficients, out=grad)
+            del current
+            gx, gw, gb = _conv_backward(conv, grad.flatten(0, 1), x, weight, needs)
+            del x, grad
+            if gx is not None:
+                grad_x.unflatten(0, (T, B))[:, b0:b1] = gx.unflatten(0, (T, b1 - b0))
+            _accumulate(conv_grads, gw, gb)
+        return conv_grads, (grad_w, grad_b)
+
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,
                       after: int = 0) -> torch.Tensor:
         """The gradient of :meth:`fire`'s normalised current (into ``out`` if given), its membrane recomputed from
@@ -204,6 +308,12 @@ class RecomputedBlock(torch.autograd.Function):
             if block.conv is not None:
                 saved_inputs.append(packing.pack(xc, block.levels).planes if block.levels else xc)
             current = dense(block.current(xc, conv_weight, conv_bias, t1 - t0))
+            if t0 == 0:
+                block.current_like = (tuple(current.shape[1:]), current.stride()[1:])
+                if block.by_samples and block.samples_per_part(current) is None:
+                    block.by_samples = False
+                if block.by_samples:
+                    starts = set()  # backward runs over all T at once: no membrane kept where a chunk starts
             steps = block.statistics_view(current)
             _check_count(steps, block.sync)
             mean, unbiased, invstd, count = batch_statistics(steps, block.bn.eps, block.sync, block.bn_ops)
@@ -283,7 +393,29 @@ class RecomputedBlock(torch.autograd.Function):
                 start += part.shape[0]
             return current
 
-        chunks = _chunks(T, block.chunk or T)
+        def part_input(b0: int, b1: int) -> torch.Tensor:
+            """The convolution's input of samples ``b0:b1`` over all T, timestep-major (a piece is a timestep where
+            backward goes by samples), decoded from the bytes of their bits."""
+            g, per_sample = b1 - b0, math.prod(flat_shape[1:])
+            x = memory.empty_strided((T * g, *flat_shape[1:]), flat_stride, x_dtype, grad_out.device)
+            for t in range(T):
+                if block.levels:
+                    planes = inputs[t][:, b0 * per_sample // 8: -(-b1 * per_sample // 8)].contiguous()
+                    rows = packing.unpack(packing.Packed(planes, (g, *flat_shape[1:]), flat_stride, block.levels),
+                                          x_dtype)
+                else:
+                    rows = inputs[t][b0:b1]
+                x[t * g:(t + 1) * g] = rows
+            return x
+
+        if block.by_samples:
+            grads, terms = block.backward_by_samples(
+                grad_out, part_input, math.prod(flat_shape[1:]), conv_weight, conv.bias, scale.expand(T, -1),
+                shift.expand(T, -1), bn_weight, mean, invstd, ctx.count, grad_x, (need_x, need_w, need_b))
+            for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
+                if needed:
+                    kept.append(term)
+        chunks = [] if block.by_samples else _chunks(T, block.chunk or T)
         # one key for all chunks, where the pair's kernels draw masks from keys: the masks of one call over T
         key = block.lif_ops.mask_key(grad_out, block.lif.spec) if block.bn_ops is block.lif_ops else None
         for k in reversed(range(len(chunks))):
@@ -335,21 +467,15 @@ class RecomputedBlock(torch.autograd.Function):
             apart = len(currents) == len(chunk_pieces)
             for p, s0, s1 in reversed(chunk_pieces):
                 grad_current = currents[-1] if apart else currents[0][s0 - t0:s1 - t0]
-                dtype = grad_current.dtype
-                gx, gw, gb = torch.ops.aten.convolution_backward(
-                    grad_current.flatten(0, 1).to(dtype), block_input(p, s0, s1).to(dtype),
-                    conv_weight.to(dtype), None if conv.bias is None else list(conv.bias.shape), list(conv.stride),
-                    list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
-                    [need_x, need_w, conv.bias is not None and need_b])
+                gx, gw, gb = _conv_backward(conv, grad_current.flatten(0, 1), block_input(p, s0, s1), conv_weight,
+                                            (need_x, need_w, need_b))
                 if apart:
                     currents.pop()  # this piece's gradient is used: freed
                 del grad_current
                 if need_x:
                     grad_x[s0 * B: s1 * B] = gx
                 del gx
-                for i, g in enumerate((gw, gb)):
-                    if g is not None:
-                        grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
+                _accumulate(grads, gw, gb)
             currents.clear()
         grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
         if conv is None:
@@ -398,9 +524,9 @@ def default_chunk(T: int) -> int:
     return -(-T // 2) if T > 4 else T
 
 
-def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int,
+def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
          pool: nn.AvgPool2d | None = None) -> torch.Tensor:
-    block = _Block(conv, bn, lif, levels_of(x), chunk, x.device, pool)
+    block = _Block(conv, bn, lif, levels_of(x), chunk, x.shape[0], x.device, pool)
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
     spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
     if bn.track_running_stats and bn.running_mean is not None:
@@ -414,10 +540,11 @@ def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int) ->
     return _run(x, None, bn, lif, chunk)
 
 
-def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int,
+def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
                      pool: Folded | None = None) -> torch.Tensor:
     """Spikes of ``lif(bn(folded(x)))`` (and ``pool``'s average of them), saving only ``x`` as bits; the running
-    statistics updated once."""
+    statistics updated once. ``chunk``: timesteps per chunk in backward; None: by samples where the convolution is
+    cheap to run again (:data:`RERUN_FAN_IN`), else :func:`default_chunk`."""
     if x.dim() != 5:
         raise ValueError(f"recompute: expected a block input [T, B, C, H, W], got shape {tuple(x.shape)}")
     return _run(x, folded.module, bn, lif, chunk, None if pool is None else pool.module)
@@ -454,10 +581,10 @@ class SpikingSequential(nn.Sequential):
         while i < len(modules):
             if self.recompute and _pooled_block(modules[i:i + 2]):
                 block = modules[i]
-                x = recomputed_block(x, *block, block.recompute_chunk or default_chunk(x.shape[0]), modules[i + 1])
+                x = recomputed_block(x, *block, block.recompute_chunk, modules[i + 1])
                 i += 2
             elif self.recompute and recomputable(modules[i:i + 3]):
-                x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk or default_chunk(x.shape[0]))
+                x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk)
                 i += 3
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
                 # in one chunk unless recomputing: the pair's gradients are written in place, so chunks would

@@ -266,11 +266,13 @@ class _Block:
             x, current, grad = gradient(b0, b1)
             self.bn_ops.bn_backward_input(grad, current, *coefficients, out=grad)
             del current
-            gx, gw, gb = _conv_backward(conv, grad.flatten(0, 1), x, weight, needs)
+            g = b1 - b0
+            for t in range(T):  # a timestep at a time: the weight's gradient summed as the chunks' path sums it
+                gx, gw, gb = _conv_backward(conv, grad[t], x[t * g:(t + 1) * g], weight, needs)
+                if gx is not None:
+                    grad_x[t * B + b0:t * B + b1] = gx
+                _accumulate(conv_grads, gw, gb)
             del x, grad
-            if gx is not None:
-                grad_x.unflatten(0, (T, B))[:, b0:b1] = gx.unflatten(0, (T, b1 - b0))
-            _accumulate(conv_grads, gw, gb)
         return conv_grads, (grad_w, grad_b)
 
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,

@@ -572,7 +572,7 @@ class SpikingSequential(nn.Sequential):
 
     recompute = False
     lean: bool | None = None
-    recompute_chunk: int | None = None  # timesteps per recomputed chunk; None: default_chunk(T)
+    recompute_chunk: int | None = None  # timesteps per recomputed chunk; None: by samples or default_chunk(T)
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
@@ -600,8 +600,10 @@ class SpikingSequential(nn.Sequential):
 
 
 def set_recompute(model: nn.Module, enabled: bool = True, chunk: int | None = None) -> int:
-    """Switch recomputation on (``chunk`` timesteps at a time, by default :func:`default_chunk`) or off (back to the
-    default path) in every :class:`SpikingSequential` of ``model``; returns how many conv-BN-LIF blocks it covers."""
+    """Switch recomputation on or off (back to the default path) in every :class:`SpikingSequential` of ``model``;
+    returns how many conv-BN-LIF blocks it covers. ``chunk``: every block's backward ``chunk`` timesteps at a
+    time; None (the default): by samples where the convolution is cheap to run again (:data:`RERUN_FAN_IN`), else
+    by chunks of :func:`default_chunk` timesteps."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"recompute chunk: must be at least 1 timestep, got {chunk}")
     blocks = 0

@@ -187,7 +187,7 @@ def test_by_default_blocks_with_cheap_convolutions_go_by_samples_and_the_rest_by
     assert {id(b) for b in by_samples} == {id(b) for b in cheap} and len(by_samples) == len(cheap)
 
 
-def test_a_block_going_by_samples_keeps_no_membrane_at_any_T():
+def test_a_block_going_by_samples_keeps_no_membrane_where_a_chunk_would_start():
     from msgcli.snn.neuron import mark_levels
 
     T, B = 6, 4

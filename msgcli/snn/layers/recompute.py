@@ -218,9 +218,9 @@ class _Block:
         whole batch (:meth:`backward_in_parts`) and the membranes where chunks start, a part's current lives, at
         the price of one more run of the convolution: for convolutions cheap to run again (``RERUN_FAN_IN``).
         ``part_input(b0, b1)``: the convolution's input of samples ``b0:b1``, ``[T * (b1 - b0), ...]``
-        timestep-major, of ``input_per_sample`` entries a sample and timestep. ``grad_x`` (None where not needed) takes the input's gradient. Returns the convolution
-        weight's and bias's gradients (float32, None where not needed) and the BatchNorm weight's and bias's
-        terms ``[T, C]``.
+        timestep-major, of ``input_per_sample`` entries a sample and timestep. ``grad_x`` (None where not needed)
+        takes the input's gradient. Returns the convolution weight's and bias's gradients (float32, None where not
+        needed) and the BatchNorm weight's and bias's terms ``[T, C]``.
 
         The MSG mask is drawn once, for the whole batch and T, as one call over the block would draw it, and each
         part reads its samples' bits; each part starts on a whole byte of the mask's bits and of the input's."""

@@ -50,7 +50,10 @@ GPU_SCRIPTS = ("benchmarks/gpu.sh",)  # need CUDA whatever their flags
 EXAMPLES = "examples/"  # files of the repository that documented commands name from the user's own folder
 MAIN_JOB = "msgsnn train --preset digits-dvs"
 TEST_COMMAND = "python -m pytest -q -n 2"
-TOLERANCE = 1.0  # points of test accuracy between the main job here and the README's figure
+# points of test accuracy between the main job here and the README's figure: the same code ended at 96.09% (an EPYC
+# without AVX-512), 96.65% (one with AVX-512, 2026-12-01) and 97.77% (one with AVX-512 and bf16, 2026-12-04), three of
+# the 179 test digits apart, as the CPU's instruction set changes the rounding
+TOLERANCE = 2.0
 README_ACCURACY = re.compile(r"reached \*\*([\d.]+)% test accuracy\*\*")
 TINY = {
     "benchmarks/step.py": ["--network", "vggsnn_tiny", "--batch", "2", "--T", "2", "--size", "16", "--warmup", "1",

@@ -130,8 +130,9 @@ def test_smoke_compares_the_main_jobs_accuracy_with_the_readme_within_a_toleranc
     assert f"reached **{quoted:.2f}% test accuracy**" in README
     assert smoke.compare_with_readme({"final_test_acc": quoted}, quoted) == (True, f"final test accuracy {quoted:.2f}% matches the README exactly")
     near, why = smoke.compare_with_readme({"final_test_acc": quoted - 0.56}, quoted)
-    assert near and "within the 1.0-point tolerance" in why
-    assert not smoke.compare_with_readme({"final_test_acc": quoted - 1.2}, quoted)[0]
+    assert near and "within the 2.0-point tolerance" in why
+    assert smoke.compare_with_readme({"final_test_acc": quoted + 1.68}, quoted)[0]  # three test digits: other CPUs
+    assert not smoke.compare_with_readme({"final_test_acc": quoted - 2.23}, quoted)[0]  # four: outside
 
 
 def test_smoke_strips_comments_but_not_quoted_hashes():

@@ -156,6 +156,26 @@ class _Block:
             return None
         return _byte_unit(current[0, 0].numel())
 
+    def part_backward(self, grad_out, current, b0: int, b1: int, mask, scale, shift, state, grad_state):
+        """The gradient of the BatchNorm's output for samples ``b0:b1`` of the batch, ``current`` being theirs: the
+        block's output gradient ``grad_out`` (spread over the pool's inputs where the block pools) through the LIF's
+        backward, written in place, under the ``mask`` the fused kernels' ``draw_chunk_mask`` drew for the whole
+        batch."""
+        lif = self.lif
+        grad = torch.empty_like(current)
+        if self.pool is None:
+            grad.copy_(grad_out[:, b0:b1])
+        else:
+            pooled = grad_out[:, b0:b1]
+            avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), current.flatten(0, 1),
+                              grad.flatten(0, 1))
+        per_sample = current[0, 0].numel()
+        bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
+        self.lif_ops.fused_kernels().bn_lif_chunk_backward(grad, current, scale, shift, state, grad_state, lif.tau,
+                                                           lif.v_threshold, lif.spec, lif.reset, lif.detach_reset,
+                                                           grad, mask=bits)
+        return grad
+
     def backward_in_parts(self, grad_out, currents: list[torch.Tensor], scale, shift, state, grad_state, bn_weight,
                           mean, invstd, count, samples: int):
         """:meth:`fire_backward` and then the BatchNorm's backward of one chunk, ``samples`` at a time, the current's
@@ -184,16 +204,7 @@ class _Block:
             x = memory.empty_strided(part, ((b1 - b0) * per_sample, *first.stride()[1:]), first.dtype, first.device)
             for s0, current in zip(starts, currents):
                 x[s0:s0 + current.shape[0]] = current[:, b0:b1]
-            grad = torch.empty_like(x)
-            if self.pool is None:
-                grad.copy_(grad_out[:, b0:b1])
-            else:
-                pooled = grad_out[:, b0:b1]
-                avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), x.flatten(0, 1), grad.flatten(0, 1))
-            bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
-            fused.bn_lif_chunk_backward(grad, x, scale, shift, state[b0:b1], grad_state_part, lif.tau, lif.v_threshold,
-                                        lif.spec, lif.reset, lif.detach_reset, grad, mask=bits)
-            return x, grad
+            return x, self.part_backward(grad_out, x, b0, b1, mask, scale, shift, state[b0:b1], grad_state_part)
 
         parts = [(b0, min(b0 + samples, B)) for b0 in range(0, B, samples)]
         sums = None
@@ -239,18 +250,9 @@ class _Block:
             """The part's convolution input, current, and the gradient of its BatchNorm's output."""
             x = part_input(b0, b1)
             current = dense(self.current(x, weight, bias, T))
-            grad = torch.empty_like(current)
-            if self.pool is None:
-                grad.copy_(grad_out[:, b0:b1])
-            else:
-                pooled = grad_out[:, b0:b1]
-                avg_pool_backward(self.pool, pooled.reshape(-1, *pooled.shape[2:]), current.flatten(0, 1),
-                                  grad.flatten(0, 1))
-            bits = None if mask is None else (mask[0][b0 * per_sample // 8:], mask[1])
-            carry = kernels.carry_dtype(current.dtype)
-            start = torch.zeros_like(current[0], dtype=carry)  # the membrane before t = 0 and its gradient after T
-            fused.bn_lif_chunk_backward(grad, current, scale, shift, start, torch.zeros_like(start), lif.tau,
-                                        lif.v_threshold, lif.spec, lif.reset, lif.detach_reset, grad, mask=bits)
+            # the membrane before t = 0, and its gradient after T
+            start = torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
+            grad = self.part_backward(grad_out, current, b0, b1, mask, scale, shift, start, torch.zeros_like(start))
             return x, current, grad
 
         sums = None
@@ -395,14 +397,16 @@ class RecomputedBlock(torch.autograd.Function):
                 start += part.shape[0]
             return current
 
+        input_per_sample = math.prod(flat_shape[1:])
+
         def part_input(b0: int, b1: int) -> torch.Tensor:
             """The convolution's input of samples ``b0:b1`` over all T, timestep-major (a piece is a timestep where
             backward goes by samples), decoded from the bytes of their bits."""
-            g, per_sample = b1 - b0, math.prod(flat_shape[1:])
+            g = b1 - b0
             x = memory.empty_strided((T * g, *flat_shape[1:]), flat_stride, x_dtype, grad_out.device)
             for t in range(T):
                 if block.levels:
-                    planes = inputs[t][:, b0 * per_sample // 8: -(-b1 * per_sample // 8)].contiguous()
+                    planes = inputs[t][:, b0 * input_per_sample // 8: -(-b1 * input_per_sample // 8)].contiguous()
                     rows = packing.unpack(packing.Packed(planes, (g, *flat_shape[1:]), flat_stride, block.levels),
                                           x_dtype)
                 else:
@@ -412,7 +416,7 @@ class RecomputedBlock(torch.autograd.Function):
 
         if block.by_samples:
             grads, terms = block.backward_by_samples(
-                grad_out, part_input, math.prod(flat_shape[1:]), conv_weight, conv.bias, scale.expand(T, -1),
+                grad_out, part_input, input_per_sample, conv_weight, conv.bias, scale.expand(T, -1),
                 shift.expand(T, -1), bn_weight, mean, invstd, ctx.count, grad_x, (need_x, need_w, need_b))
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
                 if needed:

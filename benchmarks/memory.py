@@ -3,8 +3,10 @@
 Activation memory per sample is the growth of the peak resident set from a small batch to a large
 one, over the difference in batch size: ``(peak(B_large) - peak(B_small)) / (B_large - B_small)``.
 What does not grow with the batch (torch itself, weights, gradients, AdamW state) cancels. Every
-measurement runs in a fresh process (no allocator cache carried over). The step time is the median
-of the timed steps at the large batch. The largest batch that fits ``--budget-gib`` follows from
+measurement runs in a fresh process (no allocator cache carried over). One process's peak moves by
+tens of MiB with the state of glibc's heap (freed blocks it keeps resident), so ``--repeats N`` runs
+N processes per case and batch, in rounds over the cases, and takes each batch's median peak. The
+step time is the median of the timed steps at the large batch. The largest batch that fits ``--budget-gib`` follows from
 the two points, ``peak(B) = fixed + B * per_sample``, which is what memory does in a step whose
 activations all scale with B.
 
@@ -19,6 +21,7 @@ Cases (the networks of ``benchmarks/step.py``; each skipped with a note where it
 
     python benchmarks/memory.py                           # VGGSNN, T=10, 2x48x48, B 4 and 16, fp32 and bf16
     python benchmarks/memory.py --budget-gib 16 --release ../msg
+    python benchmarks/memory.py --cases floor,msgsnn,recompute --repeats 3   # medians of 3 processes a point
     python benchmarks/memory.py --quick                   # vggsnn_tiny at toy sizes: a check of the script
 """
 
@@ -49,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="processes per case and batch, in rounds over the cases; the medians are taken (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--budget-gib", type=float, default=16.0, help="memory budget for the largest-batch column")
     p.add_argument("--cases", default=None, help=f"comma-separated subset of {','.join(CASES)} (default: all)")
@@ -184,15 +189,23 @@ def run_process(case: str, precision: str, batch: int, args) -> dict:
     return {"case": case, "precision": precision, "batch": batch, "error": tail}
 
 
-def summarise(small: dict, large: dict, budget_bytes: float) -> dict:
-    """Per-sample activation bytes, the step time at the large batch, and the largest batch within the budget."""
-    if "error" in small or "error" in large:
-        return {"error": small.get("error") or large.get("error")}
-    per_sample = (large["peak_bytes"] - small["peak_bytes"]) / (large["batch"] - small["batch"])
-    fixed = small["peak_bytes"] - small["batch"] * per_sample
+def summarise(smalls: list[dict], larges: list[dict], budget_bytes: float) -> dict:
+    """Per-sample activation bytes, the step time at the large batch, and the largest batch within the budget, from
+    the processes run at the small and at the large batch: the median peak of each batch (the allocator's state
+    moves one process's peak by tens of MiB), the median of every timed step at the large one. ``range``: the least
+    and most per-sample bytes of the repeats, the i-th small process paired with the i-th large one."""
+    failed = [r["error"] for r in (*smalls, *larges) if "error" in r]
+    if failed:
+        return {"error": failed[0]}
+    small, large = smalls[0]["batch"], larges[0]["batch"]
+    low, high = (statistics.median(r["peak_bytes"] for r in runs) for runs in (smalls, larges))
+    per_sample = (high - low) / (large - small)
+    fixed = low - small * per_sample
     fits = int((budget_bytes - fixed) // per_sample) if per_sample > 0 else None
-    return {"per_sample": per_sample, "fixed": fixed, "step": statistics.median(large["times"]),
-            "max_batch": max(fits, 0) if fits is not None else None}
+    pairs = [(b["peak_bytes"] - a["peak_bytes"]) / (large - small) for a, b in zip(smalls, larges)]
+    return {"per_sample": per_sample, "fixed": fixed, "step": statistics.median(t for r in larges for t in r["times"]),
+            "max_batch": max(fits, 0) if fits is not None else None, "range": [min(pairs), max(pairs)],
+            "repeats": len(pairs)}
 
 
 def print_table(summary: dict, cases: list[str], precisions: list[str], args, notes: list[str]) -> None:
@@ -230,6 +243,9 @@ def main(argv=None) -> int:
         small, large = (int(b) for b in args.batches.split(","))
     except ValueError:
         small = large = 0
+    if args.repeats < 1:
+        print(f"error: --repeats: expected at least 1, got {args.repeats}", file=sys.stderr)
+        return 2
     if not 0 < small < large:
         print(f"error: --batches: expected two batch sizes, small then large (e.g. 4,16), got {args.batches!r}",
               file=sys.stderr)
@@ -245,17 +261,25 @@ def main(argv=None) -> int:
 
     print(f"# {args.network} one AdamW training step, input [B, T={args.T}, {args.channels}, {args.size}, {args.size}], "
           f"CPU, {args.threads} threads, torch {torch.__version__}; activation memory = (peak RSS at B={large} - at "
-          f"B={small}) / {large - small}, each in a fresh process; {args.warmup} warm-up + {args.steps} timed steps",
+          f"B={small}) / {large - small}, each in a fresh process (the median of {args.repeats}); {args.warmup} warm-up + {args.steps} timed steps",
           flush=True)
-    results, summary = [], {}
-    for prec in precisions:
-        for case in runnable:
-            pair = [run_process(case, prec, batch, args) for batch in (small, large)]
-            results.extend(pair)
-            summary[(case, prec)] = summarise(*pair, args.budget_gib * 2**30)
-            r = summary[(case, prec)]
-            status = r.get("error") or f"{r['per_sample'] / 2**20:.1f} MiB/sample, step {r['step']:.2f} s"
-            print(f"  {case:<13} {prec:<5} {status}", file=sys.stderr, flush=True)
+    results, runs = [], {}
+    for round_ in range(args.repeats):  # in rounds, so that a change of the host's load falls on every case alike
+        for prec in precisions:
+            for case in runnable:
+                pair = [run_process(case, prec, batch, args) for batch in (small, large)]
+                results.extend(pair)
+                for kept, result in zip(runs.setdefault((case, prec), ([], [])), pair):
+                    kept.append(result)
+                r = summarise(*([result] for result in pair), args.budget_gib * 2**30)
+                status = r.get("error") or f"{r['per_sample'] / 2**20:.1f} MiB/sample, step {r['step']:.2f} s"
+                print(f"  {case:<13} {prec:<5} round {round_ + 1}/{args.repeats}: {status}", file=sys.stderr,
+                      flush=True)
+    summary = {key: summarise(*pair, args.budget_gib * 2**30) for key, pair in runs.items()}
+    if args.repeats > 1:
+        notes.append(f"each point the median of {args.repeats} processes; activation MiB / sample over the repeats: "
+                     + ", ".join(f"{case} {prec} {r['range'][0] / 2**20:.1f}-{r['range'][1] / 2**20:.1f}"
+                                 for (case, prec), r in summary.items() if "range" in r))
     notes.append("peers use joint (T*B) BatchNorm statistics, msgsnn per-step ones; the largest batch assumes "
                  "peak = fixed + batch x per-sample, from the two measured batches")
     print_table(summary, runnable, precisions, args, notes)

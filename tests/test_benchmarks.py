@@ -127,10 +127,11 @@ def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budg
     mib = 2**20
     small = {"batch": 4, "peak_bytes": 1000 * mib, "times": [9.0]}
     large = {"batch": 16, "peak_bytes": 1000 * mib + 12 * 50 * mib, "times": [3.0, 2.0, 4.0]}
-    r = memory.summarise(small, large, budget_bytes=2000 * mib)
+    r = memory.summarise([small], [large], budget_bytes=2000 * mib)
     assert r["per_sample"] == 50 * mib and r["fixed"] == 800 * mib and r["step"] == 3.0
     assert r["max_batch"] == 24  # 800 MiB + 24 x 50 MiB = 2000 MiB
-    assert memory.summarise({"error": "boom"}, large, 1.0) == {"error": "boom"}
+    assert r["range"] == [50 * mib, 50 * mib] and r["repeats"] == 1
+    assert memory.summarise([small], [{"error": "boom"}, large], 1.0) == {"error": "boom"}
     args = memory.parse_args(["--release", "/nonexistent"])
     assert "no snn_model.py" in memory.available("release", args)
     assert "--release" in memory.available("release", memory.parse_args([]))
@@ -141,14 +142,30 @@ def test_memory_benchmark_takes_the_growth_between_two_batches_and_fits_the_budg
     assert "48x48" in memory.available("release", memory.parse_args(["--release", str(release), "--quick"]))
 
 
+def test_memory_benchmark_takes_the_median_peak_of_each_batch_over_repeats():
+    memory = load_script("benchmarks/memory.py")
+    mib = 2**20
+    smalls = [{"batch": 4, "peak_bytes": p * mib, "times": [1.0]} for p in (1000, 1060, 1010)]
+    larges = [{"batch": 16, "peak_bytes": p * mib, "times": t} for p, t in ((1600, [5.0]), (1630, [3.0, 4.0]),
+                                                                           (1720, [9.0]))]
+    r = memory.summarise(smalls, larges, budget_bytes=2000 * mib)
+    assert r["per_sample"] == (1630 - 1010) / 12 * mib  # medians 1010 and 1630, not the mean nor one pair
+    assert r["fixed"] == pytest.approx((1010 - 4 * (1630 - 1010) / 12) * mib)
+    assert r["step"] == 4.5  # the median of every timed step at the large batch
+    assert r["range"] == [(1630 - 1060) / 12 * mib, (1720 - 1010) / 12 * mib] and r["repeats"] == 3
+    assert memory.main(["--repeats", "0"]) == 2
+
+
 def test_memory_benchmark_quick_runs_recompute_in_fresh_processes(tmp_path, capsys):
     memory = load_script("benchmarks/memory.py")
     out = tmp_path / "memory.json"
-    assert memory.main(["--quick", "--cases", "recompute", "--json", str(out)]) == 0
-    assert "| recompute | fp32 |" in capsys.readouterr().out
+    assert memory.main(["--quick", "--cases", "recompute", "--repeats", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| recompute | fp32 |" in printed and "the median of 2 processes" in printed
     data = json.loads(out.read_text())
-    assert [(r["case"], r["batch"]) for r in data["results"]] == [("recompute", 2), ("recompute", 6)]
+    assert [(r["case"], r["batch"]) for r in data["results"]] == [("recompute", 2), ("recompute", 6)] * 2
     summary = data["summary"]["recompute/fp32"]
-    assert summary["step"] > 0 and summary["per_sample"] == pytest.approx(
-        (data["results"][1]["peak_bytes"] - data["results"][0]["peak_bytes"]) / 4)
+    peaks = [r["peak_bytes"] for r in data["results"]]
+    assert summary["step"] > 0 and summary["repeats"] == 2 and summary["per_sample"] == pytest.approx(
+        ((peaks[1] + peaks[3]) / 2 - (peaks[0] + peaks[2]) / 2) / 4)
     assert memory.main(["--cases", "nope"]) == 2

@@ -28,9 +28,13 @@ from msgcli.snn.layers import TemporalBatchNorm, sync_batchnorm
 from tests.conftest import tiny_cli_args, tiny_config
 from tests.launch import FAULTY_CLI, finish, free_port, same_metrics
 
+
 def join_group(rank: int, world: int, port: int) -> None:
+    """The environment of a group the test makes itself (as a user's script would), torch's compiler imported
+    first (:func:`distributed.import_compiler_first`)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.import_compiler_first()
 
 
 # ---------------------------------------------------------------- srun: rank 0 hosts the store
@@ -59,6 +63,35 @@ def test_under_srun_rank_0_keeps_its_store_until_every_rank_has_read_its_last_an
     must not take the store from a rank that has not read it yet."""
     mp.spawn(_late_reader_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["finished already"] * 2
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _group_threads_worker(rank: int, world: int, port: int, results: str) -> None:
+    """srun's tasks: a group msgsnn makes, msgsnn's operators and a collective in it, then its teardown."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(SLURM_NTASKS=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert "torch._dynamo" not in sys.modules  # else the test would not see the late import it guards against
+    before = _threads()
+    ctx = distributed.setup("cpu", timeout_s=30)
+    bn = TemporalBatchNorm(3)
+    bn(torch.randn(2, 4, 3, 2, 2, requires_grad=True)).sum().backward()  # imports torch's compiler if not yet
+    dist.all_reduce(torch.ones(3))
+    distributed.teardown(ctx)
+    del ctx  # rank 0's store, which srun's rendezvous made and the context holds
+    Path(results, str(rank)).write_text(str(_threads() - before))
+
+
+@pytest.mark.slow
+def test_teardown_leaves_no_thread_of_the_group_behind(tmp_path):
+    """gloo's threads end with the group: ones that outlive it can abort the process as the interpreter exits."""
+    mp.spawn(_group_threads_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(rank)).read_text() for rank in (0, 1)] == ["0", "0"]
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm

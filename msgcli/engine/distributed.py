@@ -81,10 +81,24 @@ def setup(device_name: str, timeout_s: float = 1800.0) -> DistContext:
         raise UserError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) could not meet the others at "
                         f"{url}: {str(err).splitlines()[0]}; did every task start (srun -n {launch.world_size})?") from None
     store.set_timeout(timedelta(seconds=timeout_s))
+    import_compiler_first()
     dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore("default_pg", store),
                             rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
     ctx.owns_group = True
     return ctx
+
+
+def import_compiler_first() -> None:
+    """Import torch's compiler (``torch._dynamo``) before a process group exists; call it before
+    ``init_process_group``.
+
+    Imported later (the first call of one of msgsnn's torch operators imports it), it keeps references to
+    the default group that ``destroy_process_group`` does not drop, so gloo's worker threads outlive the
+    group; one still releasing its last collective's tensors while the interpreter shuts down aborts the
+    process ("terminate called without an active exception", torch 2.14.1: about one two-rank run in ten
+    with the C kernels), a failed exit after the run's results are written.
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def _join(ctx: DistContext, seconds: float) -> None:

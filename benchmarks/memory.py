@@ -6,8 +6,8 @@ What does not grow with the batch (torch itself, weights, gradients, AdamW state
 measurement runs in a fresh process (no allocator cache carried over). One process's peak moves by
 tens of MiB with the state of glibc's heap (freed blocks it keeps resident), so ``--repeats N`` runs
 N processes per case and batch, in rounds over the cases, and takes each batch's median peak. The
-step time is the median of the timed steps at the large batch. The largest batch that fits ``--budget-gib`` follows from
-the two points, ``peak(B) = fixed + B * per_sample``, which is what memory does in a step whose
+step time is the median of the timed steps at the large batch. The largest batch that fits
+``--budget-gib`` follows from the two points, ``peak(B) = fixed + B * per_sample``, which is what memory does in a step whose
 activations all scale with B.
 
 Cases (the networks of ``benchmarks/step.py``; each skipped with a note where its package is missing):
@@ -261,8 +261,8 @@ def main(argv=None) -> int:
 
     print(f"# {args.network} one AdamW training step, input [B, T={args.T}, {args.channels}, {args.size}, {args.size}], "
           f"CPU, {args.threads} threads, torch {torch.__version__}; activation memory = (peak RSS at B={large} - at "
-          f"B={small}) / {large - small}, each in a fresh process (the median of {args.repeats}); {args.warmup} warm-up + {args.steps} timed steps",
-          flush=True)
+          f"B={small}) / {large - small}, each in a fresh process (the median of {args.repeats}); {args.warmup} "
+          f"warm-up + {args.steps} timed steps", flush=True)
     results, runs = [], {}
     for round_ in range(args.repeats):  # in rounds, so that a change of the host's load falls on every case alike
         for prec in precisions:

@@ -40,12 +40,18 @@ def join_group(rank: int, world: int, port: int) -> None:
 # ---------------------------------------------------------------- srun: rank 0 hosts the store
 
 
-def _late_reader_worker(rank: int, world: int, port: int, results: str) -> None:
-    """srun's tasks: rank 0 answers at once and leaves; rank 1 reads the answer 2 s later."""
+def as_srun_task(rank: int, world: int, port: int) -> None:
+    """The environment of task ``rank`` of an srun step of ``world`` tasks (no torchrun variables), meeting at
+    ``port``."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     os.environ.update(SLURM_NTASKS=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _late_reader_worker(rank: int, world: int, port: int, results: str) -> None:
+    """srun's tasks: rank 0 answers at once and leaves; rank 1 reads the answer 2 s later."""
+    as_srun_task(rank, world, port)
     ctx = distributed.setup("cpu", timeout_s=30)
     assert ctx.launcher == "srun" and ctx.world_size == world
     try:
@@ -71,10 +77,7 @@ def _threads() -> int:
 
 def _group_threads_worker(rank: int, world: int, port: int, results: str) -> None:
     """srun's tasks: a group msgsnn makes, msgsnn's operators and a collective in it, then its teardown."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    os.environ.update(SLURM_NTASKS=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_srun_task(rank, world, port)
     torch.set_num_threads(1)
     assert "torch._dynamo" not in sys.modules  # else the test would not see the late import it guards against
     before = _threads()

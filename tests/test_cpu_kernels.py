@@ -217,6 +217,56 @@ def test_fused_batchnorm_lif_equals_the_two_kernels_bit_for_bit(dtype, layout, o
 
 @has_compiler
 @needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("samples", [(1, 3), (2, 3)])
+def test_the_pairs_backward_reads_a_part_of_a_larger_batchs_gradient_where_it_lies(layout, samples):
+    """The gradient of the spikes of samples ``b0:b1`` read inside the whole batch's gradient (timesteps further
+    apart than the part's) gives the numbers of a dense copy of it, and makes no copy: nothing of the part's size
+    is created besides the result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Created(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.sizes.append(t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(2)
+    T, B, C, H, W = 4, 5, 16, 3, 4
+    b0, b1 = samples
+    whole = torch.randn(T, B, C, H, W, generator=g)
+    x = torch.randn(T, b1 - b0, C, H, W, generator=g) + 0.3
+    if layout == "channels_last":
+        whole, x = _channels_last(whole), _channels_last(x)
+    part = whole[:, b0:b1]
+    assert not part.is_contiguous() and part.stride(0) == B * C * H * W
+    scale = torch.rand(T, C, generator=g, dtype=torch.float64) + 0.2
+    shift = torch.randn(T, C, generator=g, dtype=torch.float64) * 0.3
+    lif = LIF(mask_p=0.5)
+    grad_args = (lif.tau, lif.v_threshold, lif.spec, lif.reset, lif.detach_reset)
+    # the membrane and its gradient laid out as a timestep of x, as the fused kernel takes them
+    state, carried = (torch.empty_like(x[0]).copy_(torch.randn(x[0].shape, generator=g)) for _ in range(2))
+    results = []
+    for grad in (part, part.contiguous() if layout == "contiguous" else _channels_last(part.contiguous())):
+        grad_state = carried.clone()
+        out = torch.empty_like(x)
+        torch.manual_seed(7)
+        with Created() as seen:
+            kernels.CPU.bn_lif_chunk_backward(grad, x, scale, shift, state, grad_state, *grad_args, out=out)
+        assert max(seen.sizes, default=0) < x.numel()
+        results.append((out, grad_state))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@has_compiler
+@needs_kernels
 def test_per_step_batchnorm_bfloat16_and_float32():
     x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):

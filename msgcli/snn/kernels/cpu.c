@@ -342,7 +342,7 @@ int bnlif_fwd_##S(const st* restrict x, st* restrict s, const double* restrict s
     return 0;                                                                                 \
 }                                                                                             \
                                                                                               \
-int bnlif_bwd_##S(const st* gs, const st* restrict x, st* gx,                                 \
+int bnlif_bwd_##S(const st* gs, int64_t gstep, const st* restrict x, st* gx,                  \
                   const double* restrict scale, const double* restrict shift,                 \
                   const ct* restrict vc, ct* restrict gvc, const uint8_t* restrict bits,       \
                   int64_t rowbytes, int64_t T, int64_t B, int64_t C, int64_t L,               \
@@ -373,7 +373,7 @@ int bnlif_bwd_##S(const st* gs, const st* restrict x, st* gx,                   
                 lif_membrane_step_##S(y, sink, hall + t * BLK, v, n, tau, vth, hard);          \
             }                                                                                 \
             for (int64_t t = T - 1; t >= 0; t--)                                              \
-                lif_bwd_step_##S(hall + t * BLK, gs + t * N + p0, gx + t * N + p0, gv,        \
+                lif_bwd_step_##S(hall + t * BLK, gs + t * gstep + p0, gx + t * N + p0, gv,    \
                                  bits ? bits + t * rowbytes + (p0 >> 3) : 0, n, &o);         \
             for (int i = 0; i < n; i++) gvc[p0 + i] = gv[i];                                  \
         }                                                                                     \

@@ -214,6 +214,17 @@ def _laid_like(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return pool.empty_like(x).copy_(other)
 
 
+def _steps_laid_like(x: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``other`` read as the kernels read a dense ``x``, and the entries from one of its timesteps to the next:
+    in place where each of its timesteps is laid out as ``x``'s are (a part of a larger batch's gradient, say),
+    else a copy laid out like ``x``."""
+    step = x[0].numel()
+    if (other.dtype == x.dtype and other.shape == x.shape and other.stride(0) >= step
+            and all(n == 1 or a == b for n, a, b in zip(x.shape[1:], other.stride()[1:], x.stride()[1:]))):
+        return other, other.stride(0)
+    return _laid_like(x, other), step
+
+
 def _carries(x: torch.Tensor, state: torch.Tensor) -> bool:
     """``state`` is the carry the LIF kernel of ``x`` reads and writes: laid out like a timestep ``x[0]``, in the
     kernel's compute type (float32 for bfloat16 and float32, float64 for float64)."""
@@ -255,7 +266,7 @@ class CpuKernels:
             getattr(lib, f"bn_bsums_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bn_bdx_{s}").argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, i32]
             getattr(lib, f"bnlif_fwd_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, dbl, dbl, i32, i32, i32]
-            getattr(lib, f"bnlif_bwd_{s}").argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64,
+            getattr(lib, f"bnlif_bwd_{s}").argtypes = [vp, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64,
                                                        dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32, i32]
             getattr(lib, f"spike_encode_{s}").argtypes = [vp, vp, i64, dbl, i32]
             getattr(lib, f"spike_decode_{s}").argtypes = [vp, vp, i64, dbl, i32]
@@ -405,12 +416,12 @@ class CpuKernels:
         keep bits and row length drawn before by :meth:`draw_chunk_mask` for a whole batch of which ``x`` is
         samples ``b0:b1``, the bits from sample ``b0``'s on (``b0 * C * L`` a multiple of 8)."""
         T, B, C, L = _bcl(x)
-        grad = _laid_like(x, grad)
+        grad, step = _steps_laid_like(x, grad)
         out = pool.empty_like(x) if out is None else out
         if not x.numel():
             return out
         bits, rowbytes, rest = self._gradient_options(x, spec, reset_mode, detach_reset, mask)
-        self._bn("bnlif_bwd", x, grad, x, out, _double(scale), _double(shift), state, grad_state, bits, rowbytes,
+        self._bn("bnlif_bwd", x, grad, step, x, out, _double(scale), _double(shift), state, grad_state, bits, rowbytes,
                  T, B, C, L, tau, v_threshold, *rest)
         return out
 

@@ -65,7 +65,7 @@ def test_recompute_with_whole_chunks_gives_the_default_paths_logits_and_gradient
     joined from its timesteps and run whole, for all samples at once. The same numbers as the default path."""
     from msgcli.snn.layers import recompute
 
-    monkeypatch.setattr(recompute._Block, "in_parts_for", lambda block, current, batch, input_per_sample: False)
+    monkeypatch.setattr(recompute._Block, "samples_per_part", lambda block, current: None)
     model, recomputed = _pair("vggsnn_tiny", chunk, T=4)
     x = torch.rand(3, 4, 2, 32, 32).round()
     logits, grads, buffers = _step(model, x)
@@ -167,20 +167,18 @@ def test_by_default_blocks_with_cheap_convolutions_go_by_samples_and_the_rest_by
     from msgcli.snn.layers import recompute
 
     blocks, by_samples = [], []
-    init, backward = recompute._Block.__init__, recompute._Block.backward_in_parts
+    init, backward = recompute._Block.__init__, recompute._Block.backward_by_samples
 
     def made(block, *args, **kwargs):
         init(block, *args, **kwargs)
         blocks.append(block)
 
-    def ran(block, grad_out, *args, keep, **kwargs):
-        if not keep:  # the parts' currents convolved again, over all T
-            assert grad_out.shape[0] == 3
-            by_samples.append(block)
-        return backward(block, grad_out, *args, keep=keep, **kwargs)
+    def ran(block, *args, **kwargs):
+        by_samples.append(block)
+        return backward(block, *args, **kwargs)
 
     monkeypatch.setattr(recompute._Block, "__init__", made)
-    monkeypatch.setattr(recompute._Block, "backward_in_parts", ran)
+    monkeypatch.setattr(recompute._Block, "backward_by_samples", ran)
     _, recomputed = _pair("resnet18", None, T=3, size=16)
     recomputed(torch.rand(2, 3, 2, 16, 16).round()).square().sum().backward()
     convs = [b for b in blocks if b.conv is not None]
@@ -251,23 +249,19 @@ class _Created(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("chunk", [2, 3])
-def test_recompute_backward_holds_a_blocks_current_for_the_whole_batch_only_as_parts(chunk):
-    """In backward a chunk's current is convolved a part of the batch at a time (IMAGES_PER_PART images: 8 or 5
-    samples of 12 here) and kept in those parts; the spikes' gradient and the current's exist a part at a time, and
-    each part is freed once the convolution's backward has used its gradient. So nothing backward makes is larger
-    than a part's current of the widest block, bar the input gradient autograd passes to the block below (the
-    second block's, at T = 6)."""
-    from msgcli.snn.layers import recompute
-
-    T, B = 6, 12
-    part = recompute.IMAGES_PER_PART // chunk
-    assert part < B
+def test_recompute_backward_holds_a_blocks_current_for_the_whole_batch_a_timestep_at_a_time(chunk):
+    """In backward a chunk's current is recomputed one timestep at a time and stays in those pieces: the spikes'
+    gradient and the current's run a sample at a time, the latter written over the piece, which is freed once the
+    convolution's backward has used it. So nothing backward makes is larger than a timestep of the widest
+    block's current, bar the input gradient autograd passes to the block below (the second block's, at T = 6)."""
+    T, B = 6, 3
+    widest = B * 32 * 32 * 32 * 4
     passed = T * B * 32 * 16 * 16 * 4
     _, recomputed = _pair("vggsnn_tiny", chunk, T=T)
     loss = recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum()
     with _Created() as seen:
         loss.backward()
-    assert max(size for size in seen.sizes if size != passed) == chunk * part * 32 * 32 * 32 * 4
+    assert max(size for size in seen.sizes if size != passed) == widest
 
 
 def test_backward_by_samples_makes_nothing_larger_than_a_parts_current():
@@ -288,27 +282,20 @@ def test_backward_by_samples_makes_nothing_larger_than_a_parts_current():
 
 @pytest.mark.parametrize("pool", [None, 2])
 @pytest.mark.parametrize("joint", [False, True])
-@pytest.mark.parametrize("keep", [True, False])
-def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint, keep, monkeypatch):
+def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint):
     """Parts of two samples (12 neurons a sample: a part must start on a whole byte of the mask's bits), the
-    last part one sample, their currents kept between the passes or convolved again: the input's gradient, the
-    convolution's and the BatchNorm's gradients, the carried membrane gradient and the generator's state after
-    the mask equal those of the convolution, the LIF's and the BatchNorm's backward over the whole chunk."""
+    last part one sample: the current's gradient, the carried membrane gradient, the BatchNorm's terms and the
+    generator's state after the mask equal those of the LIF's and the BatchNorm's backward over the whole chunk."""
     from msgcli.snn.kernels.ops import affine, batch_statistics, normalise_backward
-    from msgcli.snn.layers import recompute
     from msgcli.snn.layers.recompute import _Block
     from msgcli.snn.models.base import conv_bn_lif
 
-    monkeypatch.setattr(recompute, "IMAGES_PER_PART", 6)  # two samples of three timesteps
     steps, B, C, H, W = 3, 5, 3, 2, 2
     folded, bn, lif = conv_bn_lif(2, C, {"mask_p": 0.5}, bn_mode="joint" if joint else "per_step")
-    conv = folded.module
-    block = _Block(conv, bn, lif, 1, steps, steps, torch.device("cpu"), pool and torch.nn.AvgPool2d(pool))
+    block = _Block(folded.module, bn, lif, None, steps, steps, torch.device("cpu"), pool and torch.nn.AvgPool2d(pool))
+    assert block.samples_per_part(torch.empty(steps, B, C, H, W)) == 2
     torch.manual_seed(0)
-    x = torch.rand(steps * B, 2, H, W).round().contiguous(memory_format=torch.channels_last)
-    current = conv(x).view(steps, B, C, H, W).detach()
-    block.current_like = (tuple(current.shape[1:]), current.stride()[1:], current.dtype)
-    assert block.in_parts_for(current, B, 8) and block.part_size(steps, C * H * W, 2 * H * W) == 2
+    current = torch.randn(steps * B, C, H, W).contiguous(memory_format=torch.channels_last).view(steps, B, C, H, W)
     mean, _, invstd, count = batch_statistics(block.statistics_view(current), 1e-5, False, block.bn_ops)
     rows = 1 if joint else steps
     scale, shift = (c.expand(steps, -1) for c in affine(bn.weight, bn.bias, mean, invstd))
@@ -321,22 +308,14 @@ def test_a_chunks_backward_in_parts_of_the_batch_equals_one_call(pool, joint, ke
     grad_y = block.fire_backward(spikes_grad.clone(), current, scale, shift, state, carried)
     expected, *terms = normalise_backward(block.statistics_view(grad_y), block.statistics_view(current), bn.weight,
                                           mean, invstd, count, False, block.bn_ops, per_step=True)
-    assert conv.bias is None  # a BatchNorm follows
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        expected.reshape(current.shape).flatten(0, 1), x, conv.weight.detach(), None, [1, 1], [1, 1], [1, 1], False,
-        [0, 0], 1, [True, True, False])
     generator = torch.get_rng_state()
     torch.manual_seed(1)
-    samples = x.view(steps, B, 2, H, W)
-    in_parts = torch.empty_like(samples)
-    conv_grads, terms_parts = block.backward_in_parts(
-        grad_out, lambda b0, b1: samples[:, b0:b1].flatten(0, 1).contiguous(memory_format=torch.channels_last), 8,
-        conv.weight.detach(), None, scale, shift, state, grad_state, bn.weight, mean, invstd, count, in_parts,
-        (True, True, True), keep=keep)
+    in_parts = current.clone()
+    pieces = [in_parts[:1], in_parts[1:]]  # as the forward made them: the current's gradient is written over them
+    terms_parts = block.backward_in_parts(grad_out, pieces, scale, shift, state, grad_state, bn.weight, mean,
+                                          invstd, count, 2)
     assert torch.equal(torch.get_rng_state(), generator) and mean.shape[0] == rows
-    torch.testing.assert_close(in_parts, grad_x.view(samples.shape), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(conv_grads[0], grad_w, rtol=1e-5, atol=1e-6)
-    assert conv_grads[1] is None
+    torch.testing.assert_close(in_parts, expected.reshape(current.shape), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_state, carried, rtol=0, atol=0)
     for a, b in zip(terms_parts, terms):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

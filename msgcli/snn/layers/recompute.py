@@ -15,19 +15,18 @@ Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where e
 timesteps starts. Backward works one chunk at a time, latest first, so the largest tensors alive are
 a chunk's, not the layer's: the chunk's current and its gradient, which takes the place of the spikes'
 gradient where the block owns that one. With per-step statistics a block convolves one timestep at a
-time (backward: or one part, below), so neither its input nor its input's gradient exists in float for
-more than a timestep or a part (beyond the input's gradient autograd passes on), and a block followed by an average
+time, forward and backward, so neither its input nor its input's gradient exists in float for more
+than a timestep (beyond the input's gradient autograd passes on), and a block followed by an average
 pool (VGG's) runs the pool inside: only the pooled spikes leave the block, and the spikes' gradient
-exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), backward convolves a chunk
-a few samples at a time (:meth:`_Block.backward_in_parts`): each part's input is decoded from its bits
-and its current comes out of the convolution laid out as the LIF's kernel reads it, so that no copy
-joins timesteps or splits samples; the LIF's and the BatchNorm's backward run on the part, and its
-gradient goes through the convolution's backward before the part is freed: no gradient of the chunk
-exists for the whole batch beside its current. Where no chunk size is asked for (the default), a block
-whose convolution is cheap to run again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by
-samples over all T instead, each part's current convolved twice (for the BatchNorm's sums over the
-batch, then for the gradients they make) rather than kept, so neither a chunk's current for the whole
-batch nor a membrane where a chunk starts is kept, for one more run of the
+exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), a chunk's current stays in
+its one-timestep pieces and the LIF's and the BatchNorm's backward run a few samples at a time
+(:meth:`_Block.backward_in_parts`), writing the current's gradient over the pieces, each freed once
+the convolution's backward has used it: no gradient of the chunk then exists for the whole batch
+beside its current. Where no chunk size is asked for (the default), a block whose convolution is cheap to run
+again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by samples instead
+(:meth:`_Block.backward_by_samples`): its backward runs over all T a few samples at a time, recomputing each
+part's current twice (for the BatchNorm's sums over the batch, then for the gradients they make), so neither a
+chunk's current for the whole batch nor a membrane where a chunk starts is kept, for one more run of the
 convolution. Per-step statistics make a chunk self-contained (its timesteps'
 statistics are its own, saved from the forward, so the running statistics are updated once, in the
 forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
@@ -67,11 +66,10 @@ from msgcli.snn.neuron import LIF, levels_of, mark_levels
 RERUN_FAN_IN = 576
 """A convolution with at most this many inputs per output (64 channels of 3x3: VGGSNN's stem and second block,
 ResNet18's first stage) runs once more in backward rather than keep a chunk of its current: its block's backward
-goes by samples over all T (:meth:`_Block.backward_in_parts`, not keeping). These blocks have the widest currents
-for the least work."""
+goes by samples (:meth:`_Block.backward_by_samples`). These blocks have the widest currents for the least work."""
 
 IMAGES_PER_PART = 16
-"""Timesteps times samples that one part of :meth:`_Block.backward_in_parts` convolves at once, at least."""
+"""Timesteps times samples that one part of :meth:`_Block.backward_by_samples` convolves at once, at least."""
 
 
 def _chunks(T: int, size: int) -> list[tuple[int, int]]:
@@ -111,11 +109,10 @@ class _Block:
         self.per_step = bn.mode == "per_step"
         self.chunk = (chunk or default_chunk(T)) if self.per_step else None
         # where no chunk was asked for and the convolution is cheap to run again, backward goes a few samples at
-        # a time over all T (:meth:`backward_in_parts`, recomputing); confirmed on the first piece's current
+        # a time over all T (:meth:`backward_by_samples`); confirmed on the first piece's current in forward
         self.by_samples = (chunk is None and self.per_step and conv is not None
                            and conv.weight[0].numel() <= RERUN_FAN_IN)
-        self.current_like = None  # a timestep's current: (shape [B, ...], strides, dtype), for backward's mask
-        self.in_parts = False  # backward by parts of the batch (:meth:`backward_in_parts`); set on the first piece
+        self.current_like = None  # a timestep's current: (shape [B, ...], strides), for backward's mask
         # timesteps a convolution runs at once: one, where per-step statistics allow, so that its input, its
         # output in forward and its input's gradient never exist for more than one timestep
         self.piece = 1 if self.per_step and conv is not None else self.chunk
@@ -156,23 +153,16 @@ class _Block:
         return self.lif_ops.bn_lif_chunk_forward(current, scale, shift, state, lif.tau, lif.v_threshold, lif.reset,
                                                  self.bn_ops, out)
 
-    def in_parts_for(self, current: torch.Tensor, batch: int, input_per_sample: int) -> bool:
-        """Whether :meth:`backward_in_parts` runs this block's backward, ``current`` being its first piece's: only
-        with a convolution (a pair without one writes its gradient into its input's, needed anyway) and kernels
-        that fuse the pair and can take a chunk's MSG mask drawn beforehand (the C pair kernel can); and where the
-        forward convolved whole sequences (joint statistics), only if every timestep's rows start on a whole byte
-        of the input's bits."""
+    def samples_per_part(self, current: torch.Tensor) -> int | None:
+        """Samples per part of the batch in which :meth:`backward_in_parts` runs a chunk of ``current``; None where
+        it does not: a block without a convolution (its gradient is written into its input's, needed anyway) or
+        kernels that cannot take the chunk's MSG mask drawn beforehand (the C pair kernel can). A part starts on a
+        whole byte of the mask's bits."""
         if self.conv is None or self.bn_ops is not self.lif_ops or not self.lif_ops.fuses_bn_lif(current):
-            return False
+            return None
         if not hasattr(self.lif_ops.fused_kernels(), "draw_chunk_mask"):
-            return False
-        return self.piece == 1 or not self.levels or batch * input_per_sample % 8 == 0
-
-    def part_size(self, steps: int, per_sample: int, input_per_sample: int) -> int:
-        """Samples per part of :meth:`backward_in_parts` over ``steps`` timesteps: enough for ``IMAGES_PER_PART``
-        images a convolution, in whole bytes of the mask's bits and of the input's."""
-        unit = math.lcm(_byte_unit(per_sample), _byte_unit(input_per_sample))
-        return unit * -(-max(1, IMAGES_PER_PART // steps) // unit)
+            return None
+        return _byte_unit(current[0, 0].numel())
 
     def part_backward(self, grad_out, current, b0: int, b1: int, mask, scale, shift, state, grad_state):
         """The gradient of the BatchNorm's output for samples ``b0:b1`` of the batch, ``current`` being theirs: the
@@ -194,76 +184,103 @@ class _Block:
                                                            lif.detach_reset, grad, mask=bits)
         return grad
 
-    def backward_in_parts(self, grad_out, part_input, input_per_sample: int, weight, bias, scale, shift, state,
-                          grad_state, bn_weight, mean, invstd, count, grad_x, needs, keep: bool):
-        """The block's backward over the timesteps of ``grad_out`` (one chunk's gradient of the block's output,
-        pooled or not: ``[steps, B, ...]``), a few samples at a time: each part's input is decoded from its bits
-        and convolved into the part's current, laid out as the LIF's kernel reads it, so that no current and no
-        gradient of the chunk exists for the whole batch in float beside the kept parts' currents.
+    def backward_in_parts(self, grad_out, currents: list[torch.Tensor], scale, shift, state, grad_state, bn_weight,
+                          mean, invstd, count, samples: int):
+        """:meth:`fire_backward` and then the BatchNorm's backward of one chunk, ``samples`` at a time, the current's
+        gradient written over the current: neither the spikes' gradient nor the current's exists for the whole
+        batch beside the current. ``currents``: the chunk's current as the forward's pieces made it (``[steps, B,
+        ...]`` each, in order), so that backward can free each piece once the convolution's backward has used its
+        gradient. ``grad_out``: the chunk's gradient of the block's output (pooled or not). Returns the BatchNorm
+        weight's and bias's gradient terms.
 
         The BatchNorm's input gradient needs sums over the whole batch of the gradient it is given, so the LIF's
-        backward runs twice for each part: for the sums, then for the gradient they make. ``keep``: the parts'
-        currents are kept from the first pass to the second (the chunk's current lives, once); else each is
-        convolved again (one more run of the convolution, for blocks cheap to run again, over all T: nothing of
-        the batch is kept). The MSG mask is drawn once, for the whole chunk, as one call would draw it, and each
-        part reads its samples' bits.
-
-        ``part_input(b0, b1)``: the convolution's input of samples ``b0:b1`` over the chunk, timestep-major, of
-        ``input_per_sample`` entries a sample and timestep. ``state``: the membrane where the chunk starts
-        (``[B, ...]``; None: zeros); ``grad_state``: the membrane's gradient carried in from the later chunk,
-        replaced by the one carried out (None: zeros, not carried). ``grad_x`` (None where not needed): the
-        chunk's rows of the input's gradient, ``[steps, B, ...]``. Returns the convolution weight's and bias's
-        gradients (float32, None where not needed) and the BatchNorm weight's and bias's terms."""
-        fused, lif = self.lif_ops.fused_kernels(), self.lif
-        steps, B = grad_out.shape[:2]
-        step_shape, step_stride, dtype = self.current_like
-        per_sample = math.prod(step_shape[1:])
-        like = torch.empty_strided((steps, *step_shape), (B * per_sample, *step_stride), dtype=dtype, device="meta")
+        backward runs twice for each part: for the sums, then for the gradient they make. The MSG mask is drawn
+        once, for the whole chunk, as one call would draw it, and each part reads its samples' bits."""
+        fused, lif, first = self.lif_ops.fused_kernels(), self.lif, currents[0]
+        B, per_step = first.shape[1], first[0].numel()
+        per_sample = per_step // B
+        steps = sum(c.shape[0] for c in currents)
+        shape = (steps, *first.shape[1:])
+        like = torch.empty_strided(shape, (per_step, *first.stride()[1:]), dtype=first.dtype, device="meta")
         mask = fused.draw_chunk_mask(like, lif.spec)
-        size = self.part_size(steps, per_sample, input_per_sample)
+        starts = [sum(c.shape[0] for c in currents[:i]) for i in range(len(currents))]
+
+        def gradient(b0: int, b1: int, grad_state_part: torch.Tensor):
+            """The part's current (a copy, laid out as the chunk's timesteps are) and the gradient of its
+            BatchNorm's output, laid out alike (the kernel writes it over its input)."""
+            part = (steps, b1 - b0, *first.shape[2:])
+            x = memory.empty_strided(part, ((b1 - b0) * per_sample, *first.stride()[1:]), first.dtype, first.device)
+            for s0, current in zip(starts, currents):
+                x[s0:s0 + current.shape[0]] = current[:, b0:b1]
+            return x, self.part_backward(grad_out, x, b0, b1, mask, scale, shift, state[b0:b1], grad_state_part)
+
+        parts = [(b0, min(b0 + samples, B)) for b0 in range(0, B, samples)]
+        sums = None
+        for b0, b1 in parts:  # the membrane's gradient carried out of the chunk is the second pass's to write
+            x, grad = gradient(b0, b1, grad_state[b0:b1].clone())
+            part_sums = self.bn_ops.bn_backward_sums(self.statistics_view(grad), self.statistics_view(x), mean)
+            sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
+        grad_w, grad_b, coefficients = normalise_backward_from_sums(*sums, bn_weight, mean, invstd, count, self.sync,
+                                                                    per_step=True)
+        for b0, b1 in parts:
+            x, grad = gradient(b0, b1, grad_state[b0:b1])
+            view = self.statistics_view(grad)
+            self.bn_ops.bn_backward_input(view, self.statistics_view(x), *coefficients, out=view)
+            for s0, current in zip(starts, currents):
+                current[:, b0:b1] = grad[s0:s0 + current.shape[0]]
+        return grad_w, grad_b
+
+    def backward_by_samples(self, grad_out, part_input, input_per_sample: int, weight, bias, scale, shift, bn_weight,
+                            mean, invstd, count, grad_x, needs):
+        """The block's backward over all T, a few samples at a time, each part's current recomputed twice: for the
+        BatchNorm's sums over the batch, then for the gradients they make. Instead of a chunk's current for the
+        whole batch (:meth:`backward_in_parts`) and the membranes where chunks start, a part's current lives, at
+        the price of one more run of the convolution: for convolutions cheap to run again (``RERUN_FAN_IN``).
+        ``part_input(b0, b1)``: the convolution's input of samples ``b0:b1``, ``[T * (b1 - b0), ...]``
+        timestep-major, of ``input_per_sample`` entries a sample and timestep. ``grad_x`` (None where not needed)
+        takes the input's gradient. Returns the convolution weight's and bias's gradients (float32, None where not
+        needed) and the BatchNorm weight's and bias's terms ``[T, C]``.
+
+        The MSG mask is drawn once, for the whole batch and T, as one call over the block would draw it, and each
+        part reads its samples' bits; each part starts on a whole byte of the mask's bits and of the input's."""
+        fused, lif, conv = self.lif_ops.fused_kernels(), self.lif, self.conv
+        T, B = grad_out.shape[:2]
+        step_shape, step_stride = self.current_like
+        per_sample = math.prod(step_shape[1:])
+        like = torch.empty_strided((T, *step_shape), (B * per_sample, *step_stride), dtype=grad_out.dtype,
+                                   device="meta")
+        mask = fused.draw_chunk_mask(like, lif.spec)
+        unit = math.lcm(_byte_unit(per_sample), _byte_unit(input_per_sample))
+        size = unit * -(-max(1, IMAGES_PER_PART // T) // unit)
         parts = [(b0, min(b0 + size, B)) for b0 in range(0, B, size)]
 
-        def current_of(x: torch.Tensor) -> torch.Tensor:
-            return dense(self.current(x, weight, bias, steps))
+        def gradient(b0: int, b1: int):
+            """The part's convolution input, current, and the gradient of its BatchNorm's output."""
+            x = part_input(b0, b1)
+            current = dense(self.current(x, weight, bias, T))
+            # the membrane before t = 0, and its gradient after T
+            start = torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
+            grad = self.part_backward(grad_out, current, b0, b1, mask, scale, shift, start, torch.zeros_like(start))
+            return x, current, grad
 
-        def membrane(current, b0: int, b1: int, kept) -> torch.Tensor:
-            if kept is None:
-                return torch.zeros_like(current[0], dtype=kernels.carry_dtype(current.dtype))
-            return kept[b0:b1]
-
-        currents, sums = [], None
-        for b0, b1 in parts:  # the membrane's gradient carried out of the chunk is the second pass's to write
-            current = current_of(part_input(b0, b1))
-            carried = membrane(current, b0, b1, grad_state)
-            grad = self.part_backward(grad_out, current, b0, b1, mask, scale, shift, membrane(current, b0, b1, state),
-                                      carried.clone() if grad_state is not None else carried)
-            part_sums = self.bn_ops.bn_backward_sums(self.statistics_view(grad), self.statistics_view(current), mean)
+        sums = None
+        for b0, b1 in parts:
+            _, current, grad = gradient(b0, b1)
+            part_sums = self.bn_ops.bn_backward_sums(grad, current, mean)
             sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
-            if keep:
-                currents.append(current)
             del current, grad
         grad_w, grad_b, coefficients = normalise_backward_from_sums(*sums, bn_weight, mean, invstd, count, self.sync,
                                                                     per_step=True)
         conv_grads = [None, None]
-        for i, (b0, b1) in enumerate(parts):
-            x = part_input(b0, b1)
-            if keep:
-                current, currents[i] = currents[i], None
-            else:
-                current = current_of(x)
-            grad = self.part_backward(grad_out, current, b0, b1, mask, scale, shift, membrane(current, b0, b1, state),
-                                      membrane(current, b0, b1, grad_state))
-            view = self.statistics_view(grad)
-            self.bn_ops.bn_backward_input(view, self.statistics_view(current), *coefficients, out=view)
-            del current, view
+        for b0, b1 in parts:
+            x, current, grad = gradient(b0, b1)
+            self.bn_ops.bn_backward_input(grad, current, *coefficients, out=grad)
+            del current
             g = b1 - b0
-            # kept: one call over the part; by samples, over all T: a call a timestep, so that a small stem's weight
-            # gradient adds up as the default path's does, to float32 rounding (one call over T rounds it further)
-            for s0, s1 in [(0, steps)] if keep else [(s, s + 1) for s in range(steps)]:
-                gx, gw, gb = _conv_backward(self.conv, grad[s0:s1].flatten(0, 1), x[s0 * g:s1 * g], weight, needs)
+            for t in range(T):  # a timestep at a time: the weight's gradient summed as the chunks' path sums it
+                gx, gw, gb = _conv_backward(conv, grad[t], x[t * g:(t + 1) * g], weight, needs)
                 if gx is not None:
-                    grad_x[s0:s1, b0:b1] = gx.view(s1 - s0, g, *gx.shape[1:])
-                del gx
+                    grad_x[t * B + b0:t * B + b1] = gx
                 _accumulate(conv_grads, gw, gb)
             del x, grad
         return conv_grads, (grad_w, grad_b)
@@ -305,9 +322,9 @@ class RecomputedBlock(torch.autograd.Function):
                 saved_inputs.append(packing.pack(xc, block.levels).planes if block.levels else xc)
             current = dense(block.current(xc, weight, conv_bias, t1 - t0))
             if t0 == 0:
-                block.current_like = (tuple(current.shape[1:]), current.stride()[1:], current.dtype)
-                block.in_parts = block.in_parts_for(current, B, math.prod(flat.shape[1:]))
-                block.by_samples = block.by_samples and block.in_parts
+                block.current_like = (tuple(current.shape[1:]), current.stride()[1:])
+                if block.by_samples and block.samples_per_part(current) is None:
+                    block.by_samples = False
                 if block.by_samples:
                     starts = set()  # backward runs over all T at once: no membrane kept where a chunk starts
             steps = block.statistics_view(current)
@@ -372,109 +389,114 @@ class RecomputedBlock(torch.autograd.Function):
             shape = ((s1 - s0) * B, *flat_shape[1:])
             return packing.unpack(packing.Packed(inputs[p], shape, flat_stride, block.levels), x_dtype)
 
-        def recomputed(t0: int, t1: int) -> torch.Tensor:
-            """The current of timesteps ``[t0, t1)`` (``[t1 - t0, B, ...]``), convolved piece by piece as the forward
-            did, each piece let go once copied into the whole."""
-            made = [dense(block.current(block_input(p, s0, s1), weight, conv.bias, s1 - s0))
+        def recomputed_pieces(t0: int, t1: int) -> list[torch.Tensor]:
+            """The current of timesteps ``[t0, t1)``, one tensor per piece of the forward (``[s1 - s0, B, ...]``)."""
+            return [dense(block.current(block_input(p, s0, s1), weight, conv.bias, s1 - s0))
                     for p, s0, s1 in pieces(t0, t1)]
-            if len(made) == 1:
-                return made[0]
-            first = made[0]
-            current = memory.empty_strided((t1 - t0, *first.shape[1:]), first.stride(), first.dtype, first.device)
+
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            """The pieces ``parts`` of a chunk's current as one tensor, each piece let go once copied."""
+            first = parts[0]
+            current = memory.empty_strided((sum(part.shape[0] for part in parts), *first.shape[1:]), first.stride(),
+                                           first.dtype, first.device)
             start = 0
-            while made:
-                part = made.pop(0)
+            while parts:
+                part = parts.pop(0)
                 current[start:start + part.shape[0]] = part
                 start += part.shape[0]
             return current
 
         input_per_sample = math.prod(flat_shape[1:])
 
-        def part_input(b0: int, b1: int, t0: int, t1: int) -> torch.Tensor:
-            """The convolution's input of samples ``b0:b1`` over timesteps ``[t0, t1)``, timestep-major, decoded
-            from the bytes of their bits (each timestep's rows start on a whole byte: see ``in_parts_for``)."""
-            g, ips = b1 - b0, input_per_sample
-            starts = [(t // piece, (t % piece) * B + b0) for t in range(t0, t1)]  # (piece, first row) a timestep
-            if not block.levels:
-                return torch.cat([inputs[p][r:r + g] for p, r in starts]).contiguous(memory_format=torch.channels_last)
-            shape = ((t1 - t0) * g, *flat_shape[1:])
-            if g * ips % 8 == 0:  # each timestep's rows fill whole bytes: their bytes side by side are the part's
-                planes = torch.cat([inputs[p][:, r * ips // 8:(r + g) * ips // 8] for p, r in starts], dim=1)
-                return packing.unpack(packing.Packed(planes, shape, flat_stride, block.levels), x_dtype)
-            x = memory.empty_strided(shape, flat_stride, x_dtype, grad_out.device)
-            for i, (p, r) in enumerate(starts):
-                planes = inputs[p][:, r * ips // 8: -(-(r + g) * ips // 8)].contiguous()
-                x[i * g:(i + 1) * g] = packing.unpack(
-                    packing.Packed(planes, (g, *flat_shape[1:]), flat_stride, block.levels), x_dtype)
+        def part_input(b0: int, b1: int) -> torch.Tensor:
+            """The convolution's input of samples ``b0:b1`` over all T, timestep-major (a piece is a timestep where
+            backward goes by samples), decoded from the bytes of their bits."""
+            g = b1 - b0
+            if block.levels and g * input_per_sample % 8 == 0:  # whole bytes a timestep: side by side, the part's
+                planes = torch.cat([inputs[t][:, b0 * input_per_sample // 8:b1 * input_per_sample // 8]
+                                    for t in range(T)], dim=1)
+                return packing.unpack(packing.Packed(planes, (T * g, *flat_shape[1:]), flat_stride, block.levels),
+                                      x_dtype)
+            x = memory.empty_strided((T * g, *flat_shape[1:]), flat_stride, x_dtype, grad_out.device)
+            for t in range(T):
+                if block.levels:
+                    planes = inputs[t][:, b0 * input_per_sample // 8: -(-b1 * input_per_sample // 8)].contiguous()
+                    rows = packing.unpack(packing.Packed(planes, (g, *flat_shape[1:]), flat_stride, block.levels),
+                                          x_dtype)
+                else:
+                    rows = inputs[t][b0:b1]
+                x[t * g:(t + 1) * g] = rows
             return x
 
-        def keep_term(terms) -> None:
+        if block.by_samples:
+            grads, terms = block.backward_by_samples(
+                grad_out, part_input, input_per_sample, weight, conv.bias, scale.expand(T, -1),
+                shift.expand(T, -1), bn_weight, mean, invstd, ctx.count, grad_x, (need_x, need_w, need_b))
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
                 if needed:
                     kept.append(term)
-
-        chunks = [(0, T)] if block.by_samples else _chunks(T, block.chunk or T)
-        if block.in_parts:
-            carry = kernels.carry_dtype(block.current_like[2])
-            step_shape, step_stride, _ = block.current_like
-            # the membrane's gradient carried from chunk to chunk (by samples: one chunk, none)
-            grad_state = None if block.by_samples else torch.zeros_like(
-                torch.empty_strided(step_shape, step_stride, dtype=carry, device=grad_out.device))
-            rows_of_x = None if grad_x is None else grad_x.view(T, B, *flat_shape[1:])
-            for k in reversed(range(len(chunks))):
-                t0, t1 = chunks[k]
-                rows = slice(t0, t1) if block.per_step else slice(0, 1)
-                conv_grads, terms = block.backward_in_parts(
-                    grad_out[t0:t1], lambda b0, b1: part_input(b0, b1, t0, t1), input_per_sample, weight, conv.bias,
-                    scale[rows].expand(t1 - t0, -1), shift[rows].expand(t1 - t0, -1), states[k - 1] if k else None,
-                    grad_state, bn_weight, mean[rows], invstd[rows], ctx.count,
-                    None if rows_of_x is None else rows_of_x[t0:t1], (need_x, need_w, need_b),
-                    keep=not block.by_samples)
-                _accumulate(grads, *conv_grads)
-                keep_term(terms)
-            chunks = []
+        chunks = [] if block.by_samples else _chunks(T, block.chunk or T)
         # one key for all chunks, where the pair's kernels draw masks from keys: the masks of one call over T
         key = block.lif_ops.mask_key(grad_out, block.lif.spec) if block.bn_ops is block.lif_ops else None
         for k in reversed(range(len(chunks))):
             t0, t1 = chunks[k]
-            current = recomputed(t0, t1) if conv is not None else dense(inputs[0][t0:t1])
+            # the parts' path keeps the forward's pieces apart, so that each is freed once its gradient is used
+            currents = recomputed_pieces(t0, t1) if conv is not None else [dense(inputs[0][t0:t1])]
+            samples = block.samples_per_part(currents[0])
+            if samples is None and len(currents) > 1:
+                currents = [joined(currents)]
+            first = currents[0]
             rows = slice(t0, t1) if block.per_step else slice(0, 1)
-            carry = kernels.carry_dtype(current.dtype)
-            state = states[k - 1] if k else torch.zeros_like(current[0], dtype=carry)
+            carry = kernels.carry_dtype(first.dtype)
+            state = states[k - 1] if k else torch.zeros_like(first[0], dtype=carry)
             if grad_state is None:
-                grad_state = torch.zeros_like(current[0], dtype=carry)
+                grad_state = torch.zeros_like(first[0], dtype=carry)
             scale_rows, shift_rows = scale[rows].expand(t1 - t0, -1), shift[rows].expand(t1 - t0, -1)
-            if block.pool is None:
-                grad_spikes = grad_out[t0:t1]
-                # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's
-                # rows where the pair has no convolution before it
-                into = grad_x[t0:t1] if conv is None and need_x else None
-            else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
-                pooled = grad_out[t0:t1]
-                grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
-                                                current.flatten(0, 1)).view(current.shape)
-                into = grad_spikes if block.lif_ops.gradient_in_place() else None
-            grad_y = block.fire_backward(grad_spikes, current, scale_rows, shift_rows, state, grad_state, into, key,
-                                         T - t1)
-            del grad_spikes
-            view = block.statistics_view(grad_y)
-            grad_current, *terms = normalise_backward(view, block.statistics_view(current), bn_weight, mean[rows],
-                                                      invstd[rows], ctx.count, block.sync, block.bn_ops,
-                                                      per_step=True, out=view)
-            grad_current = grad_current.reshape(current.shape)
-            del grad_y, view, current
-            keep_term(terms)
+            if samples is not None:
+                terms = block.backward_in_parts(grad_out[t0:t1], currents, scale_rows, shift_rows, state, grad_state,
+                                                bn_weight, mean[rows], invstd[rows], ctx.count, samples)
+            else:
+                current = currents.pop()
+                if block.pool is None:
+                    grad_spikes = grad_out[t0:t1]
+                    # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's
+                    # rows where the pair has no convolution before it
+                    into = grad_x[t0:t1] if conv is None and need_x else None
+                else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
+                    pooled = grad_out[t0:t1]
+                    grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
+                                                    current.flatten(0, 1)).view(current.shape)
+                    into = grad_spikes if block.lif_ops.gradient_in_place() else None
+                grad_y = block.fire_backward(grad_spikes, current, scale_rows, shift_rows, state, grad_state, into, key,
+                                             T - t1)
+                del grad_spikes
+                view = block.statistics_view(grad_y)
+                grad_current, *terms = normalise_backward(view, block.statistics_view(current), bn_weight, mean[rows],
+                                                          invstd[rows], ctx.count, block.sync, block.bn_ops,
+                                                          per_step=True, out=view)
+                currents.append(grad_current.reshape(current.shape))
+                del grad_y, view, grad_current, current
+            for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
+                if needed:
+                    kept.append(term)
+            del first
             if conv is None:
                 continue
-            # the current's gradient, piece by piece, latest first
-            for p, s0, s1 in reversed(pieces(t0, t1)):
-                gx, gw, gb = _conv_backward(conv, grad_current[s0 - t0:s1 - t0].flatten(0, 1),
-                                            block_input(p, s0, s1), weight, (need_x, need_w, need_b))
+            # the current's gradient, piece by piece (one piece where the chunk ran whole), latest first
+            chunk_pieces = pieces(t0, t1)
+            apart = len(currents) == len(chunk_pieces)
+            for p, s0, s1 in reversed(chunk_pieces):
+                grad_current = currents[-1] if apart else currents[0][s0 - t0:s1 - t0]
+                gx, gw, gb = _conv_backward(conv, grad_current.flatten(0, 1), block_input(p, s0, s1), weight,
+                                            (need_x, need_w, need_b))
+                if apart:
+                    currents.pop()  # this piece's gradient is used: freed
+                del grad_current
                 if need_x:
                     grad_x[s0 * B: s1 * B] = gx
                 del gx
                 _accumulate(grads, gw, gb)
-            del grad_current
+            currents.clear()
         grad_bn = [_cast(torch.cat(kept[::-1]).sum(0), bn_weight) if kept else None for kept in bn_terms]
         if conv is None:
             return grad_x, None, None, *grad_bn, None

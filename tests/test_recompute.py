@@ -187,6 +187,35 @@ def test_by_default_blocks_with_cheap_convolutions_go_by_samples_and_the_rest_by
     assert {id(b) for b in by_samples} == {id(b) for b in cheap} and len(by_samples) == len(cheap)
 
 
+@pytest.mark.parametrize("B", [3, 10])
+def test_by_samples_parts_that_end_inside_a_byte_of_the_inputs_bits_give_the_default_paths_gradients(B):
+    """3 channels of 5x5 spikes: 75 entries a sample, so a part's timesteps fill whole bytes only in parts of 8
+    samples. At B = 3 the one part, at B = 10 the last of two, ends inside a byte and is decoded a timestep at a
+    time; the first part at B = 10 takes its timesteps' bytes side by side. Either way the gradients are the
+    default path's."""
+    from msgcli.snn.models.base import conv_bn_lif
+    from msgcli.snn.neuron import mark_levels
+
+    T = 4
+    torch.manual_seed(0)
+    block = conv_bn_lif(3, 5, {"mask_p": 0.5})
+    recomputed = copy.deepcopy(block)
+    set_recompute(recomputed, True)
+    x = torch.rand(T, B, 3, 5, 5).round()
+    results = []
+    for net in (block, recomputed):
+        torch.manual_seed(5)
+        inputs = mark_levels(x.clone().requires_grad_(), 1)
+        spikes = net(inputs)
+        (spikes * torch.linspace(-1, 1, spikes.numel()).view(spikes.shape)).sum().backward()
+        results.append((spikes, inputs.grad, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (spikes, grad_x, grads), (spikes_r, grad_x_r, grads_r) = results
+    assert torch.equal(spikes, spikes_r)
+    torch.testing.assert_close(grad_x_r, grad_x, rtol=1e-5, atol=1e-6 * grad_x.abs().max().item())
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_r[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+
+
 def test_a_block_going_by_samples_keeps_no_membrane_where_a_chunk_would_start():
     from msgcli.snn.neuron import mark_levels
 

@@ -134,7 +134,7 @@ class _Block:
     def conv_weight(self, weight: torch.Tensor | None) -> torch.Tensor | None:
         """The convolution's ``weight`` as each piece's call takes it: in autocast's dtype and channels-last, like
         the pieces' input; cast and laid out once per pass rather than in every call (the same values)."""
-        if weight is None or weight.dim() != 4:
+        if weight is None:  # a BatchNorm-LIF pair without a convolution
             return weight
         _, enabled, dtype = self.autocast
         return weight.to(dtype if enabled else weight.dtype, memory_format=torch.channels_last)

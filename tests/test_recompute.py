@@ -293,6 +293,29 @@ def test_recompute_backward_holds_a_blocks_current_for_the_whole_batch_a_timeste
     assert max(size for size in seen.sizes if size != passed) == widest
 
 
+def test_blocks_whose_images_come_out_small_convolve_a_chunk_of_timesteps_per_call(monkeypatch):
+    """vggsnn_tiny at 32x32 by chunks of two: its first block's images are 32x32 (1024 pixels, above SMALL_IMAGE),
+    convolved a timestep at a time; the next two's are 16x16 and 8x8 (at most 256), a chunk per call, forward and
+    backward. The gradients stay the default path's (the test above, same sizes)."""
+    from msgcli.snn.layers import recompute
+
+    assert recompute.SMALL_IMAGE == 256
+    T, B, chunk = 4, 3, 2
+    _, recomputed = _pair("vggsnn_tiny", chunk, T=T)
+    calls = {}
+    for name, module in recomputed.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            def counting(x, weight, bias, forward=module._conv_forward, name=name):
+                calls.setdefault(name, []).append(x.shape[0])
+                return forward(x, weight, bias)
+            monkeypatch.setattr(module, "_conv_forward", counting)
+    recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum().backward()
+    images = [sizes for _, sizes in sorted(calls.items())]
+    assert len(images) == 3
+    assert images[0] == [B] * (2 * T)  # forward, then backward's recomputation
+    assert images[1] == images[2] == [chunk * B] * (2 * T // chunk)
+
+
 def test_backward_by_samples_makes_nothing_larger_than_a_parts_current():
     """By samples (no chunk asked for, vggsnn_tiny's cheap convolutions), backward recomputes a part of two samples
     over all T at a time (IMAGES_PER_PART = 16 images at T = 6): the largest tensor it makes is that part's current

@@ -16,10 +16,11 @@ timesteps starts. Backward works one chunk at a time, latest first, so the large
 a chunk's, not the layer's: the chunk's current and its gradient, which takes the place of the spikes'
 gradient where the block owns that one. With per-step statistics a block convolves one timestep at a
 time, forward and backward, so neither its input nor its input's gradient exists in float for more
-than a timestep (beyond the input's gradient autograd passes on), and a block followed by an average
+than a timestep (beyond the input's gradient autograd passes on), bar a block whose images come out
+small (:data:`SMALL_IMAGE`), which convolves a chunk per call; and a block followed by an average
 pool (VGG's) runs the pool inside: only the pooled spikes leave the block, and the spikes' gradient
 exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), a chunk's current stays in
-its one-timestep pieces and the LIF's and the BatchNorm's backward run a few samples at a time
+its pieces and the LIF's and the BatchNorm's backward run a few samples at a time
 (:meth:`_Block.backward_in_parts`), writing the current's gradient over the pieces, each freed once
 the convolution's backward has used it: no gradient of the chunk then exists for the whole batch
 beside its current. Where no chunk size is asked for (the default), a block whose convolution is cheap to run
@@ -68,6 +69,12 @@ RERUN_FAN_IN = 576
 ResNet18's first stage) runs once more in backward rather than keep a chunk of its current: its block's backward
 goes by samples (:meth:`_Block.backward_by_samples`). These blocks have the widest currents for the least work."""
 
+SMALL_IMAGE = 256
+"""A per-step block whose convolution makes images of at most this many pixels (VGGSNN's last four at 48x48 input:
+12x12 and 6x6) convolves a chunk of timesteps per call rather than one timestep: a timestep of a batch of such small
+images is too small a call for oneDNN (at batch 16, 10 % slower at 12x12, 20 % at 6x6), and a chunk of their
+current is small beside the wider blocks' chunks that backward keeps."""
+
 IMAGES_PER_PART = 16
 """Timesteps times samples that one part of :meth:`_Block.backward_by_samples` convolves at once, at least."""
 
@@ -92,6 +99,15 @@ def _conv_backward(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor, weight:
         [need_x, need_w, conv.bias is not None and need_b])
 
 
+def _output_size(conv: nn.Conv2d, image: tuple[int, int]) -> tuple[int, int]:
+    """The height and width of ``conv``'s output for an input of ``image`` (height, width)."""
+    if conv.padding == "same":
+        return image
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, p, d, k, s in zip(image, padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
 def _accumulate(grads: list, gw, gb) -> None:
     """Add a piece's convolution weight and bias gradients into ``grads``, in float32."""
     for i, g in enumerate((gw, gb)):
@@ -103,7 +119,8 @@ class _Block:
     """The modules of one block and how this call runs them."""
 
     def __init__(self, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, levels: int | None,
-                 chunk: int | None, T: int, device: torch.device, pool: nn.AvgPool2d | None = None) -> None:
+                 chunk: int | None, T: int, device: torch.device, pool: nn.AvgPool2d | None = None,
+                 image: tuple[int, int] | None = None) -> None:
         self.conv, self.bn, self.lif, self.levels, self.pool = conv, bn, lif, levels, pool
         self.sync = bn.sync and synchronised()
         self.per_step = bn.mode == "per_step"
@@ -114,8 +131,12 @@ class _Block:
                            and conv.weight[0].numel() <= RERUN_FAN_IN)
         self.current_like = None  # a timestep's current: (shape [B, ...], strides), for backward's mask
         # timesteps a convolution runs at once: one, where per-step statistics allow, so that its input, its
-        # output in forward and its input's gradient never exist for more than one timestep
-        self.piece = 1 if self.per_step and conv is not None else self.chunk
+        # output in forward and its input's gradient never exist for more than one timestep; a chunk where its
+        # images (``image``: the input's height and width) come out small (:data:`SMALL_IMAGE`)
+        self.piece = self.chunk
+        if self.per_step and conv is not None and (self.by_samples or image is None
+                                                   or math.prod(_output_size(conv, image)) > SMALL_IMAGE):
+            self.piece = 1
         self.levels_out = 1 if pool is None else pooled_levels(pool, 1)
         self.bn_ops = _batchnorm_kernels(device)
         self.lif_ops = lif.kernels(device)
@@ -546,7 +567,7 @@ def default_chunk(T: int) -> int:
 
 def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
          pool: nn.AvgPool2d | None = None) -> torch.Tensor:
-    block = _Block(conv, bn, lif, levels_of(x), chunk, x.shape[0], x.device, pool)
+    block = _Block(conv, bn, lif, levels_of(x), chunk, x.shape[0], x.device, pool, tuple(x.shape[-2:]))
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
     spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
     if bn.track_running_stats and bn.running_mean is not None:

@@ -268,6 +268,30 @@ def test_the_pairs_backward_reads_a_part_of_a_larger_batchs_gradient_where_it_li
 
 @has_compiler
 @needs_kernels
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_bit_planes_in_one_kernel_equal_the_codes_and_numpys_planes(built_kernels, dtype, levels):
+    """The kernel's planes of a dense tensor (contiguous, channels-last, a length that ends inside a byte) are
+    those of the codes and numpy's packbits, and unpacking them, or a slice of their bytes read in place, gives the
+    entries back as the codes' decode does."""
+    from msgcli.snn.kernels import torch_ops
+
+    g = torch.Generator().manual_seed(levels)
+    codes = torch.randint(0, levels + 1, (5, 3, 7, 9), generator=g, dtype=torch.uint8)
+    for x in ((codes.double() / levels).to(dtype),
+              (codes.double() / levels).to(dtype).contiguous(memory_format=torch.channels_last)):
+        in_memory = x.as_strided((x.numel(),), (1,))
+        planes = built_kernels.pack_bits(x, levels)
+        assert torch.equal(planes, torch_ops.planes_numpy(built_kernels.encode(in_memory, levels), levels.bit_length()))
+        y = built_kernels.unpack_bits(planes, tuple(x.shape), x.stride(), levels, dtype)
+        assert torch.equal(y, x) and y.stride() == x.stride()
+    wide = torch.cat([torch.randint(0, 256, (planes.shape[0], 3), generator=g, dtype=torch.uint8), planes], dim=1)
+    part = wide[:, 3:3 + 17]  # 17 bytes in place, rows a wider row apart: 131 entries
+    expected = built_kernels.decode(torch_ops.codes_numpy(part.contiguous(), 131), levels, dtype)
+    assert torch.equal(built_kernels.unpack_bits(part, (131,), (1,), levels, dtype), expected)
+
+
 def test_per_step_batchnorm_bfloat16_and_float32():
     x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):

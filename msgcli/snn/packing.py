@@ -4,8 +4,9 @@ A tensor whose entries are multiples of ``1 / levels`` in ``[0, 1]`` (spikes: ``
 averages: 4) takes ``levels + 1`` values, so ``bits(levels)`` bit planes restore it exactly: one bit a
 spike, three an average of four. The planes follow the tensor's memory order, so any dense layout
 (contiguous or channels-last) packs without a copy and unpacks into the same strides. The device's
-``pack_bits``/``unpack_bits`` of :mod:`msgcli.snn.kernels` do it: one Triton kernel each way on
-CUDA, elsewhere the codes (``x * levels`` as bytes) of its ``encode``/``decode`` and their planes.
+``pack_bits``/``unpack_bits`` of :mod:`msgcli.snn.kernels` do it: one kernel each way, Triton on CUDA and C
+on the CPU, elsewhere (or without a C compiler) the codes (``x * levels`` as bytes) of its
+``encode``/``decode`` and their planes.
 """
 
 from __future__ import annotations

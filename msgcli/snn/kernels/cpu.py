@@ -270,7 +270,9 @@ class CpuKernels:
                                                        dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32, i32]
             getattr(lib, f"spike_encode_{s}").argtypes = [vp, vp, i64, dbl, i32]
             getattr(lib, f"spike_decode_{s}").argtypes = [vp, vp, i64, dbl, i32]
-            for name in ("lif_fwd", "lif_bwd", "spike_encode", "spike_decode"):
+            getattr(lib, f"spike_pack_{s}").argtypes = [vp, vp, i64, i64, i32, dbl, i32]
+            getattr(lib, f"spike_unpack_{s}").argtypes = [vp, vp, i64, i64, i32, dbl, i32]
+            for name in ("lif_fwd", "lif_bwd", "spike_encode", "spike_decode", "spike_pack", "spike_unpack"):
                 getattr(lib, f"{name}_{s}").restype = None
             for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx", "bnlif_fwd", "bnlif_bwd"):
                 getattr(lib, f"{name}_{s}").restype = i32
@@ -298,8 +300,12 @@ class CpuKernels:
             return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
         if op == "decode":
             return args[0].device.type == "cpu" and args[2] in _DTYPES and _dense(args[0])
-        if op in ("pack_bits", "unpack_bits"):
-            return False  # encode or decode here, the planes by numpy
+        if op == "pack_bits":
+            return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
+        if op == "unpack_bits":  # planes whose rows may be a slice of wider ones
+            planes = args[0]
+            return (planes.device.type == "cpu" and planes.dtype == torch.uint8 and planes.dim() == 2
+                    and planes.stride(1) == 1 and args[4] in _DTYPES)
         raise ValueError(f"unknown operation {op!r}")
 
     @staticmethod
@@ -469,6 +475,22 @@ class CpuKernels:
         x = pool.empty_strided(codes.shape, codes.stride(), dtype)
         getattr(self.lib, f"spike_decode_{_DTYPES[dtype]}")(_ptr(codes), _ptr(x), codes.numel(), float(levels),
                                                            torch.get_num_threads())
+        return x
+
+    def pack_bits(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """The bit planes of a dense ``x``'s codes (:func:`msgcli.snn.packing.pack`), in one pass: no codes between."""
+        k, n = int(levels).bit_length(), x.numel()
+        planes = torch.empty((k, -(-n // 8)), dtype=torch.uint8)
+        getattr(self.lib, f"spike_pack_{_DTYPES[x.dtype]}")(_ptr(x), _ptr(planes), n, planes.stride(0), k,
+                                                           float(levels), torch.get_num_threads())
+        return planes
+
+    def unpack_bits(self, planes: torch.Tensor, shape: tuple, stride: tuple, levels: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """The ``dtype`` tensor of ``shape`` and dense ``stride`` whose codes ``planes`` hold, in one pass."""
+        x = pool.empty_strided(shape, stride, dtype)
+        getattr(self.lib, f"spike_unpack_{_DTYPES[dtype]}")(_ptr(planes), _ptr(x), x.numel(), planes.stride(0),
+                                                           planes.shape[0], float(levels), torch.get_num_threads())
         return x
 
     # ---------------------------------------------------------------- self-test

@@ -292,6 +292,22 @@ def test_bit_planes_in_one_kernel_equal_the_codes_and_numpys_planes(built_kernel
     assert torch.equal(built_kernels.unpack_bits(part, (131,), (1,), levels, dtype), expected)
 
 
+@has_compiler
+def test_bit_planes_a_byte_at_a_time_equal_those_of_the_vector_path(built_kernels, fresh_build, monkeypatch):
+    """The kernels built without AVX-512 (a byte of every plane at a time, as on machines without it) pack the
+    planes and unpack the entries of the default build (16 entries at a time where the host has AVX-512)."""
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-mno-avx512f"])
+    plain = kernels.C_KERNELS.get()
+    assert plain is not None and plain.lib._name != built_kernels.lib._name
+    for dtype, levels in itertools.product((torch.float32, torch.bfloat16, torch.float64), (1, 2, 4)):
+        codes = torch.randint(0, levels + 1, (7, 5, 11, 13), generator=torch.Generator().manual_seed(levels))
+        x = (codes.double() / levels).to(dtype).contiguous(memory_format=torch.channels_last)
+        planes = built_kernels.pack_bits(x, levels)
+        assert torch.equal(plain.pack_bits(x, levels), planes)
+        shape = tuple(x.shape), x.stride(), levels, dtype
+        assert torch.equal(plain.unpack_bits(planes, *shape), built_kernels.unpack_bits(planes, *shape))
+
+
 def test_per_step_batchnorm_bfloat16_and_float32():
     x = _channels_last(torch.randn(3, 4, 16, 6, 6) * 2 + 1)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):

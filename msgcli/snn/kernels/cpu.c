@@ -1,4 +1,4 @@
-/* Fused CPU kernels of msgsnn (see cpu.py): the LIF time loop, per-timestep BatchNorm, MSG masks, spike codes. */
+/* Fused CPU kernels of msgsnn (see cpu.py): the LIF time loop, per-timestep BatchNorm, MSG masks, spikes as bit planes. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -535,25 +535,10 @@ int bn_bdx_##S(const st* dy, const st* restrict x, st* dx,                      
     return 0;                                                                                 \
 }
 
-/* ------------------------------------------------------------------ spike codes */
-/* entries that are multiples of 1/levels in [0, 255/levels] <-> uint8 codes (exact) */
-
-#define DEF_CODES(S, st, ct, LD, ST)                                                          \
-void spike_encode_##S(const st* restrict x, uint8_t* restrict q, int64_t n, double levels, int nt) { \
-    const ct k = (ct)levels;                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
-    for (int64_t i = 0; i < n; i++) q[i] = (uint8_t)(LD(x[i]) * k + (ct)0.5);                 \
-}                                                                                             \
-void spike_decode_##S(const uint8_t* restrict q, st* restrict x, int64_t n, double levels, int nt) { \
-    const ct r = (ct)(1.0 / levels);                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nt)")                              \
-    for (int64_t i = 0; i < n; i++) x[i] = ST((ct)q[i] * r);                                  \
-}
-
 /* ------------------------------------------------------------------ bit planes of spike codes */
-/* planes [k][pb] (plane b at planes + b * pb, pb >= ceil(n / 8)): bit e of byte j of plane b is bit b of
-   the code (as spike_encode makes it) of entry 8j + e of x, in memory order; unpack writes the entries back
-   as spike_decode does. One pass each way, no codes in between: with AVX-512, 16 entries (two bytes of each
+/* Entries that are multiples of 1/levels in [0, 255/levels] have exact uint8 codes x * levels. planes
+   [k][pb] (plane b at planes + b * pb, pb >= ceil(n / 8)): bit e of byte j of plane b is bit b of the code
+   of entry 8j + e of x, in memory order; unpack writes the entries back, code / levels. One pass each way, no codes in between: with AVX-512, 16 entries (two bytes of each
    plane) at a time for float32 and bfloat16, the same numbers as the byte at a time of the rest. */
 #define DEF_PLANE_BYTES(S, st, ct, LD, ST)                                                    \
 static inline void pack_byte_##S(const st* restrict x, uint8_t* restrict planes, int64_t n,  \
@@ -676,9 +661,6 @@ DEF_BNLIF(bf16, bf16, float, BFL, BFS)
 DEF_BN(f32, float, float, ID, F32)
 DEF_BN(f64, double, double, ID, F64)
 DEF_BN(bf16, bf16, float, BFL, BFS)
-DEF_CODES(f32, float, float, ID, F32)
-DEF_CODES(f64, double, double, ID, F64)
-DEF_CODES(bf16, bf16, float, BFL, BFS)
 DEF_PLANES(f32, float, float, ID, F32)
 DEF_PLANES(f64, double, double, ID, F64)
 DEF_PLANES(bf16, bf16, float, BFL, BFS)

@@ -1,4 +1,4 @@
-"""The fused CPU kernels: the LIF time loop, per-timestep BatchNorm and spike codes, in C, built at first use.
+"""The fused CPU kernels: the LIF time loop, per-timestep BatchNorm and spikes as bits, in C, built at first use.
 
 The kernels are plain C (``cpu.c`` beside this file, OpenMP, compiled with ``$CC`` or the
 system's ``gcc``/``cc`` for the host CPU, loaded with ``ctypes``): no torch headers, so the
@@ -268,11 +268,9 @@ class CpuKernels:
             getattr(lib, f"bnlif_fwd_{s}").argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, dbl, dbl, i32, i32, i32]
             getattr(lib, f"bnlif_bwd_{s}").argtypes = [vp, i64, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64,
                                                        dbl, dbl, i32, i32, i32, dbl, i32, dbl, i32, i32]
-            getattr(lib, f"spike_encode_{s}").argtypes = [vp, vp, i64, dbl, i32]
-            getattr(lib, f"spike_decode_{s}").argtypes = [vp, vp, i64, dbl, i32]
             getattr(lib, f"spike_pack_{s}").argtypes = [vp, vp, i64, i64, i32, dbl, i32]
             getattr(lib, f"spike_unpack_{s}").argtypes = [vp, vp, i64, i64, i32, dbl, i32]
-            for name in ("lif_fwd", "lif_bwd", "spike_encode", "spike_decode", "spike_pack", "spike_unpack"):
+            for name in ("lif_fwd", "lif_bwd", "spike_pack", "spike_unpack"):
                 getattr(lib, f"{name}_{s}").restype = None
             for name in ("bn_stats", "bn_apply", "bn_bsums", "bn_bdx", "bnlif_fwd", "bnlif_bwd"):
                 getattr(lib, f"{name}_{s}").restype = i32
@@ -296,10 +294,8 @@ class CpuKernels:
             return supports(args[0])
         if op in ("bn_backward_sums", "bn_backward_input"):
             return supports(args[1])
-        if op == "encode":
-            return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
-        if op == "decode":
-            return args[0].device.type == "cpu" and args[2] in _DTYPES and _dense(args[0])
+        if op in ("encode", "decode"):
+            return False  # bytes only where planes are not packed here: torch operators
         if op == "pack_bits":
             return args[0].device.type == "cpu" and args[0].dtype in _DTYPES and _dense(args[0])
         if op == "unpack_bits":  # planes whose rows may be a slice of wider ones
@@ -462,20 +458,7 @@ class CpuKernels:
         self._bn("bn_bdx", x, dy, x, dx, *(_double(k) for k in (mean, q, a, r)), T, B, C, L)
         return dx
 
-    # ---------------------------------------------------------------- spike codes
-
-    def encode(self, x: torch.Tensor, levels: int) -> torch.Tensor:
-        """uint8 codes ``x * levels`` of a dense tensor whose entries are multiples of ``1 / levels``."""
-        codes = torch.empty_like(x, dtype=torch.uint8)
-        getattr(self.lib, f"spike_encode_{_DTYPES[x.dtype]}")(_ptr(x), _ptr(codes), x.numel(), float(levels),
-                                                             torch.get_num_threads())
-        return codes
-
-    def decode(self, codes: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
-        x = pool.empty_strided(codes.shape, codes.stride(), dtype)
-        getattr(self.lib, f"spike_decode_{_DTYPES[dtype]}")(_ptr(codes), _ptr(x), codes.numel(), float(levels),
-                                                           torch.get_num_threads())
-        return x
+    # ---------------------------------------------------------------- spike bit planes
 
     def pack_bits(self, x: torch.Tensor, levels: int) -> torch.Tensor:
         """The bit planes of a dense ``x``'s codes (:func:`msgcli.snn.packing.pack`), in one pass: no codes between."""

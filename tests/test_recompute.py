@@ -118,6 +118,70 @@ def test_lean_batchnorm_lif_pairs_equal_the_layers_run_one_by_one(name, T, size,
         assert torch.equal(buffers_p[n], b), n
 
 
+def test_a_pooled_pair_whose_kernel_writes_its_own_buffer_copies_the_gradient_into_the_inputs(monkeypatch):
+    """Kernels that cannot write the current's gradient over the spikes' (Triton's) give it in a buffer of their
+    own, copied into the gradient of the BatchNorm's input: the same numbers as the layers one by one."""
+    from msgcli.snn.kernels import cpu
+
+    monkeypatch.setattr(cpu.CpuKernels, "gradient_in_place", False)
+    torch.manual_seed(0)
+    plain = _lean(build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, mask_p=0.5, input_size=32), False)
+    model = _lean(copy.deepcopy(plain))
+    x = torch.rand(3, 4, 2, 32, 32).round()
+    logits, grads, _ = _step(model, x)
+    logits_p, grads_p, _ = _step(plain, x)
+    assert torch.equal(logits, logits_p)
+    for n, g in grads.items():
+        assert torch.equal(grads_p[n], g), n
+
+
+def test_the_default_paths_backward_makes_a_pooled_layers_spike_gradient_once():
+    """The pool after a BatchNorm-LIF pair runs inside the pair: backward spreads the pooled gradient straight into
+    the buffer where the pair then writes the current's gradient and the BatchNorm input's, so the widest layer's
+    (vggsnn_tiny's first: 32 channels at 32x32, pooled) gradient is made once, not once more for the spikes."""
+    T, B = 4, 3
+    widest = T * B * 32 * 32 * 32 * 4
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=T, mask_p=0.5, input_size=32)
+    loss = model(torch.rand(B, T, 2, 32, 32).round()).square().sum()
+    with _Created() as seen:
+        loss.backward()
+    assert seen.sizes.count(widest) == 1
+
+
+def test_the_default_path_lets_each_blocks_spikes_go_once_the_next_convolution_has_run(monkeypatch):
+    """The layers of the blocks run in the outer SpikingSequential's loop: a block's spikes, kept as bits by the
+    convolution after them, are freed before the next pair runs, not held by the call of the block they enter
+    (VGGSNN, whose every other block has no pool after it)."""
+    import weakref
+
+    from msgcli.snn.layers import recompute
+
+    made, alive_at_call = [], []
+    run = recompute.lean_bn_lif
+
+    def recorded(x, *args):
+        alive_at_call.append(sum(ref() is not None for ref in made))
+        spikes = run(x, *args)
+        made.append(weakref.ref(spikes))
+        return spikes
+
+    monkeypatch.setattr(recompute, "lean_bn_lif", recorded)
+    model = build_model("vggsnn", in_channels=2, num_classes=10, T=2, mask_p=0.5, input_size=16)
+    model(torch.rand(2, 2, 2, 16, 16).round()).sum().backward()
+    assert len(alive_at_call) == 8 and alive_at_call == [0] * 8
+
+
+def test_a_pooled_pairs_spikes_before_the_pool_are_not_kept_for_reuse():
+    """The buffer a pair makes its spikes in before the pool comes back to the CPU pool inside the forward, where
+    grad is off; the pair lets it go, since a block kept there stays resident through the step's forward."""
+    from msgcli.snn import memory
+
+    memory.pool.clear()
+    model = build_model("vggsnn_tiny", in_channels=2, num_classes=10, T=4, mask_p=0.5, input_size=32)
+    model(torch.rand(3, 4, 2, 32, 32).round())  # the first block's spikes: 1.5 MiB, above the pool's least
+    assert memory.pool.cached == 0
+
+
 def test_a_different_mask_would_show():
     """The test above can see the MSG mask: another seed in backward moves the gradients far beyond rounding."""
     model, recomputed = _pair("vggsnn_tiny", 1)

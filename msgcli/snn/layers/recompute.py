@@ -41,7 +41,8 @@ pair's forward writes only the spikes and its backward recomputes the current
 and the membrane inside the LIF's backward kernel, so a pair costs no more time than the two layers
 run one by one, and the default path runs every BatchNorm-LIF pair leanly there: one float tensor
 per spiking layer, with the convolutions keeping their input spikes as bits and average pools of
-spikes keeping nothing (:mod:`.spike_conv`). Elsewhere (torch operators; CUDA with torch's
+spikes keeping nothing (:mod:`.spike_conv`); a pool after a pair runs inside it, so that the spikes'
+gradient in backward is the pair's own buffer, where the gradient of the BatchNorm's input ends. Elsewhere (torch operators; CUDA with torch's
 ``batch_norm``, its default) recomputing costs passes of its own, so the default path runs the layers
 one by one. The Triton pair draws its MSG masks from a key: a block's chunks share one, each drawing
 its timesteps' masks of the whole sequence, so chunks change no mask there either.
@@ -378,6 +379,10 @@ class RecomputedBlock(torch.autograd.Function):
         ctx.block, ctx.count, ctx.shape = block, count, (T, B, tuple(flat.shape), flat.stride(), x.dtype)
         ctx.n_inputs, ctx.n_states = len(saved_inputs), len(states)
         ctx.mark_non_differentiable(mean, unbiased)
+        if x.device.type == "cpu":
+            # the pieces' transient buffers (the spikes before the pool) came back to the CPU pool, which keeps
+            # blocks freed where grad is off, as here; kept, they would stay resident through the whole step
+            memory.pool.clear()
         return out, mean, unbiased
 
     @staticmethod
@@ -478,15 +483,17 @@ class RecomputedBlock(torch.autograd.Function):
                                                 bn_weight, mean[rows], invstd[rows], ctx.count, samples)
             else:
                 current = currents.pop()
+                # where the pair has no convolution before it, the gradients end in grad_x's rows: the current's
+                # and then the BatchNorm's input's (and before them the spikes', where the block pools)
+                rows_x = grad_x[t0:t1] if conv is None and need_x else None
                 if block.pool is None:
-                    grad_spikes = grad_out[t0:t1]
-                    # the gradients of the current and then of the BatchNorm's input share one buffer: grad_x's
-                    # rows where the pair has no convolution before it
-                    into = grad_x[t0:t1] if conv is None and need_x else None
+                    grad_spikes, into = grad_out[t0:t1], rows_x
                 else:  # the spikes' gradient, this chunk's own: the current's gradient takes its place
                     pooled = grad_out[t0:t1]
                     grad_spikes = avg_pool_backward(block.pool, pooled.reshape(-1, *pooled.shape[2:]),
-                                                    current.flatten(0, 1)).view(current.shape)
+                                                    current.flatten(0, 1),
+                                                    None if rows_x is None else rows_x.view(-1, *rows_x.shape[2:]))
+                    grad_spikes = grad_spikes.view(current.shape)
                     into = grad_spikes if block.lif_ops.gradient_in_place() else None
                 grad_y = block.fire_backward(grad_spikes, current, scale_rows, shift_rows, state, grad_state, into, key,
                                              T - t1)
@@ -495,6 +502,8 @@ class RecomputedBlock(torch.autograd.Function):
                 grad_current, *terms = normalise_backward(view, block.statistics_view(current), bn_weight, mean[rows],
                                                           invstd[rows], ctx.count, block.sync, block.bn_ops,
                                                           per_step=True, out=view)
+                if rows_x is not None and grad_current.data_ptr() != rows_x.data_ptr():
+                    rows_x.copy_(grad_current.reshape(current.shape))  # a kernel that writes its own buffer
                 currents.append(grad_current.reshape(current.shape))
                 del grad_y, view, grad_current, current
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
@@ -575,10 +584,11 @@ def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int 
     return spikes if block.levels_out is None else mark_levels(spikes, block.levels_out)
 
 
-def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int) -> torch.Tensor:
-    """Spikes of ``lif(bn(x))``, saving only ``x`` (and statistics) for backward; the running statistics updated
-    once."""
-    return _run(x, None, bn, lif, chunk)
+def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int,
+                pool: Folded | None = None) -> torch.Tensor:
+    """Spikes of ``lif(bn(x))`` (and ``pool``'s average of them), saving only ``x`` (and statistics) for backward;
+    the running statistics updated once."""
+    return _run(x, None, bn, lif, chunk, None if pool is None else pool.module)
 
 
 def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
@@ -591,6 +601,12 @@ def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif
     return _run(x, folded.module, bn, lif, chunk, None if pool is None else pool.module)
 
 
+def _spike_pool(modules) -> bool:
+    """``modules`` are one folded average pool, no hooks: a BatchNorm-LIF pair before it can pool its spikes inside."""
+    return (len(modules) == 1 and isinstance(modules[0], Folded) and unhooked(modules[0], Folded)
+            and type(modules[0].module) is nn.AvgPool2d and unhooked(modules[0].module, nn.AvgPool2d))
+
+
 def _pooled_block(modules) -> bool:
     """``modules`` are a recomputing :class:`SpikingSequential` of one conv-BN-LIF block and a folded average pool
     of its spikes: the block then pools inside, so that the spikes' gradient exists one chunk at a time, not as
@@ -599,15 +615,16 @@ def _pooled_block(modules) -> bool:
         return False
     block, pool = modules
     return (isinstance(block, SpikingSequential) and block.recompute and recomputable(list(block))
-            and unhooked(block, SpikingSequential) and isinstance(pool, Folded) and unhooked(pool, Folded)
-            and type(pool.module) is nn.AvgPool2d and unhooked(pool.module, nn.AvgPool2d))
+            and unhooked(block, SpikingSequential) and _spike_pool([pool]))
 
 
 class SpikingSequential(nn.Sequential):
     """``nn.Sequential`` (same children, same state_dict keys) that runs in training each BatchNorm-LIF pair
     through :func:`lean_bn_lif` where one kernel fuses it (``lean`` None, the default; True: wherever the pair
-    runs leanly, False: never), and once :func:`set_recompute` has switched it on, each conv-BN-LIF block
-    through :func:`recomputed_block`."""
+    runs leanly, False: never), with the average pool after it inside, and once :func:`set_recompute` has switched
+    it on, each conv-BN-LIF block through :func:`recomputed_block`. Off recompute, the layers of child
+    SpikingSequentials run in this one's loop (:meth:`_spliced`), so that a pair can take the pool that follows its
+    block and each layer's input is let go as soon as the layer has run."""
 
     recompute = False
     lean: bool | None = None
@@ -617,7 +634,7 @@ class SpikingSequential(nn.Sequential):
         if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
                 or (self.lean is False and not self.recompute):
             return super().forward(x)  # compiled: the layers' operators, one opaque node each
-        modules = list(self)
+        modules = list(self) if self.recompute else self._spliced()
         i = 0
         while i < len(modules):
             if self.recompute and _pooled_block(modules[i:i + 2]):
@@ -629,13 +646,30 @@ class SpikingSequential(nn.Sequential):
                 i += 3
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
                 # in one chunk unless recomputing: the pair's gradients are written in place, so chunks would
-                # only add the membranes kept where they start
-                x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]) if self.recompute else x.shape[0])
-                i += 2
+                # only add the membranes kept where they start; a pool after the pair runs inside it, so that the
+                # spikes' gradient is the pair's own buffer, not a tensor beside it
+                pool = modules[i + 2] if _spike_pool(modules[i + 2:i + 3]) else None
+                x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]) if self.recompute else x.shape[0],
+                                pool)
+                i += 2 if pool is None else 3
             else:
                 x = modules[i](x)
                 i += 1
         return x
+
+
+    def _spliced(self) -> list[nn.Module]:
+        """The children, with those of each child :class:`SpikingSequential` run as this one would run them (same
+        mode, no hooks) in their place: each layer's input is then let go once the layer has run, where a child's
+        would be held by this call until the child returns (a block's input spikes beside its current)."""
+        modules = []
+        for module in self:
+            if (isinstance(module, SpikingSequential) and unhooked(module, SpikingSequential)
+                    and module.training == self.training and not module.recompute and module.lean == self.lean):
+                modules.extend(module._spliced())
+            else:
+                modules.append(module)
+        return modules
 
 
 def set_recompute(model: nn.Module, enabled: bool = True, chunk: int | None = None) -> int:

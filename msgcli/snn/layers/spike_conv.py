@@ -89,8 +89,8 @@ class SpikeInputPool(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        like = torch.empty(ctx.shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
-        return avg_pool_backward(ctx.pool, grad_y, like), None
+        out = torch.empty(ctx.shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.memory_format)
+        return avg_pool_backward(ctx.pool, grad_y, out, out), None  # one tensor gives the shape and takes the result
 
 
 def avg_pool_backward(pool: nn.AvgPool2d, grad_y: torch.Tensor, like: torch.Tensor,

@@ -182,6 +182,48 @@ def test_a_pooled_pairs_spikes_before_the_pool_are_not_kept_for_reuse():
     assert memory.pool.cached == 0
 
 
+@pytest.mark.parametrize("name, size, chunk, kept", [
+    ("vggsnn", 48, None, [(512, 512, 12), (512, 512, 6), (512, 512, 6)]), ("vggsnn", 16, None, [(512, 512, 4),
+                                                                                             (512, 512, 2), (512, 512, 2)]),
+    ("vggsnn", 48, 5, []), ("vggsnn_tiny", 32, None, []), ("resnet18", 48, None, [])])
+def test_by_default_recompute_keeps_the_current_of_narrow_blocks_after_wide_ones(monkeypatch, name, size, chunk, kept):
+    """No chunk asked for: a block of 512 channels of 3x3 in (KEEP_FAN_IN) whose current is at most a quarter of the
+    widest recomputed before it in the same SpikingSequential, the kept ones together within that widest, runs as
+    the default path (VGGSNN: its three 512-to-512 blocks); a chunk asked for recomputes every block, and a ResNet's
+    blocks, each its own SpikingSequential, are all recomputed."""
+    from msgcli.snn.layers import recompute
+
+    seen = []
+    keeps = recompute.CurrentBudget.keeps
+
+    def recorded(budget, x, conv, *args):
+        kept_here = keeps(budget, x, conv, *args)
+        if kept_here:
+            seen.append((conv.in_channels, conv.out_channels, recompute._output_size(conv, tuple(x.shape[-2:]))[0]))
+        return kept_here
+
+    monkeypatch.setattr(recompute.CurrentBudget, "keeps", recorded)
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=2, num_classes=10, T=2, mask_p=0.5, input_size=size)
+    assert set_recompute(model, True, chunk) > 0
+    model(torch.rand(1, 2, 2, size, size).round()).sum().backward()
+    assert seen == kept
+
+
+def test_recompute_keeping_some_blocks_current_gives_the_default_paths_logits_gradients_and_running_statistics():
+    """VGGSNN at 16x16 by default keeps the current of its three 512-to-512 blocks (the test above) and recomputes
+    the rest: the same numbers as the default path (float32 rounding in the weight gradients, from the chunks)."""
+    model, recomputed = _pair("vggsnn", None, T=4, size=16)
+    x = torch.rand(2, 4, 2, 16, 16).round()
+    logits, grads, buffers = _step(model, x)
+    logits_r, grads_r, buffers_r = _step(recomputed, x)
+    assert torch.equal(logits, logits_r)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_r[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+    for n, b in buffers.items():
+        assert torch.equal(buffers_r[n], b), n
+
+
 def test_a_different_mask_would_show():
     """The test above can see the MSG mask: another seed in backward moves the gradients far beyond rounding."""
     model, recomputed = _pair("vggsnn_tiny", 1)

@@ -28,7 +28,8 @@ again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by samples ins
 (:meth:`_Block.backward_by_samples`): its backward runs over all T a few samples at a time, recomputing each
 part's current twice (for the BatchNorm's sums over the batch, then for the gradients they make), so neither a
 chunk's current for the whole batch nor a membrane where a chunk starts is kept, for one more run of the
-convolution. Per-step statistics make a chunk self-contained (its timesteps'
+convolution. At the other end, a narrow block whose convolution is dear to run again (:class:`CurrentBudget`:
+VGGSNN's three 512-to-512 blocks) keeps its current, as the default path does, and is not recomputed. Per-step statistics make a chunk self-contained (its timesteps'
 statistics are its own, saved from the forward, so the running statistics are updated once, in the
 forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
 backward, chunks latest first: the same draws in the same order as one call over T. What backward
@@ -75,6 +76,12 @@ SMALL_IMAGE = 256
 12x12 and 6x6) convolves a chunk of timesteps per call rather than one timestep: a timestep of a batch of such small
 images is too small a call for oneDNN (at batch 16, 10 % slower at 12x12, 20 % at 6x6), and a chunk of their
 current is small beside the wider blocks' chunks that backward keeps."""
+
+KEEP_FAN_IN = 4608
+"""A convolution with at least this many inputs per output (512 channels of 3x3) may keep its block's current rather
+than run again in backward (:class:`CurrentBudget`): its second run costs the most time per byte it saves. Keeping
+the 256-to-512 block of VGGSNN too (2304 inputs) saved little more time and raised the float32 peak by about
+3 MiB per sample."""
 
 IMAGES_PER_PART = 16
 """Timesteps times samples that one part of :meth:`_Block.backward_by_samples` convolves at once, at least."""
@@ -389,7 +396,7 @@ class RecomputedBlock(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         block = ctx.block
-        if block.conv is not None and grad_out.device.type == "cpu":
+        if block.returns_pages and grad_out.device.type == "cpu":
             memory.return_free_memory()  # the blocks after this one freed their tensors: their pages go back
         T, B, flat_shape, flat_stride, x_dtype = ctx.shape
         saved = ctx.saved_tensors
@@ -575,8 +582,11 @@ def default_chunk(T: int) -> int:
 
 
 def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
-         pool: nn.AvgPool2d | None = None) -> torch.Tensor:
+         pool: nn.AvgPool2d | None = None, returns_pages: bool = False) -> torch.Tensor:
     block = _Block(conv, bn, lif, levels_of(x), chunk, x.shape[0], x.device, pool, tuple(x.shape[-2:]))
+    # recomputing blocks hand the heap's free pages back before their backward (:func:`memory.return_free_memory`);
+    # the default path's pairs do not: there it raised the peak
+    block.returns_pages = returns_pages or conv is not None
     weight, bias = (None, None) if conv is None else (conv.weight, conv.bias)
     spikes, mean, var = RecomputedBlock.apply(x, weight, bias, bn.weight, bn.bias, block)
     if bn.track_running_stats and bn.running_mean is not None:
@@ -585,37 +595,55 @@ def _run(x, conv: nn.Conv2d | None, bn: TemporalBatchNorm, lif: LIF, chunk: int 
 
 
 def lean_bn_lif(x: torch.Tensor, bn: TemporalBatchNorm, lif: LIF, chunk: int,
-                pool: Folded | None = None) -> torch.Tensor:
+                pool: Folded | None = None, returns_pages: bool = False) -> torch.Tensor:
     """Spikes of ``lif(bn(x))`` (and ``pool``'s average of them), saving only ``x`` (and statistics) for backward;
-    the running statistics updated once."""
-    return _run(x, None, bn, lif, chunk, None if pool is None else pool.module)
+    the running statistics updated once. ``returns_pages``: as a recomputing block, before backward."""
+    return _run(x, None, bn, lif, chunk, None if pool is None else pool.module, returns_pages)
 
 
 def recomputed_block(x: torch.Tensor, folded: Folded, bn: TemporalBatchNorm, lif: LIF, chunk: int | None,
-                     pool: Folded | None = None) -> torch.Tensor:
+                     pool: Folded | None = None, budget: "CurrentBudget | None" = None) -> torch.Tensor:
     """Spikes of ``lif(bn(folded(x)))`` (and ``pool``'s average of them), saving only ``x`` as bits; the running
     statistics updated once. ``chunk``: timesteps per chunk in backward; None: by samples where the convolution is
-    cheap to run again (:data:`RERUN_FAN_IN`), else :func:`default_chunk`."""
+    cheap to run again (:data:`RERUN_FAN_IN`), else :func:`default_chunk`, bar a block that ``budget`` lets keep
+    its current: that one runs as the default path does."""
     if x.dim() != 5:
         raise ValueError(f"recompute: expected a block input [T, B, C, H, W], got shape {tuple(x.shape)}")
+    if budget is not None and budget.keeps(x, folded.module, bn, lif, chunk):
+        current = folded(x)  # the input spikes kept as bits, as in every recomputed block
+        return lean_bn_lif(current, bn, lif, current.shape[0], pool, returns_pages=True)
     return _run(x, folded.module, bn, lif, chunk, None if pool is None else pool.module)
+
+
+class CurrentBudget:
+    """Which blocks of one :class:`SpikingSequential` call keep their current, one float per neuron as the default
+    path does, instead of recomputing it, where no chunk size is asked for (on the CPU): a block whose convolution
+    costs the most per byte a second run would save (:data:`KEEP_FAN_IN` inputs per output or more) and whose
+    current is at most a quarter of the widest one recomputed before it in the call, while the kept currents
+    together stay within that widest one. Backward runs them before the wide blocks, so what they keep is gone by
+    the peak there. VGGSNN at 48x48 keeps its three 512-to-512 blocks (12x12 and 6x6): its step about 0.92x, the
+    activation memory within the spread of runs. Blocks of separate calls (a ResNet's residual blocks) are all
+    recomputed."""
+
+    def __init__(self) -> None:
+        self.widest = 0  # the widest recomputed current so far, in neurons per sample and timestep
+        self.kept = 0
+
+    def keeps(self, x: torch.Tensor, conv: nn.Conv2d, bn: TemporalBatchNorm, lif: LIF, chunk: int | None) -> bool:
+        size = conv.out_channels * math.prod(_output_size(conv, tuple(x.shape[-2:])))
+        if (chunk is None and x.device.type == "cpu" and conv.weight[0].numel() >= KEEP_FAN_IN
+                and 4 * size <= self.widest and self.kept + size <= self.widest
+                and lean_applies([bn, lif], x, fused_only=True)):
+            self.kept += size
+            return True
+        self.widest = max(self.widest, size)
+        return False
 
 
 def _spike_pool(modules) -> bool:
     """``modules`` are one folded average pool, no hooks: a BatchNorm-LIF pair before it can pool its spikes inside."""
     return (len(modules) == 1 and isinstance(modules[0], Folded) and unhooked(modules[0], Folded)
             and type(modules[0].module) is nn.AvgPool2d and unhooked(modules[0].module, nn.AvgPool2d))
-
-
-def _pooled_block(modules) -> bool:
-    """``modules`` are a recomputing :class:`SpikingSequential` of one conv-BN-LIF block and a folded average pool
-    of its spikes: the block then pools inside, so that the spikes' gradient exists one chunk at a time, not as
-    a whole float tensor passed between the two."""
-    if len(modules) != 2:
-        return False
-    block, pool = modules
-    return (isinstance(block, SpikingSequential) and block.recompute and recomputable(list(block))
-            and unhooked(block, SpikingSequential) and _spike_pool([pool]))
 
 
 class SpikingSequential(nn.Sequential):
@@ -634,16 +662,15 @@ class SpikingSequential(nn.Sequential):
         if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
                 or (self.lean is False and not self.recompute):
             return super().forward(x)  # compiled: the layers' operators, one opaque node each
-        modules = list(self) if self.recompute else self._spliced()
+        modules = self._spliced()
+        budget = CurrentBudget()
         i = 0
         while i < len(modules):
-            if self.recompute and _pooled_block(modules[i:i + 2]):
-                block = modules[i]
-                x = recomputed_block(x, *block, block.recompute_chunk, modules[i + 1])
-                i += 2
-            elif self.recompute and recomputable(modules[i:i + 3]):
-                x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk)
-                i += 3
+            if self.recompute and recomputable(modules[i:i + 3]):
+                # a pool after the block runs inside it: only the pooled spikes leave the block
+                pool = modules[i + 3] if _spike_pool(modules[i + 3:i + 4]) else None
+                x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk, pool, budget)
+                i += 3 if pool is None else 4
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
                 # in one chunk unless recomputing: the pair's gradients are written in place, so chunks would
                 # only add the membranes kept where they start; a pool after the pair runs inside it, so that the
@@ -657,7 +684,6 @@ class SpikingSequential(nn.Sequential):
                 i += 1
         return x
 
-
     def _spliced(self) -> list[nn.Module]:
         """The children, with those of each child :class:`SpikingSequential` run as this one would run them (same
         mode, no hooks) in their place: each layer's input is then let go once the layer has run, where a child's
@@ -665,7 +691,8 @@ class SpikingSequential(nn.Sequential):
         modules = []
         for module in self:
             if (isinstance(module, SpikingSequential) and unhooked(module, SpikingSequential)
-                    and module.training == self.training and not module.recompute and module.lean == self.lean):
+                    and (module.training, module.recompute, module.lean, module.recompute_chunk)
+                    == (self.training, self.recompute, self.lean, self.recompute_chunk)):
                 modules.extend(module._spliced())
             else:
                 modules.append(module)

@@ -509,8 +509,8 @@ class RecomputedBlock(torch.autograd.Function):
                 grad_current, *terms = normalise_backward(view, block.statistics_view(current), bn_weight, mean[rows],
                                                           invstd[rows], ctx.count, block.sync, block.bn_ops,
                                                           per_step=True, out=view)
-                if rows_x is not None and grad_current.data_ptr() != rows_x.data_ptr():
-                    rows_x.copy_(grad_current.reshape(current.shape))  # a kernel that writes its own buffer
+                if rows_x is not None and into is None:  # a kernel that writes its own buffer
+                    rows_x.copy_(grad_current.reshape(current.shape))
                 currents.append(grad_current.reshape(current.shape))
                 del grad_y, view, grad_current, current
             for kept, term, needed in zip(bn_terms, terms, ctx.needs_input_grad[3:5]):
@@ -640,10 +640,14 @@ class CurrentBudget:
         return False
 
 
-def _spike_pool(modules) -> bool:
-    """``modules`` are one folded average pool, no hooks: a BatchNorm-LIF pair before it can pool its spikes inside."""
-    return (len(modules) == 1 and isinstance(modules[0], Folded) and unhooked(modules[0], Folded)
-            and type(modules[0].module) is nn.AvgPool2d and unhooked(modules[0].module, nn.AvgPool2d))
+def _pool_at(modules: list[nn.Module], i: int) -> Folded | None:
+    """``modules[i]`` where it is a folded average pool with no hooks, which the block or pair before it can run
+    inside (only the pooled spikes then leave it); else None."""
+    pool = modules[i] if i < len(modules) else None
+    if (isinstance(pool, Folded) and unhooked(pool, Folded) and type(pool.module) is nn.AvgPool2d
+            and unhooked(pool.module, nn.AvgPool2d)):
+        return pool
+    return None
 
 
 class SpikingSequential(nn.Sequential):
@@ -663,19 +667,18 @@ class SpikingSequential(nn.Sequential):
                 or (self.lean is False and not self.recompute):
             return super().forward(x)  # compiled: the layers' operators, one opaque node each
         modules = self._spliced()
-        budget = CurrentBudget()
+        budget = CurrentBudget() if self.recompute else None
         i = 0
         while i < len(modules):
             if self.recompute and recomputable(modules[i:i + 3]):
-                # a pool after the block runs inside it: only the pooled spikes leave the block
-                pool = modules[i + 3] if _spike_pool(modules[i + 3:i + 4]) else None
+                pool = _pool_at(modules, i + 3)
                 x = recomputed_block(x, *modules[i:i + 3], self.recompute_chunk, pool, budget)
                 i += 3 if pool is None else 4
             elif lean_applies(modules[i:i + 2], x, fused_only=self.lean is None):
                 # in one chunk unless recomputing: the pair's gradients are written in place, so chunks would
                 # only add the membranes kept where they start; a pool after the pair runs inside it, so that the
                 # spikes' gradient is the pair's own buffer, not a tensor beside it
-                pool = modules[i + 2] if _spike_pool(modules[i + 2:i + 3]) else None
+                pool = _pool_at(modules, i + 2)
                 x = lean_bn_lif(x, *modules[i:i + 2], default_chunk(x.shape[0]) if self.recompute else x.shape[0],
                                 pool)
                 i += 2 if pool is None else 3

@@ -51,6 +51,25 @@ def test_recompute_gives_the_default_paths_logits_gradients_and_running_statisti
         assert torch.equal(buffers_r[n], b), n
 
 
+
+@pytest.mark.parametrize("name, T, chunk, size", [("vggsnn_tiny", 4, 1, 32), ("vggsnn_tiny", 4, 3, 32),
+                                                  ("vggsnn_tiny", 6, None, 32), ("vggsnn", 4, None, 16),
+                                                  ("resnet18", 3, None, 16)])
+def test_in_float64_recompute_gives_the_default_paths_gradients_to_float64s_rounding(name, T, chunk, size):
+    """The same arithmetic, not float32's: in float64, for any input, the gradients agree to float64's rounding,
+    so what float32 shows beyond it (the stem's weight, whose terms are the most) is the order of the sums."""
+    model, recomputed = _pair(name, chunk, T=T, size=size)
+    model.double(), recomputed.double()
+    for seed in range(3):
+        x = torch.rand(3, T, 2, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        logits, grads, _ = _step(model, x.round())
+        logits_r, grads_r, _ = _step(recomputed, x.round())
+        assert torch.equal(logits, logits_r)
+        for n, g in grads.items():
+            assert grads_r[n].dtype == torch.float64, n
+            torch.testing.assert_close(grads_r[n], g, rtol=1e-12, atol=1e-13 * g.abs().max().item(), msg=n)
+
+
 def _lean(model, lean=True):
     """``model`` with every :class:`SpikingSequential` running its BatchNorm-LIF pairs through ``lean_bn_lif``
     (``lean=False``: the layers one by one)."""

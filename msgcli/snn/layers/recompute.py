@@ -117,10 +117,11 @@ def _output_size(conv: nn.Conv2d, image: tuple[int, int]) -> tuple[int, int]:
 
 
 def _accumulate(grads: list, gw, gb) -> None:
-    """Add a piece's convolution weight and bias gradients into ``grads``, in float32."""
+    """Add a piece's convolution weight and bias gradients into ``grads``, in float32 at least (a float64 model's
+    stay float64: they would otherwise come back with float32's rounding)."""
     for i, g in enumerate((gw, gb)):
         if g is not None:
-            grads[i] = g.float() if grads[i] is None else grads[i].add_(g)
+            grads[i] = g.to(torch.promote_types(g.dtype, torch.float32)) if grads[i] is None else grads[i].add_(g)
 
 
 class _Block:
@@ -406,7 +407,7 @@ class RecomputedBlock(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         scale, shift = affine(bn_weight, bn_bias, mean, invstd)
         grad_x = memory.empty_strided(flat_shape, flat_stride, x_dtype, grad_out.device) if need_x else None
-        grads = [None, None]  # conv weight, conv bias, summed in float32
+        grads = [None, None]  # conv weight, conv bias, summed in float32 at least
         bn_terms = ([], [])  # the BatchNorm weight's and bias's gradient terms [t, C], chunks latest first
         grad_state = None
         piece = block.piece or T

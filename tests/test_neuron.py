@@ -1,38 +1,16 @@
 """Multi-step LIF: the equations of docs/method.md, fused == reference, MSG limits, no state between calls."""
 
 import itertools
-import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from msgcli.snn import LIF
+from tests.by_hand import Spike
 
 SURROGATES = ("piecewise_linear", "arctan", "sigmoid", "rectangular")
 CASES = list(itertools.product(SURROGATES, ("hard", "soft"), (False, True)))
-
-# The formulas of docs/method.md, written again here so the library is checked against them, not itself.
-DERIVATIVES = {
-    "piecewise_linear": lambda x, a: torch.where(x.abs() < 1 / a, a - a * a * x.abs(), torch.zeros_like(x)),
-    "arctan": lambda x, a: a / (1 + (math.pi / 2 * a * x) ** 2),
-    "sigmoid": lambda x, a: a * torch.sigmoid(a * x) * (1 - torch.sigmoid(a * x)),
-    "rectangular": lambda x, a: a * (x.abs() < 1 / a).double(),
-    "zero": lambda x, a: torch.zeros_like(x),
-}
-
-
-class _Spike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, name):
-        ctx.save_for_backward(x)
-        ctx.name = name
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * DERIVATIVES[ctx.name](x, 2.0), None
-
 
 def by_hand_lif(current, surrogate, reset, detach_reset, tau=2.0, v_th=0.5):
     """V[t] = V[t-1] + (I[t] - V[t-1]) / tau; S = H(V - V_th); hard V(1 - S) or soft V - V_th S.detach()."""
@@ -40,7 +18,7 @@ def by_hand_lif(current, surrogate, reset, detach_reset, tau=2.0, v_th=0.5):
     out = []
     for t in range(current.shape[0]):
         v = v + (current[t] - v) / tau
-        s = _Spike.apply(v - v_th, surrogate)
+        s = Spike.apply(v - v_th, SimpleNamespace(surrogate=surrogate, alpha=2.0, mask_p=0.0))
         r = s.detach() if detach_reset else s
         v = v * (1 - r) if reset == "hard" else v - v_th * r
         out.append(s)

@@ -17,6 +17,7 @@ from msgcli.snn import LIF, build_model, kernels, surrogate
 from msgcli.snn.msg import SpikeSpec
 from msgcli.snn.options import MASK_MODES
 from msgcli.snn.surrogate import BUILTIN, SURROGATES, arctan, piecewise_linear, rectangular, sigmoid
+from tests.by_hand import DERIVATIVES, Spike
 from tests.test_cuda import run_in_interpreter
 
 
@@ -331,34 +332,7 @@ def registered(monkeypatch):
     return "laplace"
 
 
-BY_HAND = {  # the formulas the tests below use, written again (docs/method.md)
-    "laplace": laplace,
-    "arctan": lambda x, a: a / (1 + (math.pi / 2 * a * x) ** 2),
-    "sigmoid": lambda x, a: a * torch.sigmoid(a * x) * (1 - torch.sigmoid(a * x)),
-    "zero": lambda x, a: torch.zeros_like(x),
-}
-
-
-class _Spike(torch.autograd.Function):
-    """Heaviside forward; backward: upstream x (the surrogate, or the fill where the mask drops) as drawn by hand."""
-
-    @staticmethod
-    def forward(ctx, x, spec):
-        ctx.save_for_backward(x)
-        ctx.spec = spec
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        spec = ctx.spec
-        g = BY_HAND[spec.surrogate](x, spec.alpha)
-        if spec.mask_p > 0:
-            shape = {"element": x.shape, "channel": x.shape[:2] + (1,) * (x.dim() - 2),
-                     "timestep": x.shape[:1] + (1,) * (x.dim() - 1)}[spec.mask_mode]
-            keep = torch.rand(shape, dtype=torch.float32) >= spec.mask_p
-            g = torch.where(keep, g, BY_HAND[spec.mask_fill](x, spec.alpha))
-        return grad * g, None
+BY_HAND = {**DERIVATIVES, "laplace": laplace}  # the formulas the tests below use, and the one registered
 
 
 def _by_hand(current, spec, tau=2.0, v_th=0.5):
@@ -367,7 +341,7 @@ def _by_hand(current, spec, tau=2.0, v_th=0.5):
     out = []
     for t in range(current.shape[0]):
         v = v + (current[t] - v) / tau
-        s = _Spike.apply(v - v_th, spec)
+        s = Spike.apply(v - v_th, spec, BY_HAND)
         v = v * (1 - s)
         out.append(s)
     return torch.stack(out)

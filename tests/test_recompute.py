@@ -589,3 +589,23 @@ def test_a_hooked_or_subclassed_batchnorm_or_lif_runs_its_own_forward():
     lifs[1].__class__ = Doubled
     model(x).sum().backward()
     assert seen[-1] == "doubled"
+
+
+def test_a_recomputed_run_stopped_after_an_epoch_and_resumed_gives_the_uninterrupted_metrics(tmp_path):
+    """Recompute draws each block's MSG mask again in backward: a resumed run must draw the masks the
+    uninterrupted one drew, so its metrics are the same to the last digit."""
+    import pandas as pd
+
+    from msgcli.engine.train import train
+    from tests.conftest import tiny_config
+
+    straight = train(tiny_config(tmp_path, model__recompute=True, train__epochs=2, name="straight"), tmp_path / "out",
+                     progress=False)
+    train(tiny_config(tmp_path, model__recompute=True, train__epochs=1, name="resumed"), tmp_path / "out",
+          progress=False)
+    resumed = train(tiny_config(tmp_path, model__recompute=True, train__epochs=2, name="resumed"), tmp_path / "out",
+                    resume=True, progress=False)
+    assert resumed.summary["status"] == "finished"
+    metrics = [pd.read_csv(r.run.path / "metrics.csv").drop(columns=["epoch_seconds"]) for r in (straight, resumed)]
+    assert list(metrics[1]["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(*metrics)

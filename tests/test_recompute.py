@@ -300,21 +300,16 @@ def test_by_default_blocks_with_cheap_convolutions_go_by_samples_and_the_rest_by
     assert {id(b) for b in by_samples} == {id(b) for b in cheap} and len(by_samples) == len(cheap)
 
 
-@pytest.mark.parametrize("B", [3, 10])
-def test_by_samples_parts_that_end_inside_a_byte_of_the_inputs_bits_give_the_default_paths_gradients(B):
-    """3 channels of 5x5 spikes: 75 entries a sample, so a part's timesteps fill whole bytes only in parts of 8
-    samples. At B = 3 the one part, at B = 10 the last of two, ends inside a byte and is decoded a timestep at a
-    time; the first part at B = 10 takes its timesteps' bytes side by side. Either way the gradients are the
-    default path's."""
+def _block_and_recomputed_gradients(x, channels=5):
+    """A conv-BN-LIF block's spikes, input gradient and parameter gradients for spikes ``x [T, B, C, H, W]``, on
+    the default path and recomputed (no chunk asked for), under one seed."""
     from msgcli.snn.models.base import conv_bn_lif
     from msgcli.snn.neuron import mark_levels
 
-    T = 4
     torch.manual_seed(0)
-    block = conv_bn_lif(3, 5, {"mask_p": 0.5})
+    block = conv_bn_lif(x.shape[2], channels, {"mask_p": 0.5})
     recomputed = copy.deepcopy(block)
     set_recompute(recomputed, True)
-    x = torch.rand(T, B, 3, 5, 5).round()
     results = []
     for net in (block, recomputed):
         torch.manual_seed(5)
@@ -322,11 +317,55 @@ def test_by_samples_parts_that_end_inside_a_byte_of_the_inputs_bits_give_the_def
         spikes = net(inputs)
         (spikes * torch.linspace(-1, 1, spikes.numel()).view(spikes.shape)).sum().backward()
         results.append((spikes, inputs.grad, {n: p.grad.clone() for n, p in net.named_parameters()}))
+    return results
+
+
+def _assert_same_gradients(results):
     (spikes, grad_x, grads), (spikes_r, grad_x_r, grads_r) = results
     assert torch.equal(spikes, spikes_r)
     torch.testing.assert_close(grad_x_r, grad_x, rtol=1e-5, atol=1e-6 * grad_x.abs().max().item())
     for n, g in grads.items():
         torch.testing.assert_close(grads_r[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+
+
+@pytest.mark.parametrize("B", [3, 10])
+def test_by_samples_parts_that_end_inside_a_byte_of_the_inputs_bits_give_the_default_paths_gradients(B):
+    """3 channels of 5x5 spikes: 75 entries a sample, so a part's timesteps fill whole bytes only in parts of 8
+    samples. At B = 3 the one part, at B = 10 the last of two, ends inside a byte and is decoded a timestep at a
+    time; the first part at B = 10 takes its timesteps' bytes side by side. Either way the gradients are the
+    default path's."""
+    _assert_same_gradients(_block_and_recomputed_gradients(torch.rand(4, B, 3, 5, 5).round()))
+
+
+def test_by_samples_parts_read_their_samples_from_the_forwards_pieces_of_several_timesteps(monkeypatch):
+    """Small images (5x5) convolve a chunk of timesteps per call forward: at T = 6 two pieces of three, each
+    holding the whole batch's bits. Parts of 8 samples (PART_ENTRIES made small), two of them, read each
+    timestep's samples from inside its piece; the gradients are the default path's. Backward's second pass takes
+    the parts latest first, so the last part's current, still there from the first pass, is not made again:
+    three runs of the convolution in backward, not four."""
+    from msgcli.snn.layers import recompute
+
+    T, B = 6, 16
+    monkeypatch.setattr(recompute, "PART_ENTRIES", T * 8 * 5 * 5 * 5)
+    pieces, parts, convolved = [], [], []
+    run, current = recompute._Block.backward_by_samples, recompute._Block.current
+
+    def counted(block, x, *args):
+        if block.conv is not None:
+            convolved.append(x.shape[0])
+        return current(block, x, *args)
+
+    monkeypatch.setattr(recompute._Block, "current", counted)
+
+    def by_samples(block, grad_out, read, *args):
+        pieces.append(block.piece)
+        return run(block, grad_out, lambda b0, b1: parts.append((b0, b1)) or read(b0, b1), *args)
+
+    monkeypatch.setattr(recompute._Block, "backward_by_samples", by_samples)
+    _assert_same_gradients(_block_and_recomputed_gradients(torch.rand(T, B, 3, 5, 5).round()))
+    assert pieces == [3]
+    assert parts == [(0, 8), (8, 16), (0, 8)]
+    assert convolved == [3 * B, 3 * B] + [T * 8] * 3  # forward's two pieces, then backward's parts
 
 
 def test_a_block_going_by_samples_keeps_no_membrane_where_a_chunk_would_start():
@@ -430,19 +469,21 @@ def test_blocks_whose_images_come_out_small_convolve_a_chunk_of_timesteps_per_ca
 
 
 def test_backward_by_samples_makes_nothing_larger_than_a_parts_current():
-    """By samples (no chunk asked for, vggsnn_tiny's cheap convolutions), backward recomputes a part of two samples
-    over all T at a time (IMAGES_PER_PART = 16 images at T = 6): the largest tensor it makes is that part's current
-    of the widest block, a third of the batch's, bar nothing (the gradient passed on is smaller here)."""
+    """By samples (no chunk asked for, vggsnn_tiny's cheap convolutions), backward recomputes a part of at least
+    PART_ENTRIES entries of current over all T at a time: twelve samples of the first block (32 channels at 32x32,
+    T = 6), half the batch. The largest tensor it makes is that part's current: the second block's whole batch
+    (its 24 samples make one part) is as large, nothing is larger."""
     from msgcli.snn.layers import recompute
 
-    T, B = 6, 6
-    part = recompute.IMAGES_PER_PART // T
-    assert part == 2
+    T, B = 6, 24
+    per_sample = 32 * 32 * 32
+    part = recompute.PART_ENTRIES // (T * per_sample)
+    assert part == B // 2
     _, recomputed = _pair("vggsnn_tiny", None, T=T)
     loss = recomputed(torch.rand(B, T, 2, 32, 32).round()).square().sum()
     with _Created() as seen:
         loss.backward()
-    assert max(seen.sizes) == T * part * 32 * 32 * 32 * 4
+    assert max(seen.sizes) == T * part * per_sample * 4
 
 
 @pytest.mark.parametrize("pool", [None, 2])

@@ -11,43 +11,43 @@ Two depths, one autograd Function (:class:`RecomputedBlock`):
   normalisation and the membrane from it with the same kernels, on the same numbers: exact, not merely
   close.
 
-Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where each chunk of
-timesteps starts. Backward works one chunk at a time, latest first, so the largest tensors alive are
-a chunk's, not the layer's: the chunk's current and its gradient, which takes the place of the spikes'
-gradient where the block owns that one. With per-step statistics a block convolves one timestep at a
-time, forward and backward, so neither its input nor its input's gradient exists in float for more
-than a timestep (beyond the input's gradient autograd passes on), bar a block whose images come out
-small (:data:`SMALL_IMAGE`), which convolves a chunk per call; and a block followed by an average
-pool (VGG's) runs the pool inside: only the pooled spikes leave the block, and the spikes' gradient
-exists one chunk at a time. Where the C pair kernel runs the LIF (the CPU), a chunk's current stays in
-its pieces and the LIF's and the BatchNorm's backward run a few samples at a time
-(:meth:`_Block.backward_in_parts`), writing the current's gradient over the pieces, each freed once
-the convolution's backward has used it: no gradient of the chunk then exists for the whole batch
-beside its current. Where no chunk size is asked for (the default), a block whose convolution is cheap to run
-again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by samples instead
-(:meth:`_Block.backward_by_samples`): its backward runs over all T a few samples at a time, recomputing each
-part's current twice (for the BatchNorm's sums over the batch, then for the gradients they make), so neither a
-chunk's current for the whole batch nor a membrane where a chunk starts is kept, for one more run of the
-convolution. At the other end, a narrow block whose convolution is dear to run again (:class:`CurrentBudget`:
-VGGSNN's three 512-to-512 blocks) keeps its current, as the default path does, and is not recomputed. Per-step statistics make a chunk self-contained (its timesteps'
-statistics are its own, saved from the forward, so the running statistics are updated once, in the
-forward); joint statistics span all T, and so take one chunk. The MSG mask is drawn in the LIF's
-backward, chunks latest first: the same draws in the same order as one call over T. What backward
-recomputes is what forward computed, so the gradients are those of plain autograd through the same
-kernels (to float rounding where chunks add the weight gradients in another order).
+Both save, besides, the ``[T, C]`` BatchNorm statistics and the membrane where each chunk of timesteps starts.
+Backward works one chunk at a time, latest first, so the largest tensors alive are a chunk's, not the layer's:
+the chunk's current and its gradient, which takes the place of the spikes' gradient where the block owns that
+one. With per-step statistics a block convolves one timestep at a time, forward and backward, so neither its
+input nor its input's gradient exists in float for more than a timestep (beyond the input's gradient autograd
+passes on; by samples, below: for more than a part), bar a block whose images come out small
+(:data:`SMALL_IMAGE`), which convolves a chunk per call; and a block followed by an average pool (VGG's) runs
+the pool inside: only the pooled spikes leave the block, and the spikes' gradient exists one chunk at a time.
+Where the C pair kernel runs the LIF (the CPU), a chunk's current stays in its pieces and the LIF's and the
+BatchNorm's backward run a few samples at a time (:meth:`_Block.backward_in_parts`), writing the current's
+gradient over the pieces, each freed once the convolution's backward has used it: no gradient of the chunk
+then exists for the whole batch beside its current. Where no chunk size is asked for (the default), a block
+whose convolution is cheap to run again (:data:`RERUN_FAN_IN`: VGGSNN's first two, the widest) goes by samples
+instead (:meth:`_Block.backward_by_samples`): its backward runs over all T a part of the batch at a time (at
+least :data:`PART_ENTRIES` entries of current), recomputing each part's current twice (for the BatchNorm's
+sums over the batch, then for the gradients they make) and running the convolution's backward once per part,
+so neither a chunk's current for the whole batch nor a membrane where a chunk starts is kept, for one more run
+of the convolution. At the other end, a narrow block whose convolution is dear to run again
+(:class:`CurrentBudget`: VGGSNN's three 512-to-512 blocks) keeps its current, as the default path does, and is
+not recomputed. Per-step statistics make a chunk self-contained (its timesteps' statistics are its own, saved
+from the forward, so the running statistics are updated once, in the forward); joint statistics span all T,
+and so take one chunk. The MSG mask is drawn in the LIF's backward, chunks latest first: the same draws in the
+same order as one call over T. What backward recomputes is what forward computed, so the gradients are those
+of plain autograd through the same kernels (to float rounding where chunks add the weight gradients in another
+order).
 
-Where the BatchNorm and the LIF run on one family of fused kernels that has the pair in one kernel
-(the C kernels; the Triton kernels on CUDA where ``MSGSNN_TRITON_BN=1`` puts the BatchNorm on them), the
-pair's forward writes only the spikes and its backward recomputes the current
-and the membrane inside the LIF's backward kernel, so a pair costs no more time than the two layers
-run one by one, and the default path runs every BatchNorm-LIF pair leanly there: one float tensor
-per spiking layer, with the convolutions keeping their input spikes as bits and average pools of
-spikes keeping nothing (:mod:`.spike_conv`); a pool after a pair runs inside it, so that the spikes'
-gradient in backward is the pair's own buffer, where the gradient of the BatchNorm's input ends. Elsewhere (torch operators; CUDA with torch's
-``batch_norm``, its default) recomputing costs passes of its own, so the default path runs the layers
-one by one. The Triton pair draws its MSG masks from a key: a block's chunks share one, each drawing
-its timesteps' masks of the whole sequence, so chunks change no mask there either.
-"""
+Where the BatchNorm and the LIF run on one family of fused kernels that has the pair in one kernel (the C
+kernels; the Triton kernels on CUDA where ``MSGSNN_TRITON_BN=1`` puts the BatchNorm on them), the pair's
+forward writes only the spikes and its backward recomputes the current and the membrane inside the LIF's
+backward kernel, so a pair costs no more time than the two layers run one by one, and the default path runs
+every BatchNorm-LIF pair leanly there: one float tensor per spiking layer, with the convolutions keeping their
+input spikes as bits and average pools of spikes keeping nothing (:mod:`.spike_conv`); a pool after a pair
+runs inside it, so that the spikes' gradient in backward is the pair's own buffer, where the gradient of the
+BatchNorm's input ends. Elsewhere (torch operators; CUDA with torch's ``batch_norm``, its default) recomputing
+costs passes of its own, so the default path runs the layers one by one. The Triton pair draws its MSG masks
+from a key: a block's chunks share one, each drawing its timesteps' masks of the whole sequence, so chunks
+change no mask there either."""
 
 from __future__ import annotations
 
@@ -83,8 +83,11 @@ than run again in backward (:class:`CurrentBudget`): its second run costs the mo
 the 256-to-512 block of VGGSNN too (2304 inputs) saved little more time and raised the float32 peak by about
 3 MiB per sample."""
 
-IMAGES_PER_PART = 16
-"""Timesteps times samples that one part of :meth:`_Block.backward_by_samples` convolves at once, at least."""
+PART_ENTRIES = 16 * 64 * 48 * 48
+"""Entries of the current (timesteps x samples x channels x height x width) that one part of
+:meth:`_Block.backward_by_samples` recomputes at once, at least: 16 images of VGGSNN's stem at 48x48 (a sample a
+part at T = 10 there and in its 64-to-128 block). Parts of a few small images would be calls that cost more than
+they compute; the part's tensors stay this size whatever the batch."""
 
 
 def _chunks(T: int, size: int) -> list[tuple[int, int]]:
@@ -139,12 +142,13 @@ class _Block:
         self.by_samples = (chunk is None and self.per_step and conv is not None
                            and conv.weight[0].numel() <= RERUN_FAN_IN)
         self.current_like = None  # a timestep's current: (shape [B, ...], strides), for backward's mask
-        # timesteps a convolution runs at once: one, where per-step statistics allow, so that its input, its
-        # output in forward and its input's gradient never exist for more than one timestep; a chunk where its
-        # images (``image``: the input's height and width) come out small (:data:`SMALL_IMAGE`)
+        # timesteps a convolution runs at once in forward (and by chunks, in backward): one, where per-step
+        # statistics allow, so that its input, its output and its input's gradient never exist for more than one
+        # timestep; a chunk where its images (``image``: the input's height and width) come out small
+        # (:data:`SMALL_IMAGE`)
         self.piece = self.chunk
-        if self.per_step and conv is not None and (self.by_samples or image is None
-                                                   or math.prod(_output_size(conv, image)) > SMALL_IMAGE):
+        if (self.per_step and conv is not None
+                and (image is None or math.prod(_output_size(conv, image)) > SMALL_IMAGE)):
             self.piece = 1
         self.levels_out = 1 if pool is None else pooled_levels(pool, 1)
         self.bn_ops = _batchnorm_kernels(device)
@@ -262,14 +266,16 @@ class _Block:
 
     def backward_by_samples(self, grad_out, part_input, input_per_sample: int, weight, bias, scale, shift, bn_weight,
                             mean, invstd, count, grad_x, needs):
-        """The block's backward over all T, a few samples at a time, each part's current recomputed twice: for the
-        BatchNorm's sums over the batch, then for the gradients they make. Instead of a chunk's current for the
-        whole batch (:meth:`backward_in_parts`) and the membranes where chunks start, a part's current lives, at
-        the price of one more run of the convolution: for convolutions cheap to run again (``RERUN_FAN_IN``).
+        """The block's backward over all T, a part of the batch at a time (:data:`PART_ENTRIES`), each part's
+        current recomputed twice (for the BatchNorm's sums over the batch, then for the gradients they make; the
+        last part's once, as the second pass takes it first) and its convolution's backward run in one call.
+        Instead of a chunk's current for the whole batch (:meth:`backward_in_parts`) and the membranes where
+        chunks start, a part's current lives, at the price of one more run of the convolution: for convolutions
+        cheap to run again (``RERUN_FAN_IN``).
         ``part_input(b0, b1)``: the convolution's input of samples ``b0:b1``, ``[T * (b1 - b0), ...]``
         timestep-major, of ``input_per_sample`` entries a sample and timestep. ``grad_x`` (None where not needed)
-        takes the input's gradient. Returns the convolution weight's and bias's gradients (float32, None where not
-        needed) and the BatchNorm weight's and bias's terms ``[T, C]``.
+        takes the input's gradient. Returns the convolution weight's and bias's gradients (float32 at least, None
+        where not needed) and the BatchNorm weight's and bias's terms ``[T, C]``.
 
         The MSG mask is drawn once, for the whole batch and T, as one call over the block would draw it, and each
         part reads its samples' bits; each part starts on a whole byte of the mask's bits and of the input's."""
@@ -281,7 +287,7 @@ class _Block:
                                    device="meta")
         mask = fused.draw_chunk_mask(like, lif.spec)
         unit = math.lcm(_byte_unit(per_sample), _byte_unit(input_per_sample))
-        size = unit * -(-max(1, IMAGES_PER_PART // T) // unit)
+        size = unit * -(-max(1, PART_ENTRIES // (T * per_sample)) // unit)
         parts = [(b0, min(b0 + size, B)) for b0 in range(0, B, size)]
 
         def gradient(b0: int, b1: int):
@@ -293,26 +299,28 @@ class _Block:
             grad = self.part_backward(grad_out, current, b0, b1, mask, scale, shift, start, torch.zeros_like(start))
             return x, current, grad
 
-        sums = None
+        sums, last = None, None
         for b0, b1 in parts:
-            _, current, grad = gradient(b0, b1)
-            part_sums = self.bn_ops.bn_backward_sums(grad, current, mean)
+            last = None  # the part before goes before this one is made
+            last = gradient(b0, b1)
+            part_sums = self.bn_ops.bn_backward_sums(last[2], last[1], mean)
             sums = part_sums if sums is None else tuple(a + b for a, b in zip(sums, part_sums))
-            del current, grad
         grad_w, grad_b, coefficients = normalise_backward_from_sums(*sums, bn_weight, mean, invstd, count, self.sync,
                                                                     per_step=True)
         conv_grads = [None, None]
-        for b0, b1 in parts:
-            x, current, grad = gradient(b0, b1)
+        for b0, b1 in reversed(parts):  # the last part first: the first pass's is still there (one part: no rerun)
+            x, current, grad = last if last is not None else gradient(b0, b1)
+            last = None
             self.bn_ops.bn_backward_input(grad, current, *coefficients, out=grad)
             del current
             g = b1 - b0
-            for t in range(T):  # a timestep at a time: the weight's gradient summed as the chunks' path sums it
-                gx, gw, gb = _conv_backward(conv, grad[t], x[t * g:(t + 1) * g], weight, needs)
-                if gx is not None:
-                    grad_x[t * B + b0:t * B + b1] = gx
-                _accumulate(conv_grads, gw, gb)
+            gx, gw, gb = _conv_backward(conv, grad.flatten(0, 1), x, weight, needs)  # the part's T * g images at once
             del x, grad
+            if gx is not None:
+                for t in range(T):
+                    grad_x[t * B + b0:t * B + b1] = gx[t * g:(t + 1) * g]
+            del gx
+            _accumulate(conv_grads, gw, gb)
         return conv_grads, (grad_w, grad_b)
 
     def fire_backward(self, grad_spikes, current, scale, shift, state, grad_state, out=None, key=None,
@@ -344,6 +352,8 @@ class RecomputedBlock(torch.autograd.Function):
         out, state, count = None, None, 0
         rows = 1 if block.conv is None else B
         weight = block.conv_weight(conv_weight)
+        if block.by_samples and block.levels and B * math.prod(flat.shape[1:]) % 8:
+            block.piece = 1  # backward's parts read each timestep's bits from a whole byte on
         for t0, t1 in _chunks(T, block.piece or T):
             if t0 in starts:
                 states.append(state.clone())
@@ -443,22 +453,24 @@ class RecomputedBlock(torch.autograd.Function):
         input_per_sample = math.prod(flat_shape[1:])
 
         def part_input(b0: int, b1: int) -> torch.Tensor:
-            """The convolution's input of samples ``b0:b1`` over all T, timestep-major (a piece is a timestep where
-            backward goes by samples), decoded from the bytes of their bits."""
+            """The convolution's input of samples ``b0:b1`` over all T, timestep-major, decoded from the bytes of
+            their bits (a timestep's samples begin on a whole byte of its piece's: the forward sees to it)."""
             g = b1 - b0
+            firsts = [(inputs[t // piece], t % piece * B) for t in range(T)]  # each timestep's piece and first row
             if block.levels and g * input_per_sample % 8 == 0:  # whole bytes a timestep: side by side, the part's
-                planes = torch.cat([inputs[t][:, b0 * input_per_sample // 8:b1 * input_per_sample // 8]
-                                    for t in range(T)], dim=1)
+                planes = torch.cat([bits[:, (r + b0) * input_per_sample // 8:(r + b1) * input_per_sample // 8]
+                                    for bits, r in firsts], dim=1)
                 return packing.unpack(packing.Packed(planes, (T * g, *flat_shape[1:]), flat_stride, block.levels),
                                       x_dtype)
             x = memory.empty_strided((T * g, *flat_shape[1:]), flat_stride, x_dtype, grad_out.device)
-            for t in range(T):
+            for t, (saved_input, r) in enumerate(firsts):
                 if block.levels:
-                    planes = inputs[t][:, b0 * input_per_sample // 8: -(-b1 * input_per_sample // 8)].contiguous()
+                    planes = saved_input[:, (r + b0) * input_per_sample // 8:
+                                         -(-(r + b1) * input_per_sample // 8)].contiguous()
                     rows = packing.unpack(packing.Packed(planes, (g, *flat_shape[1:]), flat_stride, block.levels),
                                           x_dtype)
                 else:
-                    rows = inputs[t][b0:b1]
+                    rows = saved_input[r + b0:r + b1]
                 x[t * g:(t + 1) * g] = rows
             return x
 

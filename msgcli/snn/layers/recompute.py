@@ -316,9 +316,8 @@ class _Block:
             g = b1 - b0
             gx, gw, gb = _conv_backward(conv, grad.flatten(0, 1), x, weight, needs)  # the part's T * g images at once
             del x, grad
-            if gx is not None:
-                for t in range(T):
-                    grad_x[t * B + b0:t * B + b1] = gx[t * g:(t + 1) * g]
+            if gx is not None:  # each timestep's rows of the part, in one copy
+                grad_x.unflatten(0, (T, B))[:, b0:b1] = gx.unflatten(0, (T, g))
             del gx
             _accumulate(conv_grads, gw, gb)
         return conv_grads, (grad_w, grad_b)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
 import importlib.metadata
 import importlib.util
 import sys
@@ -62,12 +63,38 @@ def _failure(spec: str, err: BaseException) -> PluginError:
     return PluginError(f"plugin {spec} failed to import{where}: {type(err).__name__}{': ' + message if message else ''}")
 
 
+FILE_MODULE_PREFIX = "msgsnn_plugin_"
+
+
+def module_name(path: str) -> str:
+    """A plugin file's module name: stable per file, so a second load of the same file is the same module."""
+    return f"{FILE_MODULE_PREFIX}{Path(path).stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+class PluginFileFinder(importlib.abc.MetaPathFinder):
+    """Imports a plugin file's module by its name in a process that never loaded the plugin: a DataLoader
+    worker started from a fork server unpickles a plugin's dataset, whose classes and functions name that
+    module. The file is found in a folder on ``sys.path``, where loading the plugin put it."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if path is not None or not name.startswith(FILE_MODULE_PREFIX):
+            return None
+        stem = name[len(FILE_MODULE_PREFIX):].rsplit("_", 1)[0]
+        for folder in sys.path:
+            file = str(Path(folder or ".").resolve() / f"{stem}.py")
+            if module_name(file) == name and Path(file).is_file():
+                return importlib.util.spec_from_file_location(name, file)
+        return None
+
+
+sys.meta_path.append(PluginFileFinder())
+
+
 def _import_file(path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise PluginError(f"plugin {path}: no such file")
-    # a stable module name per file, so a second load of the same file is the same module
-    name = f"msgsnn_plugin_{file.stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    name = module_name(path)
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise PluginError(f"plugin {path}: not a Python file")

@@ -134,6 +134,40 @@ def test_loader_workers_persist_across_epochs(tmp_path, monkeypatch):
     assert len(list(started.iterdir())) == 2
 
 
+class ParentOfTheWorker(torch.utils.data.Dataset):
+    """Item ``i``: ``i`` and the process id of the parent of the worker that loaded it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, os.getppid()
+
+
+def test_a_ranks_loader_workers_start_from_a_fork_server_not_as_forks_of_the_rank():
+    """A fork of a rank can hang before its first line: the group's threads take Python's runtime lock for an
+    instant whenever they release a tensor (python/cpython#112275). Outside a group, workers stay forks."""
+
+    def parents(options: dict) -> set[int]:
+        loader = torch.utils.data.DataLoader(ParentOfTheWorker(), batch_size=2, **options)
+        batches = list(loader)
+        assert [batch[0].tolist() for batch in batches] == [[0, 1], [2, 3]]
+        return {pid for batch in batches for pid in batch[1].tolist()}
+
+    assert registry.worker_processes(0) == {"num_workers": 0}
+    assert registry.worker_processes(2) == {"num_workers": 2}
+    assert parents(registry.worker_processes(2)) == {os.getpid()}
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        assert registry.worker_processes(0) == {"num_workers": 0}
+        options = registry.worker_processes(2)
+        assert options["multiprocessing_context"].get_start_method() == "forkserver"
+        server = parents(options)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(server) == 1 and os.getpid() not in server
+
+
 HOST_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 PACKAGE = str(Path(train_module.__file__).parents[1])
 

@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 from msgcli import config as config_io
 from msgcli import plugins as plugin_io
 from msgcli.cli import app
-from msgcli.data import build_datasets, register_dataset
+from msgcli.data import build_datasets, register_dataset, start_loading, worker_processes
 from msgcli.engine import checkpoint
 from msgcli.engine.build import trained_model
 from msgcli.engine.train import train
+from msgcli.errors import UserError
 from msgcli.snn import build_model, register_model
 from tests import formats
 from tests.conftest import load_script, tiny_config
@@ -197,6 +198,29 @@ def test_a_plugin_file_imports_the_modules_beside_it(tmp_path):
         "    return Net(in_channels, num_classes, T, neuron, input_size)\n")
     plugin_io.load([str(tmp_path / "uses_sibling.py")])
     assert build_model("sibling_net", 2, 3, 2, input_size=8)(torch.rand(1, 2, 2, 8, 8)).shape == (2, 1, 3)
+
+
+def test_a_plugin_files_dataset_loads_in_the_workers_a_rank_starts_from_a_fork_server(tmp_path):
+    """A rank's loader workers do not inherit the plugin (they are not its forks): they unpickle its dataset,
+    which names the plugin's module, and import that module from the file."""
+    (tmp_path / "squares_data_x1.py").write_text(
+        "import torch\n\n\nclass Squares(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 4\n\n"
+        "    def __getitem__(self, index):\n        return index * index\n")
+    [plugin] = plugin_io.load([str(tmp_path / "squares_data_x1.py")])
+    squares = sys.modules[plugin_io.module_name(plugin)].Squares()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        options = worker_processes(2)
+        assert options["multiprocessing_context"].get_start_method() == "forkserver"
+        batches = list(torch.utils.data.DataLoader(squares, batch_size=2, **options))
+        squares.scale = lambda x: x  # a local function: it cannot be pickled
+        with pytest.raises(UserError, match=r"^data: the dataset cannot be sent to the loader's worker processes, .*"
+                                            r"Can't pickle local object.*--workers 0$"):
+            start_loading(torch.utils.data.DataLoader(squares, batch_size=2, **options))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert [batch.tolist() for batch in batches] == [[0, 1], [4, 9]]
 
 
 def _renamed(fn, name):

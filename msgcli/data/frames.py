@@ -30,6 +30,8 @@ from tonic.transforms import ToFrame
 
 from msgcli.errors import BadSample
 
+from .registry import start_loading, worker_processes
+
 log = logging.getLogger(__name__)
 
 # Part of every cache key: bump it whenever the frames computed here (or their stored dtype) change.
@@ -178,12 +180,12 @@ def render(
     # A DataLoader without a generator of its own draws its workers' base seed from torch's global
     # generator: a run that renders (cold cache) would then train from another random state than
     # one that reads the cache. Rendering draws nothing at random, so any fixed generator will do.
-    jobs = DataLoader(_FrameJobs(recordings, spec), batch_size=None, num_workers=workers, collate_fn=_as_is,
+    jobs = DataLoader(_FrameJobs(recordings, spec), batch_size=None, **worker_processes(workers), collate_fn=_as_is,
                       generator=torch.Generator())
     kept: list[int] = []
     problems: list[str] = []
     for index, (clip, problem) in enumerate(
-        track(jobs, description=description, total=len(recordings), disable=not _show_progress(progress))
+        track(start_loading(jobs), description=description, total=len(recordings), disable=not _show_progress(progress))
     ):
         if problem is not None:
             if not skip_bad_samples:

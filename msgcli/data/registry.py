@@ -7,18 +7,21 @@ engine only ever call :func:`build_datasets` with a :class:`~msgcli.config.RunCo
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from msgcli.config import RunConfig
-from msgcli.errors import ConfigError, did_you_mean
+from msgcli.errors import ConfigError, UserError, did_you_mean
 
 from .split import class_balanced_weights, split_per_class
 
@@ -138,6 +141,37 @@ def resolve_workers(num_workers: int | None) -> int:
     if num_workers is not None:
         return num_workers
     return min(max(available_cpus() - 1, 0), MAX_WORKERS)
+
+
+def worker_processes(workers: int) -> dict[str, Any]:
+    """A DataLoader's ``num_workers`` and, in a rank of a process group, its ``multiprocessing_context``.
+
+    A rank's workers start from a fork server rather than as forks of the rank: the group's communication
+    threads take Python's runtime lock for an instant each time they release a tensor, and a process forked
+    in that instant hangs before it runs a line (CPython 3.11.7 and older, python/cpython#112275; later
+    versions warn that forking a process with threads may deadlock). The server has no such threads; it
+    imports the data modules once, so each worker it forks starts at once.
+    """
+    if workers == 0 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return {"num_workers": workers}
+    server = multiprocessing.get_context("forkserver")
+    server.set_forkserver_preload([__package__])
+    return {"num_workers": workers, "multiprocessing_context": server}
+
+
+def start_loading(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, which starts its workers. Workers a fork server starts (:func:`worker_processes`)
+    receive the dataset pickled; one that cannot be is one line that says how to change it."""
+    try:
+        with warnings.catch_warnings():  # torch's own advice on the error below assumes a script of the user's
+            warnings.filterwarnings("ignore", message="Got pickle error")
+            return iter(loader)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        if "pickle" not in str(err):
+            raise
+        raise UserError(f"data: the dataset cannot be sent to the loader's worker processes, which the ranks of a "
+                        f"process group start from a fork server ({err}); define its classes and functions at the top "
+                        f"level of a module or plugin file, or load in the process itself with --workers 0") from None
 
 
 def build_datasets(cfg: RunConfig, progress: bool = True, splits: tuple[str, ...] = SPLITS) -> DataBundle:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from msgcli.config import RunConfig
 from msgcli.engine import distributed
 from msgcli.engine.build import spiking_layers
-from msgcli.data import resolve_workers
+from msgcli.data import resolve_workers, start_loading, worker_processes
 from msgcli.engine.sampling import ignore_stop_signals
 from msgcli.snn import TWO
 
@@ -40,7 +40,7 @@ def test_loader(dataset: Dataset, cfg: RunConfig, ctx: distributed.DistContext, 
     workers persist from one evaluation to the next."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     workers = resolve_workers(cfg.data.num_workers)
-    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, num_workers=workers,
+    return DataLoader(shard, batch_size=cfg.train.batch_size, shuffle=False, **worker_processes(workers),
                       persistent_workers=workers > 0, pin_memory=pin, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(cfg.train.seed))
 
@@ -66,7 +66,7 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, samples
     per_step = torch.zeros(cfg.T, dtype=torch.float64, device=ctx.device)
     try:
-        for i, (inputs, targets) in enumerate(loader):
+        for i, (inputs, targets) in enumerate(start_loading(loader)):
             if limit and i >= limit:
                 break
             inputs, targets = inputs.to(ctx.device), targets.to(ctx.device)

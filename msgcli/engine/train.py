@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from msgcli import config as config_io
 from msgcli.config import RunConfig
-from msgcli.data import DataBundle, build_datasets, resolve_workers
+from msgcli.data import DataBundle, build_datasets, resolve_workers, start_loading, worker_processes
 from msgcli.engine import checkpoint, distributed, loggers
 from msgcli.engine.build import (build_model_from_config, build_optimizer, build_two, compile_model, compute_loss, model_args,
                                  spiking_layers)
@@ -302,7 +302,7 @@ def train_loader(bundle: DataBundle, cfg: RunConfig, ctx: distributed.DistContex
     workers = resolve_workers(cfg.data.num_workers)
     sampler = EpochSampler(len(bundle.train), cfg.train.seed, 0, ctx.rank, ctx.world_size, bundle.sample_weights)
     return DataLoader(SeededDataset(bundle.train), batch_size=cfg.train.batch_size, sampler=sampler,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
+                      **worker_processes(workers), persistent_workers=workers > 0, pin_memory=pin,
                       drop_last=True,  # as the release
                       worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(cfg.train.seed))  # keeps the global RNG (MSG masks) untouched
@@ -435,7 +435,7 @@ def train_epoch(trainer: Trainer, epoch: int, stop: StopSignals, bar: Progress, 
     task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=total, completed=skip, stats="")
     trainer.model.train()
     two.train()
-    for step, (inputs, targets) in enumerate(loader, start=skip):
+    for step, (inputs, targets) in enumerate(start_loading(loader), start=skip):
         if step >= total:
             break
         inputs = inputs.to(ctx.device, non_blocking=trainer.pin)

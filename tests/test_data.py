@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 from msgcli.config import ConfigError, RunConfig, apply_overrides
-from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root
+from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root, worker_processes
 from msgcli.data import clips as clips_module
 from msgcli.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
 from msgcli.data.emulator import SaccadeDVS
@@ -499,6 +499,22 @@ def test_cached_clips_load_in_worker_processes(tmp_path, data_tonic_accepts_few_
     batches = list(DataLoader(bundle.train, batch_size=2, num_workers=2))
     assert batches[0][0].shape == (2, 4, 2, 16, 16) and batches[0][1].tolist() == [2, 2]
     assert pickle.loads(pickle.dumps(bundle.train)).__dict__["_frames"] is None  # re-mapped, not copied
+
+
+def test_a_ranks_workers_from_the_fork_server_render_the_frames_the_process_renders(tmp_path, data_tonic_accepts_few_files):
+    """In a rank, rendering workers receive tonic's dataset pickled (they are not forks of the rank)."""
+    write_cifar10dvs(tmp_path / "data", {"bird": 2, "ship": 2})
+    alone = build_datasets(config(tmp_path, "cifar10dvs", train_fraction=0.5, cache_dir=str(tmp_path / "alone")))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        assert "multiprocessing_context" in worker_processes(2)
+        ranked = build_datasets(config(tmp_path, "cifar10dvs", num_workers=2, train_fraction=0.5,
+                                       cache_dir=str(tmp_path / "ranked")))
+    finally:
+        torch.distributed.destroy_process_group()
+    for split in ("train", "test"):
+        assert np.array_equal(np.asarray(getattr(ranked, split).frames), np.asarray(getattr(alone, split).frames))
+    assert np.asarray(ranked.train.frames).sum() > 0
 
 
 # ------------------------------------------------------------------ split, sampler, augmentation

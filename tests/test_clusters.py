@@ -168,6 +168,52 @@ def test_a_ranks_loader_workers_start_from_a_fork_server_not_as_forks_of_the_ran
     assert len(server) == 1 and os.getpid() not in server
 
 
+A_RANKS_WORKERS_AND_THEIR_SERVER = """
+import multiprocessing.forkserver, os, signal, time, torch
+from msgcli.data.registry import worker_processes
+from msgcli.engine import distributed
+from msgcli.engine.sampling import ignore_stop_signals
+torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+os.environ.update(RANK="0", WORLD_SIZE="2")  # torchrun's rank 0 of 2 to setup(), which takes the group made here
+distributed.setup("cpu", workers=1)
+loader = torch.utils.data.DataLoader(list(range(40)), batch_size=2, persistent_workers=True,
+                                     worker_init_fn=ignore_stop_signals, **worker_processes(1))
+batches = iter(loader)
+first = next(batches).tolist()
+server = multiprocessing.forkserver._forkserver._forkserver_pid
+for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    os.kill(server, sig)
+time.sleep(1)
+print(first, os.waitpid(server, os.WNOHANG) == (0, 0), sum(len(batch) for batch in batches))
+batches = iter(loader)
+next(batches)
+print(server, batches._workers[0].pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_ranks_workers_and_their_fork_server_outlive_the_stop_signals_and_end_with_the_rank():
+    """SLURM's or torchrun's stop signal reaches every process of the group, the server too: were it to end,
+    its workers would end with it (their parent gone) while the rank finishes its step and saves. A rank
+    killed outright takes them with it, or they would run for good."""
+    done = subprocess.run([sys.executable, "-c", A_RANKS_WORKERS_AND_THEIR_SERVER], env=clean_environment(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    served, pids = done.stdout.splitlines()
+    assert served == "[0, 1] True 38", done.stdout + done.stderr
+    deadline = time.monotonic() + 30
+    while any(running(int(pid)) for pid in pids.split()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(running(int(pid)) for pid in pids.split()), pids
+
+
 HOST_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 PACKAGE = str(Path(train_module.__file__).parents[1])
 

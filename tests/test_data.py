@@ -28,13 +28,14 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 from msgcli.config import ConfigError, RunConfig, apply_overrides
-from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root, worker_processes
+from msgcli.data import build_datasets, check_datasets, list_datasets, resolve_root
 from msgcli.data import clips as clips_module
 from msgcli.data.augment import ClipAugment, rotate_nearest, shift_with_zeros
 from msgcli.data.emulator import SaccadeDVS
 from msgcli.data.cache import cache_stem
 from msgcli.data.frames import FRAME_FORMAT_VERSION, FrameSpec, event_counts, events_to_frames, resize
 from msgcli.data.split import class_balanced_weights, split_per_class
+from msgcli.data.registry import worker_processes
 from msgcli.errors import BadSample, DatasetMissing
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 

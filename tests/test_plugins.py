@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from msgcli import config as config_io
 from msgcli import plugins as plugin_io
 from msgcli.cli import app
-from msgcli.data import build_datasets, register_dataset, start_loading, worker_processes
+from msgcli.data import build_datasets, register_dataset
+from msgcli.data.registry import start_loading, worker_processes
 from msgcli.engine import checkpoint
 from msgcli.engine.build import trained_model
 from msgcli.engine.train import train

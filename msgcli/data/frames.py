@@ -30,7 +30,7 @@ from tonic.transforms import ToFrame
 
 from msgcli.errors import BadSample
 
-from .registry import start_loading, worker_processes
+from .registry import release_fork_server, start_loading, worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def render(
     # generator: a run that renders (cold cache) would then train from another random state than
     # one that reads the cache. Rendering draws nothing at random, so any fixed generator will do.
     jobs = DataLoader(_FrameJobs(recordings, spec), batch_size=None, **worker_processes(workers), collate_fn=_as_is,
-                      generator=torch.Generator())
+                      worker_init_fn=release_fork_server, generator=torch.Generator())
     kept: list[int] = []
     problems: list[str] = []
     for index, (clip, problem) in enumerate(

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import pickle
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -154,9 +157,38 @@ def worker_processes(workers: int) -> dict[str, Any]:
     """
     if workers == 0 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return {"num_workers": workers}
+    return {"num_workers": workers, "multiprocessing_context": worker_server()}
+
+
+def worker_server(deferred_signals: tuple[int, ...] = ()) -> multiprocessing.context.BaseContext:
+    """The fork server of :func:`worker_processes`, started now unless it runs already.
+
+    ``deferred_signals`` stay blocked in it and in the workers it forks. A stop signal reaches every process of
+    a job step or process group; the server must outlive it, as the workers do, or they exit (their parent is
+    gone) while the rank finishes its step and saves.
+    """
     server = multiprocessing.get_context("forkserver")
     server.set_forkserver_preload([__package__])
-    return {"num_workers": workers, "multiprocessing_context": server}
+    multiprocessing.resource_tracker.ensure_running()  # first: starting, it unblocks SIGINT and SIGTERM here
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, deferred_signals)
+    try:
+        multiprocessing.forkserver.ensure_running()  # the server inherits this thread's blocked signals
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+    return server
+
+
+def release_fork_server(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` part: a worker closes its copy of the fork server's liveness pipe.
+
+    The server runs until every copy is closed, and a worker runs while its parent, the server, does: with
+    the copy kept, a rank killed before it closed its loaders (``kill -9``, the out-of-memory killer) would
+    leave both running for good. Closed, the server ends with the rank and its workers follow.
+    """
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
 
 
 def start_loading(loader: DataLoader) -> Iterator:

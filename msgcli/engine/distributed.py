@@ -20,7 +20,9 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from msgcli.data.registry import worker_server
 from msgcli.engine.launch import detect_launch
+from msgcli.engine.stops import STOP_SIGNALS
 from msgcli.errors import PeerFailed, UserError
 
 Result = TypeVar("Result")
@@ -49,11 +51,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup(device_name: str, timeout_s: float = 1800.0) -> DistContext:
+def setup(device_name: str, timeout_s: float = 1800.0, workers: int = 0) -> DistContext:
     """Join the job's process group (torchrun or srun, see :func:`detect_launch`) and pick this rank's device.
 
     ``timeout_s`` (``train.dist_timeout``) bounds every collective; the processes get at least
-    ``JOIN_SECONDS`` to start and meet.
+    ``JOIN_SECONDS`` to start and meet. A rank whose loaders will have ``workers`` processes starts the fork
+    server that forks them (:func:`msgcli.data.registry.worker_server`) at once, deaf to the stop signals.
     """
     launch = detect_launch()
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
@@ -69,7 +72,7 @@ def setup(device_name: str, timeout_s: float = 1800.0) -> DistContext:
         return ctx
     if dist.is_initialized():  # the caller's group: use it, leave it to its owner
         ctx.store = dist.distributed_c10d._get_default_store()
-        return ctx
+        return _with_worker_server(ctx, workers)
     url = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.address}:{launch.port}"
     join_s = max(timeout_s, JOIN_SECONDS)
     try:
@@ -85,6 +88,12 @@ def setup(device_name: str, timeout_s: float = 1800.0) -> DistContext:
     dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore("default_pg", store),
                             rank=launch.rank, world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
     ctx.owns_group = True
+    return _with_worker_server(ctx, workers)
+
+
+def _with_worker_server(ctx: DistContext, workers: int) -> DistContext:
+    if workers:
+        worker_server(deferred_signals=STOP_SIGNALS)
     return ctx
 
 

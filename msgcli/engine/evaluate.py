@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from msgcli.config import RunConfig
 from msgcli.engine import distributed
 from msgcli.engine.build import spiking_layers
-from msgcli.data import resolve_workers, start_loading, worker_processes
+from msgcli.data import resolve_workers
+from msgcli.data.registry import start_loading, worker_processes
 from msgcli.engine.sampling import ignore_stop_signals
 from msgcli.snn import TWO
 
@@ -116,7 +117,7 @@ def run_evaluation(run_dir: Path, which: str, overrides: dict, T: int | None = N
         raise ConfigError(f"--T: must be at least 1, got {T}")
     other_T = T is not None and T != trained.T
     cfg = config_io.apply_overrides(trained, {"T": T}) if other_T else trained
-    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout, resolve_workers(cfg.data.num_workers))
     try:
         model, two = trained_model(run.best if which == "best" else run.last, trained, T=cfg.T)
         model, two = model.to(ctx.device), two.to(ctx.device)

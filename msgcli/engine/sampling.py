@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from msgcli.data.registry import release_fork_server
 from msgcli.engine.stops import STOP_SIGNALS
 
 
@@ -92,3 +93,4 @@ def ignore_stop_signals(worker_id: int) -> None:
     its step and saves; they exit when it closes the loader, or when it is gone."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    release_fork_server(worker_id)

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 
 from msgcli import config as config_io
 from msgcli.config import RunConfig
-from msgcli.data import DataBundle, build_datasets, resolve_workers, start_loading, worker_processes
+from msgcli.data import DataBundle, build_datasets, resolve_workers
+from msgcli.data.registry import start_loading, worker_processes
 from msgcli.engine import checkpoint, distributed, loggers
 from msgcli.engine.build import (build_model_from_config, build_optimizer, build_two, compile_model, compute_loss, model_args,
                                  spiking_layers)
@@ -221,7 +222,7 @@ def train(
     """
     cfg.name = cfg.name or cfg.preset or "run"
     run = RunDirectory(Path(out_dir) / cfg.name)
-    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    ctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout, resolve_workers(cfg.data.num_workers))
     claimed = False
     try:
         with contextlib.ExitStack() as held:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -43,6 +44,18 @@ def tiny_cli_args(tmp_path) -> list[str]:
     for key, value in dict(TINY, **{"data.root": str(tmp_path / "data"), "data.cache_dir": str(tmp_path / "cache")}).items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+@contextlib.contextmanager
+def group_of_one():
+    """A gloo process group of this process alone, made in memory: what makes this process a rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

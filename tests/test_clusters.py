@@ -27,7 +27,7 @@ from msgcli.engine.launch import Launch, detect_launch, first_host
 from msgcli.engine.results import RunDirectory
 from msgcli.engine.train import train
 from msgcli.errors import RunInUse, UserError
-from tests.conftest import tiny_cli_args, tiny_config
+from tests.conftest import group_of_one, tiny_cli_args, tiny_config
 from tests.launch import (clean_environment, finish, finish_all, msgsnn, same_metrics, srun, torchrun)
 
 TWO_EPOCHS = {"train.epochs": 2, "train.limit_batches": 0, "data.num_workers": 1}  # 7 steps an epoch a rank on 2 ranks
@@ -157,14 +157,11 @@ def test_a_ranks_loader_workers_start_from_a_fork_server_not_as_forks_of_the_ran
     assert registry.worker_processes(0) == {"num_workers": 0}
     assert registry.worker_processes(2) == {"num_workers": 2}
     assert parents(registry.worker_processes(2)) == {os.getpid()}
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
+    with group_of_one():
         assert registry.worker_processes(0) == {"num_workers": 0}
         options = registry.worker_processes(2)
         assert options["multiprocessing_context"].get_start_method() == "forkserver"
         server = parents(options)
-    finally:
-        torch.distributed.destroy_process_group()
     assert len(server) == 1 and os.getpid() not in server
 
 

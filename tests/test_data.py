@@ -37,6 +37,7 @@ from msgcli.data.frames import FRAME_FORMAT_VERSION, FrameSpec, event_counts, ev
 from msgcli.data.split import class_balanced_weights, split_per_class
 from msgcli.data.registry import worker_processes
 from msgcli.errors import BadSample, DatasetMissing
+from tests.conftest import group_of_one
 from tests.formats import write_aedat4, write_atis_bin, write_cifar10, write_gesture_npy
 
 SAMPLE_NMNIST = Path(__file__).resolve().parent / "data" / "sample_nmnist.bin"  # a real N-MNIST recording (ATIS .bin)
@@ -506,13 +507,10 @@ def test_a_ranks_workers_from_the_fork_server_render_the_frames_the_process_rend
     """In a rank, rendering workers receive tonic's dataset pickled (they are not forks of the rank)."""
     write_cifar10dvs(tmp_path / "data", {"bird": 2, "ship": 2})
     alone = build_datasets(config(tmp_path, "cifar10dvs", train_fraction=0.5, cache_dir=str(tmp_path / "alone")))
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
+    with group_of_one():
         assert "multiprocessing_context" in worker_processes(2)
         ranked = build_datasets(config(tmp_path, "cifar10dvs", num_workers=2, train_fraction=0.5,
                                        cache_dir=str(tmp_path / "ranked")))
-    finally:
-        torch.distributed.destroy_process_group()
     for split in ("train", "test"):
         assert np.array_equal(np.asarray(getattr(ranked, split).frames), np.asarray(getattr(alone, split).frames))
     assert np.asarray(ranked.train.frames).sum() > 0

@@ -29,7 +29,7 @@ from msgcli.engine.train import train
 from msgcli.errors import UserError
 from msgcli.snn import build_model, register_model
 from tests import formats
-from tests.conftest import load_script, tiny_config
+from tests.conftest import group_of_one, load_script, tiny_config
 
 pytestmark = pytest.mark.usefixtures("isolated_registries")
 
@@ -210,8 +210,7 @@ def test_a_plugin_files_dataset_loads_in_the_workers_a_rank_starts_from_a_fork_s
         "    def __getitem__(self, index):\n        return index * index\n")
     [plugin] = plugin_io.load([str(tmp_path / "squares_data_x1.py")])
     squares = sys.modules[plugin_io.module_name(plugin)].Squares()
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
+    with group_of_one():
         options = worker_processes(2)
         assert options["multiprocessing_context"].get_start_method() == "forkserver"
         batches = list(torch.utils.data.DataLoader(squares, batch_size=2, **options))
@@ -219,8 +218,6 @@ def test_a_plugin_files_dataset_loads_in_the_workers_a_rank_starts_from_a_fork_s
         with pytest.raises(UserError, match=r"^data: the dataset cannot be sent to the loader's worker processes, .*"
                                             r"Can't pickle local object.*--workers 0$"):
             start_loading(torch.utils.data.DataLoader(squares, batch_size=2, **options))
-    finally:
-        torch.distributed.destroy_process_group()
     assert [batch.tolist() for batch in batches] == [[0, 1], [4, 9]]
 
 

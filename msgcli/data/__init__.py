@@ -6,9 +6,7 @@ from a :class:`~msgcli.config.RunConfig`. :func:`register_dataset` adds a user's
 
 from . import digits, events, folders, images, synthetic  # noqa: F401  (each registers its datasets)
 from .custom import EventFiles, register_dataset
-from .registry import (DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root, resolve_workers,
-                       start_loading, worker_processes)
+from .registry import DataBundle, DatasetInfo, build_datasets, check_datasets, list_datasets, resolve_root, resolve_workers
 
 __all__ = ["DataBundle", "DatasetInfo", "EventFiles", "build_datasets", "check_datasets", "list_datasets",
-           "register_dataset", "resolve_root", "resolve_workers", "start_loading",
-           "worker_processes"]
+           "register_dataset", "resolve_root", "resolve_workers"]
